@@ -1,0 +1,193 @@
+"""Most-popular and item-kNN scorers: the floors a trained model must clear.
+
+Both are plain ``score_fn`` callables for :func:`rectrain.evaluation.ranking.evaluate_ranking`, so
+they are ranked by exactly the same code (masking, tie rule, metrics) as the neural models. They
+are fitted from interaction index arrays; duplicates count once (a binary user x item matrix).
+
+Item-kNN reads each query's history from the queries (not from the fit data), so one fitted object
+serves user histories and session prefixes alike. Everything is vectorised over chunks of rows with
+``torch.sparse``; no n_items x n_items dense matrix is built unless it fits ``dense_max_mb``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from rectrain.evaluation.queries import RankingQueries
+from rectrain.evaluation.ranking import tie_ordered_topk
+
+
+def _coo(index: np.ndarray | torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Coalesced sparse COO (indices built here are valid by construction: skip torch's invariant checks)."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    return torch.sparse_coo_tensor(index, values, shape, check_invariants=False).coalesce()
+
+
+def _binary_pairs(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (user, item) pairs sorted by item then user (column order)."""
+    users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
+    if users.shape != items.shape:
+        raise ValueError("users and items must have the same shape")
+    if users.size and (users.min() < 0 or users.max() >= n_users or items.min() < 0 or items.max() >= n_items):
+        raise ValueError("user or item index outside 0..n_users-1 / 0..n_items-1")
+    keys = np.unique(items * n_users + users)
+    return keys % n_users, keys // n_users
+
+
+def history_matrix(queries: RankingQueries, rows: np.ndarray, last_n: int | None = None) -> torch.Tensor:
+    """Binary (len(rows), n_items) sparse COO of the rows' histories (optionally their last ``last_n`` items)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts, ends = queries.history_indptr[rows], queries.history_indptr[rows + 1]
+    if last_n is not None:
+        starts = np.maximum(starts, ends - last_n)
+    lengths = ends - starts  # (b,)
+    local = np.repeat(np.arange(rows.size), lengths)
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    items = queries.history_items[np.repeat(starts, lengths) + offsets]
+    keys = np.unique(local * queries.n_items + items)  # binary: a repeated item counts once
+    index = np.stack([keys // queries.n_items, keys % queries.n_items])
+    return _coo(index, torch.ones(keys.size, dtype=torch.float64), (rows.size, queries.n_items))
+
+
+class MostPopular:
+    """Score every item by the number of distinct users who interacted with it (same list for all).
+
+    Args:
+        distinct_users: True (default) counts each user once per item; False counts every interaction,
+            as GRU4Rec-style session baselines do (clicks, repeats included).
+    """
+
+    def __init__(self, distinct_users: bool = True) -> None:
+        self.distinct_users = distinct_users
+        self.popularity: np.ndarray | None = None  # (n_items,) int64
+        self._scores: torch.Tensor | None = None
+
+    def fit(self, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> "MostPopular":
+        if self.distinct_users:
+            _, cols = _binary_pairs(users, items, n_users, n_items)
+        else:
+            _binary_pairs(users, items, n_users, n_items)  # validates the indices
+            cols = np.asarray(items, dtype=np.int64)
+        self.popularity = np.bincount(cols, minlength=n_items).astype(np.int64)
+        self._scores = torch.from_numpy(self.popularity.astype(np.float32))
+        return self
+
+    def __call__(self, queries: RankingQueries, rows: np.ndarray) -> torch.Tensor:
+        """(len(rows), n_items) read-only broadcast view of the popularity counts."""
+        if self._scores is None:
+            raise RuntimeError("MostPopular.fit must be called before scoring")
+        return self._scores[None, :].expand(len(rows), -1)
+
+
+class ItemKNN:
+    """Cosine item-kNN: score(q, j) = sum over the query's history items i of sim(i, j).
+
+    sim(i, j) = |U_i ∩ U_j| / sqrt(|U_i| |U_j|) over the binary user x item matrix X of the fit data.
+
+    Args:
+        self_similarity: value used for sim(i, i) (1.0 would be cosine's own; 0 stops an item
+            recommending itself, 1 lets a session model recommend a repeat).
+        neighbours: keep only each item's ``neighbours`` most similar other items (ties: lower index).
+        last_n: condition on the last ``last_n`` history items only (1 = last click, for sessions).
+        dense_max_mb: build the dense n_items x n_items similarity when it fits this size; above it,
+            score through X (factorised) so memory stays O(nnz(X) + rows x (users + items)).
+        dtype: dtype of the returned scores (computation runs in float64).
+    """
+
+    def __init__(self, self_similarity: float = 0.0, neighbours: int | None = None, last_n: int | None = None,
+                 dense_max_mb: float = 256.0, dtype: torch.dtype = torch.float32,
+                 memory_budget_mb: float = 256.0) -> None:
+        if neighbours is not None and neighbours < 1:
+            raise ValueError("neighbours must be >= 1 or None")
+        if last_n is not None and last_n < 1:
+            raise ValueError("last_n must be >= 1 or None")
+        self.self_similarity = float(self_similarity)
+        self.neighbours, self.last_n = neighbours, last_n
+        self.dense_max_mb, self.dtype, self.memory_budget_mb = dense_max_mb, dtype, memory_budget_mb
+        self.n_items = 0
+        self.mode = ""  # "dense" | "neighbours" | "factorised"
+
+    # -- fitting ---------------------------------------------------------------------------------
+    def fit(self, users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> "ItemKNN":
+        rows, cols = _binary_pairs(users, items, n_users, n_items)
+        self.n_items, self.n_users = n_items, n_users
+        counts = np.bincount(cols, minlength=n_items)  # (I,) users per item
+        self.item_counts = counts
+        norm = np.zeros(n_items)
+        np.divide(1.0, np.sqrt(counts), out=norm, where=counts > 0)
+        self._norm = torch.from_numpy(norm)  # (I,) D^-1/2, 0 for items unseen in fit
+        ones = torch.ones(rows.size, dtype=torch.float64)
+        # X (U, I) and X^T (I, U), coalesced COO
+        self._x = _coo(np.stack([rows, cols]), ones, (n_users, n_items))
+        self._xt = _coo(np.stack([cols, rows]), ones, (n_items, n_users))
+        self._tol = 0.5 / max(int(counts.max(initial=1)), 1)  # smallest non-zero off-diagonal sim is 1/max count
+
+        if self.neighbours is not None:
+            self.mode = "neighbours"
+            self._sim_t = self._neighbour_matrix().t().coalesce()  # (I, I) sparse, row j holds sim(., j)
+        elif n_items * n_items * 8 <= self.dense_max_mb * 2**20:
+            self.mode = "dense"
+            sim = self._cooccurrence(np.arange(n_items)) * self._norm[:, None] * self._norm[None, :]  # (I, I)
+            sim.fill_diagonal_(self.self_similarity)
+            self._sim = sim
+        else:
+            self.mode = "factorised"
+        return self
+
+    def _cooccurrence(self, item_rows: np.ndarray) -> torch.Tensor:
+        """Dense (len(item_rows), I) float64 co-occurrence counts X[:, rows]^T X."""
+        sub = torch.index_select(self._xt, 0, torch.from_numpy(item_rows))  # (c, U) sparse
+        with warnings.catch_warnings():  # sparse x sparse goes through CSR, which torch calls "beta"
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse.mm(sub, self._x).to_dense()
+
+    def _neighbour_matrix(self) -> torch.Tensor:
+        """Sparse (I, I): row i holds the ``neighbours`` largest sim(i, j), j != i, sim > 0."""
+        n = self.n_items
+        chunk = max(1, int(self.memory_budget_mb * 2**20 // (max(n, 1) * 8 * 4)))
+        idx_parts, val_parts = [], []
+        for a in range(0, n, chunk):
+            items = np.arange(a, min(a + chunk, n))
+            sim = self._cooccurrence(items) * self._norm[items, None] * self._norm[None, :]  # (c, I)
+            local = torch.arange(items.size)
+            sim[local, torch.from_numpy(items)] = -np.inf  # an item is not its own neighbour
+            values, cols = tie_ordered_topk(sim, self.neighbours)  # (c, k)
+            keep = values > 0
+            idx_parts.append(torch.stack([torch.from_numpy(items)[:, None].expand_as(cols)[keep], cols[keep]]))
+            val_parts.append(values[keep])
+        index = torch.cat(idx_parts, 1) if idx_parts else torch.zeros(2, 0, dtype=torch.long)
+        values = torch.cat(val_parts) if val_parts else torch.zeros(0, dtype=torch.float64)
+        return _coo(index, values, (n, n))
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def __call__(self, queries: RankingQueries, rows: np.ndarray) -> torch.Tensor:
+        """(len(rows), n_items) scores for the rows' histories."""
+        if not self.mode:
+            raise RuntimeError("ItemKNN.fit must be called before scoring")
+        if queries.n_items != self.n_items:
+            raise ValueError(f"queries have {queries.n_items} items, ItemKNN was fitted on {self.n_items}")
+        h = history_matrix(queries, rows, self.last_n)  # (b, I) sparse binary
+        if self.mode == "dense":
+            scores = torch.sparse.mm(h, self._sim)  # (b, I); diagonal already self_similarity
+        elif self.mode == "neighbours":
+            scores = torch.sparse.mm(self._sim_t, h.to_dense().t()).t()  # (b, I), no diagonal in sim
+            scores = scores + self.self_similarity * h.to_dense()
+        else:
+            scores = self._factorised(h)
+        return scores.to(self.dtype).contiguous()
+
+    def _factorised(self, h: torch.Tensor) -> torch.Tensor:
+        """((H D^-1/2) X^T) X D^-1/2 without an I x I matrix, with sim(i, i) replaced exactly."""
+        hd = h.to_dense()  # (b, I)
+        a = hd * self._norm[None, :]  # (b, I)  A = H D^-1/2
+        b = torch.sparse.mm(self._x, a.t())  # (U, b)  X A^T
+        scores = torch.sparse.mm(self._xt, b).t() * self._norm[None, :]  # (b, I)
+        # the product holds sim(i, i) = n_i / n_i for each history item i: take it out, then snap the
+        # rounding residue to 0 (a true off-diagonal sum is 0 or >= 1 / max count), then put the option in
+        diag = self._norm * self._norm * torch.from_numpy(self.item_counts.astype(np.float64))  # (I,) 1 or 0
+        scores = scores - hd * diag[None, :]
+        on_history = hd > 0
+        scores[on_history & (scores.abs() < self._tol)] = 0.0
+        return scores + self.self_similarity * hd

@@ -1,0 +1,170 @@
+"""What every rectrain task shares: full-catalog evaluation in the Lightning loops, optimisers,
+reproducible epochs and the facts a checkpoint must carry.
+
+A subclass says how to train (``training_step``), which batches it needs (``train_spec``) and how
+to score the catalog for evaluation queries (``score_queries``); evaluation, logging and
+checkpoint metadata are done here once for all models.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import rectrain
+from rectrain.evaluation.queries import RankingQueries
+from rectrain.evaluation.ranking import RankingResult, evaluate_ranking
+
+STAGE_PREFIX = {"valid": "val", "test": "test"}
+
+
+def class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+class RankingTask(pl.LightningModule):
+    """Base LightningModule: trains ``net`` and evaluates it by full-catalog ranking.
+
+    Args:
+        net: the plain ``nn.Module`` being trained (kept as ``self.net``; export uses it alone).
+        optimizer: a partial optimiser (Hydra ``_partial_: true``) taking the parameters.
+        scheduler: optional partial LR scheduler taking the optimiser.
+        ks: ranking cut-offs evaluated and logged.
+        eval_memory_mb: memory budget of the evaluator's chunks.
+        seed: seeds each epoch's dropout so a resumed run repeats an uninterrupted one.
+    """
+
+    def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 scheduler: Callable[..., Any] | None = None, ks: tuple[int, ...] | list[int] = (10, 20),
+                 eval_memory_mb: float = 256, seed: int = 0) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer or (lambda params: torch.optim.Adam(params, lr=1e-3))
+        self.scheduler_factory = scheduler
+        self.ks = tuple(int(k) for k in ks)
+        self.eval_memory_mb = eval_memory_mb
+        self.seed = seed
+        self._eval_results: list[RankingResult] = []
+        self.final_metrics: dict[str, dict[str, float]] = {}
+
+    # --- what subclasses provide --------------------------------------------------------------
+    @property
+    def train_spec(self) -> Any:
+        raise NotImplementedError
+
+    def score_queries(self, queries: RankingQueries, rows: np.ndarray) -> torch.Tensor:
+        """(len(rows), n_items) scores for evaluation queries ``rows``."""
+        raise NotImplementedError
+
+    # --- training -----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            datamodule.train_spec = self.train_spec
+
+    def on_train_epoch_start(self) -> None:
+        # Same randomness per epoch whether or not the run was resumed: the batches are seeded by
+        # (seed, epoch) in the data module, dropout by this.
+        torch.manual_seed(self.seed * 1000 + self.current_epoch)
+        self.trainer.datamodule.train_batches().set_epoch(self.current_epoch)
+
+    def check_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """Stop a diverged run with a clear message instead of training on NaN."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+                "lower model.optimizer.lr or check the data")
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
+                                                         "interval": "epoch"}}
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def _evaluate_rows(self, stage: str, rows: torch.Tensor) -> None:
+        queries = self.trainer.datamodule.queries(stage).subset(rows.cpu().numpy())
+        popularity = self.trainer.datamodule.item_popularity(stage)
+        result = evaluate_ranking(self.score_queries, queries, self.ks, popularity,
+                                  self.trainer.datamodule.data.n_users, self.eval_memory_mb, self.device)
+        self._eval_results.append(result)
+
+    def _finish_evaluation(self, stage: str) -> dict[str, float]:
+        results = self._eval_results
+        self._eval_results = []
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Ranking metrics are means over *queries*: gather every rank's per-query values and
+            # merge, never average per-rank means (ranks hold different numbers of queries).
+            gathered: list[list[RankingResult]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+            dist.all_gather_object(gathered, results)
+            results = [r for part in gathered for r in part]
+        if not results:
+            return {}
+        summary = RankingResult.merge(results).summary()
+        prefix = STAGE_PREFIX[stage]
+        metrics = {f"{prefix}/{k}": float(v) for k, v in summary.items() if not math.isnan(v)}
+        # every rank holds the same merged values, so no sync (and no averaging) is needed
+        self.log_dict(metrics, prog_bar=False, sync_dist=False, rank_zero_only=False)
+        self.final_metrics[stage] = metrics
+        return metrics
+
+    def validation_step(self, rows: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate_rows("valid", rows)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._finish_evaluation("valid")
+        key = f"val/ndcg@{self.ks[0]}"
+        if key in metrics:
+            self.log("val_ndcg", metrics[key], prog_bar=True, sync_dist=False)
+
+    def test_step(self, rows: torch.Tensor, batch_idx: int) -> None:
+        self._evaluate_rows("test", rows)
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test")
+
+    # --- checkpoint ---------------------------------------------------------------------------
+    def model_facts(self) -> dict[str, Any]:
+        """What export needs to rebuild the model without the training config."""
+        return {"model_class": class_path(self.net), "model_config": dict(getattr(self.net, "config", {})),
+                "task_class": class_path(self), "rectrain_version": rectrain.__version__}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        facts = self.model_facts()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and datamodule.data is not None:
+            facts.update(data_facts(datamodule))
+        run_config = getattr(self, "run_config", None)
+        if run_config is not None:
+            facts["config"] = run_config
+        checkpoint["rectrain"] = facts
+
+
+def data_facts(datamodule: Any) -> dict[str, Any]:
+    """Vocabularies and item side information, as plain lists (loadable with ``weights_only=True``).
+
+    The user vocabulary is *not* here: raw user ids are personal data. It is written as a sidecar
+    file next to the checkpoints (see ``rectrain.training``) and referenced by its sha256.
+    """
+    data = datamodule.data
+    return {
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+        "item_vocab": data.item_vocab.tolist(),
+        "item_titles": data.item_titles.tolist(),
+        "category_vocab": data.category_vocab.tolist(),
+        "item_category_indptr": data.item_category_indptr.tolist(),
+        "item_category_index": data.item_category_index.tolist(),
+        "item_popularity": data.item_popularity("test").tolist(),
+        "split": data.split,
+        "mask_seen": data.mask_seen,
+        "data_fingerprint": data.fingerprint,
+        "user_vocab_sha256": getattr(datamodule, "user_vocab_sha256", None),
+    }

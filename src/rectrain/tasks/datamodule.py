@@ -1,0 +1,163 @@
+"""The LightningDataModule: prepared data in, tensor batches and evaluation queries out.
+
+The heavy lifting lives in ``rectrain.data`` (plain Python, no Lightning): this module only decides
+which batch builder a task asks for, shards work across DDP ranks and caches what does not change
+between epochs (queries, membership tables, the epoch-independent sampler).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from rectrain.data.batching import (
+    NegativeSampler,
+    PointwiseBatches,
+    PointwiseSpec,
+    SequenceBatches,
+    SequenceSpec,
+    positive_keys,
+    sequence_windows,
+)
+from rectrain.data.dataset import PreparedData, SplitConfig, load_or_prepare
+from rectrain.data.preprocess import PreprocessConfig
+from rectrain.errors import ConfigError
+from rectrain.evaluation.queries import RankingQueries
+
+
+def dataclass_from_config(cls: type, values: Mapping[str, Any] | None, key: str) -> Any:
+    """Build a config dataclass, naming the offending key on unknown fields or wrong types."""
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(f"{key}.{name}", f"unknown key; valid keys: {sorted(fields)}")
+        default = fields[name].default
+        if value is None or default is None or default is dataclasses.MISSING:
+            continue
+        expected = type(default)
+        ok = isinstance(value, expected) or (expected is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok or (expected is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{key}.{name}", f"expected {expected.__name__}, got {value!r}")
+    return cls(**values)
+
+
+class _Batches(IterableDataset):
+    """Hands a batch builder to a DataLoader (``batch_size=None``: batches are already whole)."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _RowChunks:
+    """This rank's evaluation query rows, in chunks (contiguous shards: gathered results stay in order)."""
+
+    def __init__(self, n_rows: int, chunk: int, rank: int, world_size: int) -> None:
+        per_rank = math.ceil(n_rows / world_size)
+        self.rows = torch.arange(rank * per_rank, min(n_rows, (rank + 1) * per_rank))
+        self.chunk = chunk
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.rows.split(self.chunk))
+
+    def __len__(self) -> int:
+        return math.ceil(self.rows.numel() / self.chunk)
+
+
+class RecDataModule(pl.LightningDataModule):
+    """Interaction data for any rectrain task.
+
+    Args:
+        source: an object with ``load()`` and ``fingerprint()`` (see ``rectrain.data.sources``).
+        preprocess: fields of :class:`PreprocessConfig`.
+        split: fields of :class:`SplitConfig`.
+        cache_dir: where prepared datasets are cached (None: no cache).
+        batch_size: positives (pointwise) or sequences (sequence tasks) per training step.
+        eval_batch_size: evaluation queries per step.
+        seed: the base of every epoch's sampling seed.
+    """
+
+    def __init__(self, source: Any, preprocess: Mapping[str, Any] | None = None,
+                 split: Mapping[str, Any] | None = None, cache_dir: str | None = None, batch_size: int = 1024,
+                 eval_batch_size: int = 256, seed: int = 0) -> None:
+        super().__init__()
+        self.source = source
+        self.preprocess = dataclass_from_config(PreprocessConfig, preprocess, "data.preprocess")
+        self.split = dataclass_from_config(SplitConfig, split, "data.split")
+        self.cache_dir = cache_dir
+        if batch_size < 1:
+            raise ConfigError("data.batch_size", f"must be >= 1, got {batch_size}")
+        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.data: PreparedData | None = None
+        self.train_spec: PointwiseSpec | SequenceSpec = PointwiseSpec()
+        self._queries: dict[str, RankingQueries] = {}
+        self._train_batches: Any = None
+
+    # --- data ---------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        # Runs on one process per node: builds (and caches) the dataset once.
+        load_or_prepare(self.source, self.preprocess, self.split, self.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is None:
+            self.data = load_or_prepare(self.source, self.preprocess, self.split, self.cache_dir)
+
+    def queries(self, stage: str) -> RankingQueries:
+        """Evaluation queries for ``valid``/``test``, built once and reused every epoch."""
+        if stage not in self._queries:
+            self.setup()
+            self._queries[stage] = self.data.ranking_queries(stage)
+        return self._queries[stage]
+
+    # --- batches ------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def train_batches(self) -> PointwiseBatches | SequenceBatches:
+        """The epoch-aware batch builder for the task's spec (built once; ``set_epoch`` per epoch)."""
+        if self._train_batches is None:
+            self.setup()
+            data, spec = self.data, self.train_spec
+            rank, world = self._rank_world()
+            if isinstance(spec, PointwiseSpec):
+                train = data.train
+                keys = positive_keys(train.user, train.item, data.n_items) if spec.exclude_positives else None
+                sampler = NegativeSampler(data.n_items, data.item_popularity("valid"), spec.alpha, keys)
+                self._train_batches = PointwiseBatches(train.user, train.item, data.n_items, spec, self.batch_size,
+                                                       sampler, self.seed, rank, world)
+            else:
+                windows, lengths = sequence_windows(data.train.user, data.train.item, spec.max_length)
+                self._train_batches = SequenceBatches(windows, lengths, self.batch_size, self.seed, rank, world)
+        return self._train_batches
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Batches(self.train_batches()), batch_size=None)
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        rank, world = self._rank_world()
+        return DataLoader(_Batches(_RowChunks(len(self.queries(stage)), self.eval_batch_size, rank, world)),
+                          batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def item_popularity(self, stage: str) -> np.ndarray:
+        self.setup()
+        return self.data.item_popularity(stage)

@@ -1,0 +1,87 @@
+"""Training NCF-family models (MF, GMF, MLP, NeuMF) from implicit feedback.
+
+Pointwise: binary cross-entropy on each positive and ``n_negatives`` sampled negatives (NCF's
+recipe). Pairwise: BPR, -log sigmoid(s(u, i+) - s(u, i-)). Negatives come from the data module,
+redrawn every epoch, uniform or popularity^alpha, optionally excluding the user's positives.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rectrain.data.batching import PointwiseSpec
+from rectrain.errors import ConfigError
+from rectrain.evaluation.queries import RankingQueries
+from rectrain.tasks.base import RankingTask
+
+LOSSES = ("bce", "bpr")
+
+
+class NCFTask(RankingTask):
+    """Trains an NCF-family ``net`` (``forward(user, item)`` and ``score_all(user)``).
+
+    Args:
+        net: MF, GMF, MLP or NeuMF from ``rectrain.models.ncf``.
+        loss: ``bce`` (pointwise) or ``bpr`` (pairwise).
+        negatives: ``n`` per positive, ``alpha`` (0 uniform, >0 popularity^alpha),
+            ``exclude_positives`` (redraw negatives the user actually consumed).
+        pretrained: for NeuMF, ``{"gmf": ckpt, "mlp": ckpt, "alpha": 0.5}`` to start from trained
+            GMF and MLP checkpoints as in the NCF paper.
+        **kwargs: passed to :class:`RankingTask` (optimizer, scheduler, ks, ...).
+    """
+
+    def __init__(self, net: nn.Module, loss: str = "bce", negatives: Mapping[str, Any] | None = None,
+                 pretrained: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(net, **kwargs)
+        if loss not in LOSSES:
+            raise ConfigError("model.loss", f"must be one of {LOSSES}, got {loss!r}")
+        negatives = dict(negatives or {})
+        unknown = set(negatives) - {"n", "alpha", "exclude_positives"}
+        if unknown:
+            raise ConfigError(f"model.negatives.{sorted(unknown)[0]}", "unknown key; valid: n, alpha, exclude_positives")
+        n = int(negatives.get("n", 4))
+        if n < 1:
+            raise ConfigError("model.negatives.n", f"must be >= 1, got {n}")
+        self.loss_name = loss
+        self._spec = PointwiseSpec(n_negatives=n, alpha=float(negatives.get("alpha", 0.0)),
+                                   exclude_positives=bool(negatives.get("exclude_positives", True)),
+                                   pairwise=loss == "bpr")
+        if pretrained and (pretrained.get("gmf") or pretrained.get("mlp")):
+            self._load_pretrained(pretrained)
+
+    @property
+    def train_spec(self) -> PointwiseSpec:
+        return self._spec
+
+    def _load_pretrained(self, pretrained: Mapping[str, Any]) -> None:
+        from rectrain.checkpoints import load_checkpoint
+
+        if not hasattr(self.net, "load_pretrained"):
+            raise ConfigError("model.pretrained", f"{type(self.net).__name__} cannot be initialised from GMF/MLP")
+        if not (pretrained.get("gmf") and pretrained.get("mlp")):
+            raise ConfigError("model.pretrained", "give both model.pretrained.gmf and model.pretrained.mlp")
+        states = {}
+        for part in ("gmf", "mlp"):
+            ckpt = load_checkpoint(pretrained[part])
+            states[part] = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        self.net.load_pretrained(states["gmf"], states["mlp"], float(pretrained.get("alpha", 0.5)))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self._spec.pairwise:
+            pos = self.net(batch["user"], batch["pos_item"])
+            neg = self.net(batch["user"], batch["neg_item"])
+            loss = -F.logsigmoid(pos - neg).mean()
+        else:
+            logits = self.net(batch["user"], batch["item"])
+            loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
+        self.check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["user"].numel())
+        return loss
+
+    def score_queries(self, queries: RankingQueries, rows: np.ndarray) -> torch.Tensor:
+        users = torch.as_tensor(queries.users[rows], device=self.device)
+        return self.net.score_all(users)

@@ -1,0 +1,171 @@
+"""One training run, from a composed config to a results file: what ``train.py`` calls.
+
+``train(cfg)`` builds everything with ``hydra.utils.instantiate`` (data module, net, task,
+callbacks, loggers, trainer), fits, evaluates the best checkpoint on the test split, writes
+``results.json`` in the run directory, fills TensorBoard's hparams tab and returns the metrics
+(the value a sweeper optimises is ``results["valid"][cfg.optimized_metric]``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from rectrain.evaluation.ranking import format_table
+from rectrain.utils.io import stable_hash, write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+#: top-level model keys that are shorthands interpolated into ``model.net`` (so ``model.dim=64``
+#: works from the command line); they are not constructor arguments of the task.
+MODEL_SHORTHANDS = ("dim",)
+
+
+def build_net_and_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
+    """Instantiate ``cfg.model.net`` with sizes learned from the data, then the task around it."""
+    data = datamodule.data
+    net = instantiate(cfg.model.net, n_users=data.n_users, n_items=data.n_items, **_data_sized_kwargs(cfg, data))
+    task_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    for key in (*MODEL_SHORTHANDS, "net", "data_features"):
+        task_cfg.pop(key, None)
+    return instantiate(task_cfg, net=net)
+
+
+def _data_sized_kwargs(cfg: DictConfig, data: Any) -> dict[str, Any]:
+    """Extra sizes some nets declare (e.g. the item tower's category features)."""
+    extra = cfg.model.get("data_features", None)
+    if not extra:
+        return {}
+    out: dict[str, Any] = {}
+    if "n_categories" in extra:
+        out["n_categories"] = data.n_categories
+    return out
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """Hyperparameters for TensorBoard's hparams tab: the model, data and trainer settings that
+    distinguish runs of a sweep, flattened to ``a/b/c`` keys with scalar values."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("_target_", "_partial_", "_recursive_"):
+                    if k == "_target_":
+                        out[f"{prefix}class"] = str(v).rsplit(".", 1)[-1]
+                    continue
+                walk(f"{prefix}{k}/", v)
+        elif isinstance(node, (list, tuple)):
+            out[prefix.rstrip("/")] = str(list(node))
+        elif isinstance(node, (int, float, str, bool)) or node is None:
+            out[prefix.rstrip("/")] = "None" if node is None else node
+
+    for section in ("model", "data"):
+        walk(f"{section}/", container.get(section, {}))
+    for key in ("max_epochs", "precision", "accelerator", "devices", "strategy"):
+        if key in container.get("trainer", {}):
+            out[f"trainer/{key}"] = str(container["trainer"][key])
+    out["seed"] = container.get("seed")
+    # the data source block lists paths and generator sizes; the projector does not need those
+    return {k: v for k, v in out.items() if not k.startswith("data/source/columns")}
+
+
+def write_user_vocab_sidecar(datamodule: Any, directory: Path) -> str:
+    """Write the user vocabulary (raw ids: personal data) beside the checkpoints, never inside them.
+
+    Returns the sha256 of the file, which the checkpoint records so export can find and verify it.
+    """
+    blob = json.dumps({"user_vocab": datamodule.data.user_vocab.tolist()}).encode()
+    digest = hashlib.sha256(blob).hexdigest()
+    path = directory / "user_vocab.json"
+    directory.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        write_text_atomic(path, blob.decode())
+    return digest
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit, test and report one run; returns ``{"valid": {...}, "test": {...}, ...}``."""
+    started = time.perf_counter()
+    pl.seed_everything(int(cfg.seed), workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    datamodule = instantiate(cfg.data, _recursive_=True)
+    datamodule.prepare_data()
+    datamodule.setup()
+    data = datamodule.data
+    log.info("data: %d users, %d items, %d/%d/%d train/valid/test events (%s)", data.n_users, data.n_items,
+             len(data.train), len(data.valid), len(data.test), data.protocol_label())
+
+    task = build_net_and_task(cfg, datamodule)
+    task.run_config = OmegaConf.to_container(cfg, resolve=True)
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if not loggers:  # nothing to write learning rates to (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    checkpoint_cb = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    sidecar_dir = Path(checkpoint_cb.dirpath) if checkpoint_cb and checkpoint_cb.dirpath else output_dir / "checkpoints"
+    datamodule.user_vocab_sha256 = write_user_vocab_sidecar(datamodule, sidecar_dir)
+
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    best_path = checkpoint_cb.best_model_path if checkpoint_cb else ""
+    valid_metrics = dict(task.final_metrics.get("valid", {}))
+    if best_path and checkpoint_cb.best_model_score is not None:
+        # re-evaluate the best checkpoint on validation so the reported figures are the best model's
+        trainer.validate(task, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+        valid_metrics = dict(task.final_metrics.get("valid", {}))
+    test_metrics: dict[str, float] = {}
+    if cfg.get("test", True):
+        trainer.test(task, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        test_metrics = dict(task.final_metrics.get("test", {}))
+
+    results = {
+        "run": str(output_dir),
+        "model": type(task.net).__name__,
+        "protocol": data.protocol_label(),
+        "best_checkpoint": best_path,
+        "epochs_trained": int(trainer.current_epoch),
+        "seconds": round(time.perf_counter() - started, 2),
+        "config_hash": stable_hash(OmegaConf.to_container(cfg.model, resolve=True)),
+        "data_fingerprint": data.fingerprint,
+        "valid": {k.removeprefix("val/"): v for k, v in valid_metrics.items()},
+        "test": {k.removeprefix("test/"): v for k, v in test_metrics.items()},
+    }
+    if trainer.global_rank == 0:
+        write_json_atomic(output_dir / "results.json", results)
+        _log_hparams(loggers, cfg, valid_metrics, test_metrics)
+        print(results_table(results))
+    return results
+
+
+def _log_hparams(loggers: list[Any], cfg: DictConfig, valid: dict[str, float], test: dict[str, float]) -> None:
+    metrics = {**{f"hparam/{k}": v for k, v in valid.items()}, **{f"hparam/{k}": v for k, v in test.items()}}
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(flat_hparams(cfg), metrics)
+            logger.finalize("success")
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The small console table printed after a run."""
+    rows = {}
+    for split in ("valid", "test"):
+        if results[split]:
+            rows[split] = results[split]
+    ks = sorted({int(k.split("@")[1]) for split in rows.values() for k in split if "@" in k})
+    metrics = [f"{m}@{k}" for k in ks for m in ("hr", "ndcg", "mrr")] + [f"coverage@{ks[0]}"] if ks else []
+    return format_table(rows, metrics, f"{results['model']} ({results['protocol']})")

@@ -1,0 +1,87 @@
+import numpy as np
+import torch
+
+from rectrain.data.batching import (
+    NegativeSampler,
+    PointwiseBatches,
+    PointwiseSpec,
+    SequenceBatches,
+    positive_keys,
+    sequence_windows,
+)
+
+
+def test_popularity_sampler_matches_target_distribution():
+    popularity = np.array([100, 50, 25, 0, 25])
+    sampler = NegativeSampler(5, popularity, alpha=1.0)
+    draws = sampler.sample((200_000,), torch.Generator().manual_seed(0))
+    freq = np.bincount(draws.numpy(), minlength=5) / draws.numel()
+    np.testing.assert_allclose(freq, popularity / popularity.sum(), atol=0.005)
+    assert freq[3] == 0  # never an item with zero popularity
+
+    sqrt = NegativeSampler(5, popularity, alpha=0.5)
+    expected = np.sqrt(popularity) / np.sqrt(popularity).sum()
+    np.testing.assert_allclose(sqrt.probabilities.numpy(), expected, atol=1e-12)
+
+
+def test_uniform_sampler_rejects_own_positives():
+    users = np.array([0, 0, 0, 1])
+    items = np.array([0, 1, 2, 3])
+    sampler = NegativeSampler(5, positive_keys=positive_keys(users, items, 5))
+    negs = sampler.sample_for_users(torch.tensor([0] * 1000 + [1] * 1000), 3, torch.Generator().manual_seed(1))
+    assert set(negs[:1000].flatten().tolist()) == {3, 4}
+    assert set(negs[1000:].flatten().tolist()) == {0, 1, 2, 4}
+
+
+def test_pointwise_epoch_covers_every_positive_once_with_labels():
+    users = np.arange(10) % 3
+    items = np.arange(10)
+    spec = PointwiseSpec(n_negatives=2, exclude_positives=True)
+    sampler = NegativeSampler(20, positive_keys=positive_keys(users, items, 20))
+    batches = PointwiseBatches(users, items, 20, spec, batch_size=4, sampler=sampler, seed=0)
+    out = list(batches)
+    assert len(out) == len(batches) == 3
+    pos = torch.cat([b["item"][b["label"] == 1] for b in out])
+    assert sorted(pos.tolist()) == list(range(10))
+    assert sum(int((b["label"] == 0).sum()) for b in out) == 20
+    for b in out:  # negatives follow their positive's user and are never its positives
+        neg_users, neg_items = b["user"][b["label"] == 0], b["item"][b["label"] == 0]
+        assert not np.isin(neg_users * 20 + neg_items, users * 20 + items).any()
+    # same epoch -> same batches (resume replays them); next epoch -> new negatives
+    again = list(batches)
+    assert all(torch.equal(a["item"], b["item"]) for a, b in zip(out, again))
+    batches.set_epoch(1)
+    assert not all(torch.equal(a["item"], b["item"]) for a, b in zip(out, list(batches)))
+
+
+def test_pointwise_ranks_partition_the_data():
+    users, items = np.zeros(10, dtype=int), np.arange(10)
+    sampler = NegativeSampler(10)
+    spec = PointwiseSpec(n_negatives=1, exclude_positives=False)
+    seen = []
+    for rank in range(2):
+        b = PointwiseBatches(users, items, 10, spec, 3, sampler, seed=5, rank=rank, world_size=2)
+        seen += [x["item"][x["label"] == 1] for x in b]
+    seen = torch.cat(seen).tolist()
+    assert sorted(seen) == list(range(10)) and len(seen) == 10  # no duplicates across ranks
+
+
+def test_bpr_triples():
+    sampler = NegativeSampler(6)
+    spec = PointwiseSpec(n_negatives=3, pairwise=True, exclude_positives=False)
+    b = next(iter(PointwiseBatches(np.array([0, 1]), np.array([2, 3]), 6, spec, 8, sampler)))
+    assert b["user"].shape == b["pos_item"].shape == b["neg_item"].shape == (6,)
+
+
+def test_sequence_windows_every_event_a_target_once():
+    group = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 3])
+    items = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    windows, lengths = sequence_windows(group, items, max_length=2)
+    assert windows.tolist() == [[1, 2, 3], [4, 5, 0], [7, 8, 9], [9, 10, 11]]
+    assert lengths.tolist() == [3, 2, 3, 3]  # group 2 (one event) has no target and is skipped
+    batch = next(iter(SequenceBatches(windows, lengths, batch_size=4, shuffle=False)))
+    assert batch["items"].tolist() == [[1, 2], [4, 5], [7, 8], [9, 10]]
+    assert batch["lengths"].tolist() == [2, 1, 2, 2]
+    assert batch["targets"].tolist() == [[2, 3], [5, -1], [8, 9], [10, 11]]
+    targets = batch["targets"][batch["targets"] >= 0]
+    assert sorted(targets.tolist()) == [2, 3, 5, 8, 9, 10, 11]
