@@ -91,26 +91,28 @@ class RankingResult:
 def tie_ordered_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` (values, indices) per row, ordered by (-score, item index): exactly ``k`` per row.
 
-    ``torch.topk`` picks arbitrarily among tied values; this takes every item strictly above the
-    k-th largest value, then the tied items at that value in index order, then sorts stably.
+    ``torch.topk`` picks arbitrarily among tied values. Rows whose k-th and (k+1)-th largest values
+    differ have a unique top-k set, only reordered here; the other rows take every item strictly above
+    the k-th largest value, then the items tied at it in index order. NaN counts as the largest value.
     """
     n_rows, n_items = scores.shape  # (B, I)
     k = min(int(k), n_items)
     if k <= 0 or n_rows == 0:
-        empty = torch.empty(n_rows, 0, device=scores.device)
-        return empty.to(scores.dtype), empty.long()
-    threshold = torch.topk(scores, k, dim=1, sorted=True).values[:, -1:]  # (B, 1) k-th largest
-    selected = scores > threshold  # (B, I), fewer than k per row
-    need = k - selected.sum(1)  # (B,) >= 1 slots for items tied at the threshold
-    ties = scores == threshold  # (B, I)
-    n_ties = ties.sum(1)
-    ambiguous = torch.nonzero(n_ties > need).flatten()  # rows where only the first `need` ties fit
+        return scores.new_empty(n_rows, 0), torch.empty(n_rows, 0, dtype=torch.long, device=scores.device)
+    if k == n_items:  # full order: a stable sort keeps index order among ties
+        values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
+        return values, indices
+    top_values, top_indices = torch.topk(scores, k + 1, dim=1, sorted=True)  # (B, k+1)
+    indices = top_indices[:, :k].sort(dim=1).values  # (B, k) ascending item index
+    ambiguous = torch.nonzero(top_values[:, k - 1] == top_values[:, k]).flatten()  # a tie straddles the cut
     if ambiguous.numel():
-        sub = ties[ambiguous]
-        sub &= torch.cumsum(sub, dim=1, dtype=torch.int32) <= need[ambiguous, None]
-        ties[ambiguous] = sub
-    selected |= ties
-    indices = torch.nonzero(selected)[:, 1].view(n_rows, k)  # ascending item index within each row
+        sub = scores[ambiguous]  # (a, I)
+        threshold = top_values[ambiguous, k - 1:k]  # (a, 1) k-th largest value
+        selected = sub > threshold  # fewer than k per row
+        need = k - selected.sum(1, keepdim=True)  # (a, 1) >= 1 slots for the tied items
+        ties = sub == threshold
+        selected |= ties & (torch.cumsum(ties, dim=1, dtype=torch.int32) <= need)
+        indices[ambiguous] = torch.nonzero(selected)[:, 1].view(-1, k)  # ascending item index per row
     values = scores.gather(1, indices)
     order = torch.sort(values, dim=1, descending=True, stable=True).indices  # stable: index order on ties
     return values.gather(1, order), indices.gather(1, order)
@@ -172,11 +174,14 @@ def score_chunk(score_fn: ScoreFn, queries: RankingQueries, rows: np.ndarray, de
     if tuple(scores.shape) != (rows.size, queries.n_items):
         raise ValueError(f"score_fn returned shape {tuple(scores.shape)}, expected ({rows.size}, {queries.n_items})")
     dtype = scores.dtype if scores.dtype.is_floating_point else torch.float64
-    scores = scores.to(device=device, dtype=dtype, copy=copy)
-    if torch.isnan(scores).any():
-        bad = int(rows[int(torch.nonzero(torch.isnan(scores).any(1))[0])])
-        raise ValueError(f"score_fn returned NaN scores (query row {bad})")
-    return scores
+    return scores.to(device=device, dtype=dtype, copy=copy)
+
+
+def _check_nan(values: torch.Tensor, rows: np.ndarray) -> None:
+    """Raise on NaN scores: a NaN would rank arbitrarily. ``values`` row i belongs to ``rows[i]``."""
+    nan_rows = torch.isnan(values).any(1)
+    if bool(nan_rows.any()):
+        raise ValueError(f"score_fn returned NaN scores (query row {int(rows[int(torch.nonzero(nan_rows)[0])])})")
 
 
 def _csr_slice(indptr: np.ndarray, values: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +213,8 @@ def evaluate_ranking(
         device: where ranks and top-K lists are computed.
 
     Excluded items score -inf. A row with fewer than K non-excluded items gets a shorter top-K list:
-    -inf items are never counted as recommended.
+    -inf items are never counted as recommended. Target ranks are only resolved below ``max(ks)``
+    (read off the tie-ordered top-K list), which is all any @K metric needs.
     """
     check_queries(queries)
     ks = tuple(int(k) for k in ks)
@@ -230,10 +236,15 @@ def evaluate_ranking(
         scores[e_rows, e_items] = -math.inf
         scores[t_rows, t_items] = target_scores  # a row's own targets are never excluded
 
+        values, top = tie_ordered_topk(scores, k_max)  # (c, k_max); NaN would sort first
+        _check_nan(values[:, :1], rows)
+        # a target's rank is its position in the tie-ordered list (same rule), or "k_max" if absent:
+        # every metric is cut at some K <= k_max, so ranks beyond the list need no full-width pass
+        match = top[t_rows] == t_items[:, None]  # (T_c, k_max)
+        position = torch.where(match.any(1), match.to(torch.int8).argmax(1), k_max)
         lo, hi = int(queries.target_indptr[start]), int(queries.target_indptr[end])
-        ranks_all[lo:hi] = target_ranks(scores, t_rows, t_items, block=chunk).cpu().numpy()
+        ranks_all[lo:hi] = position.cpu().numpy()
 
-        values, top = tie_ordered_topk(scores, k_max)  # (c, k_max)
         for k in ks:
             v, i = values[:, :k], top[:, :k]
             counts[k] += torch.bincount(i[v > -math.inf], minlength=n_items)

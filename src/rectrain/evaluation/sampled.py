@@ -20,7 +20,7 @@ import torch
 from rectrain.errors import DataError
 from rectrain.evaluation import metrics as M
 from rectrain.evaluation.queries import RankingQueries
-from rectrain.evaluation.ranking import RankingResult, ScoreFn, check_queries, chunk_rows, score_chunk
+from rectrain.evaluation.ranking import RankingResult, ScoreFn, _check_nan, check_queries, chunk_rows, score_chunk
 
 
 def sample_negatives(queries: RankingQueries, n_negatives: int, rng: np.random.Generator) -> np.ndarray:
@@ -100,6 +100,7 @@ def evaluate_sampled(
         neg = torch.tensor(negatives[rows], dtype=torch.long, device=scores.device)  # (c, N)
         s_t = scores.gather(1, t[:, None])  # (c, 1)
         s_n = scores.gather(1, neg)  # (c, N)
+        _check_nan(torch.cat([s_t, s_n], 1), rows)
         above = (s_n > s_t) | ((s_n == s_t) & (neg < t[:, None]))
         ranks[rows] = above.sum(1).cpu().numpy()
     n = negatives.shape[1]

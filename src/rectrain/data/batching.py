@@ -1,0 +1,231 @@
+"""Training batches built by tensor indexing: no per-sample Python anywhere in the hot loop.
+
+* :class:`NegativeSampler` draws negatives for a whole epoch at once (uniform or popularity^alpha
+  through an inverse CDF), optionally rejecting a user's own positives with a vectorised
+  membership test on sorted ``user * n_items + item`` keys.
+* :class:`PointwiseBatches` yields (user, item, label) batches for BCE, or (user, pos, neg) for BPR.
+* :class:`SequenceBatches` yields padded item sequences with lengths and next-item targets.
+
+All are plain iterables of dicts of tensors; ``rectrain.tasks.datamodule`` wraps them for Lightning.
+Each epoch's randomness comes from ``seed + epoch`` (and the rank), so a resumed run replays
+exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+class NegativeSampler:
+    """Sample item indices from uniform (alpha=0) or popularity^alpha, vectorised.
+
+    Args:
+        n_items: catalog size.
+        popularity: (n_items,) counts; required when ``alpha != 0``.
+        alpha: exponent on popularity (0 = uniform, 1 = proportional to popularity, 0.75 as word2vec).
+        positive_keys: sorted int64 ``user * n_items + item`` of known positives; when given,
+            :meth:`sample_for_users` redraws negatives that hit a user's positive.
+    """
+
+    def __init__(self, n_items: int, popularity: np.ndarray | None = None, alpha: float = 0.0,
+                 positive_keys: np.ndarray | None = None, max_rounds: int = 20) -> None:
+        self.n_items = int(n_items)
+        self.alpha = float(alpha)
+        self.cdf: torch.Tensor | None = None
+        if self.alpha != 0.0:
+            if popularity is None:
+                raise ValueError("popularity is required when alpha != 0")
+            weights = np.power(np.maximum(np.asarray(popularity, dtype=np.float64), 0.0), self.alpha)
+            weights[np.asarray(popularity) <= 0] = 0.0
+            cdf = np.cumsum(weights)
+            self.cdf = torch.from_numpy(cdf / cdf[-1])
+        self.probabilities = self._probabilities()
+        self.positive_keys = None if positive_keys is None else torch.from_numpy(np.asarray(positive_keys, np.int64))
+        self.max_rounds = max_rounds
+
+    def _probabilities(self) -> torch.Tensor:
+        if self.cdf is None:
+            return torch.full((self.n_items,), 1.0 / self.n_items, dtype=torch.float64)
+        return torch.diff(self.cdf, prepend=torch.zeros(1, dtype=torch.float64))
+
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        """Draw negatives of ``shape`` (int64) without looking at users."""
+        n = math.prod(shape)
+        if self.cdf is None:
+            return torch.randint(0, self.n_items, shape, generator=generator)
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        idx = torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.n_items - 1)
+        return idx.view(shape)
+
+    def sample_for_users(self, users: torch.Tensor, n_per_user: int, generator: torch.Generator) -> torch.Tensor:
+        """(len(users), n_per_user) negatives, redrawing those that are the user's own positives.
+
+        After ``max_rounds`` rounds the few remaining collisions are kept (a user who consumed
+        almost the whole catalog cannot be served otherwise).
+        """
+        neg = self.sample((users.shape[0], n_per_user), generator)
+        if self.positive_keys is None or self.positive_keys.numel() == 0:
+            return neg
+        users_2d = users.view(-1, 1).expand_as(neg)
+        for _ in range(self.max_rounds):
+            hit = self._is_positive(users_2d, neg)
+            n_hit = int(hit.sum())
+            if n_hit == 0:
+                break
+            neg[hit] = self.sample((n_hit,), generator)
+        return neg
+
+    def _is_positive(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        keys = users * self.n_items + items
+        pos = torch.searchsorted(self.positive_keys, keys).clamp_(max=self.positive_keys.numel() - 1)
+        return self.positive_keys[pos] == keys
+
+
+def positive_keys(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
+    """Sorted unique ``user * n_items + item`` keys, the membership table for negative rejection."""
+    return np.unique(np.asarray(users, np.int64) * n_items + np.asarray(items, np.int64))
+
+
+def _epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed((seed * 1_000_003 + epoch * 7919 + rank) % (2**63 - 1))
+    return gen
+
+
+def _shard(perm: torch.Tensor, rank: int, world_size: int, batch_size: int, drop_last: bool) -> torch.Tensor:
+    """This rank's share of an epoch permutation: equal length on every rank (DDP needs equal steps)."""
+    if world_size > 1:
+        per_rank = perm.numel() // world_size
+        perm = perm[rank * per_rank:(rank + 1) * per_rank]
+    if drop_last:
+        perm = perm[: perm.numel() // batch_size * batch_size]
+    return perm
+
+
+@dataclass
+class PointwiseSpec:
+    """What an NCF task asks of its training batches."""
+
+    n_negatives: int = 4
+    alpha: float = 0.0
+    exclude_positives: bool = True
+    pairwise: bool = False  # BPR: (user, pos, neg) triples instead of labelled pairs
+
+
+class PointwiseBatches:
+    """An epoch of (user, item, label) batches: every positive once, with ``n_negatives`` fresh negatives.
+
+    Positives are shuffled first and each batch carries ``batch_size`` positives plus their
+    negatives, so the number of steps does not depend on ``n_negatives``. For BPR each positive
+    is paired with each of its negatives.
+    """
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, n_items: int, spec: PointwiseSpec,
+                 batch_size: int, sampler: NegativeSampler, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.users = torch.as_tensor(np.asarray(users, np.int64))
+        self.items = torch.as_tensor(np.asarray(items, np.int64))
+        self.n_items, self.spec, self.batch_size, self.sampler = n_items, spec, batch_size, sampler
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        per_rank = self.users.numel() // self.world_size
+        return math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        gen = _epoch_generator(self.seed, self.epoch, 0)
+        perm = _shard(torch.randperm(self.users.numel(), generator=gen), self.rank, self.world_size,
+                      self.batch_size, drop_last=False)
+        users, items = self.users[perm], self.items[perm]
+        # all of this rank's negatives for the epoch in one call
+        rank_gen = _epoch_generator(self.seed, self.epoch, 1 + self.rank)
+        k = self.spec.n_negatives
+        negs = (self.sampler.sample_for_users(users, k, rank_gen) if self.spec.exclude_positives
+                else self.sampler.sample((users.numel(), k), rank_gen))
+        for start in range(0, users.numel(), self.batch_size):
+            u, i, n = users[start:start + self.batch_size], items[start:start + self.batch_size], negs[start:start + self.batch_size]
+            if self.spec.pairwise:
+                yield {"user": u.repeat_interleave(k), "pos_item": i.repeat_interleave(k), "neg_item": n.reshape(-1)}
+            else:
+                b = u.numel()
+                yield {
+                    "user": torch.cat([u, u.repeat_interleave(k)]),
+                    "item": torch.cat([i, n.reshape(-1)]),
+                    "label": torch.cat([torch.ones(b), torch.zeros(b * k)]),
+                }
+
+
+@dataclass
+class SequenceSpec:
+    """What a sequence task asks of its training batches."""
+
+    max_length: int = 50
+
+
+def sequence_windows(group: np.ndarray, items: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut each group's item sequence into windows of ``max_length + 1`` overlapping by one event.
+
+    Every event after the first of a group is a target exactly once, and each window carries the
+    ``max_length`` events before its targets (a sequence of 120 with max_length 50 gives windows
+    over events [0..50], [50..100], [100..119]). ``group`` must be sorted, items in time order.
+
+    Returns:
+        (windows, lengths): (N, max_length + 1) int64 right-padded with 0, and (N,) valid lengths >= 2.
+    """
+    n = group.shape[0]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if n else np.zeros(0, np.int64)
+    seq_len = np.diff(np.r_[starts, n])
+    usable = seq_len >= 2
+    starts, seq_len = starts[usable], seq_len[usable]
+    n_windows = np.maximum(1, np.ceil((seq_len - 1) / max_length)).astype(np.int64)
+    win_group_start = np.repeat(starts, n_windows)
+    win_index = np.arange(n_windows.sum()) - np.repeat(np.r_[0, np.cumsum(n_windows)[:-1]], n_windows)
+    win_start = win_group_start + win_index * max_length
+    win_end = np.minimum(win_start + max_length + 1, np.repeat(starts + seq_len, n_windows))
+    lengths = win_end - win_start
+    offsets = np.arange(max_length + 1)
+    pos = win_start[:, None] + offsets[None, :]
+    valid = offsets[None, :] < lengths[:, None]
+    windows = np.where(valid, items[np.minimum(pos, n - 1)], 0).astype(np.int64)
+    return windows, lengths.astype(np.int64)
+
+
+class SequenceBatches:
+    """Padded next-item batches: ``items`` (B, L), ``lengths`` (B,), ``targets`` (B, L) with -1 as padding.
+
+    Input position t predicts target t (the event after it); windows are shuffled per epoch.
+    """
+
+    def __init__(self, windows: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        windows_t = torch.as_tensor(windows)
+        lengths_t = torch.as_tensor(lengths)
+        self.inputs = windows_t[:, :-1].contiguous()
+        valid = torch.arange(windows_t.shape[1] - 1)[None, :] < (lengths_t - 1)[:, None]
+        self.targets = torch.where(valid, windows_t[:, 1:], torch.full_like(windows_t[:, 1:], -1))
+        self.lengths = lengths_t - 1
+        self.batch_size, self.seed, self.rank, self.world_size, self.shuffle = batch_size, seed, rank, world_size, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.lengths.numel() // self.world_size / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        n = self.lengths.numel()
+        perm = torch.randperm(n, generator=_epoch_generator(self.seed, self.epoch, 0)) if self.shuffle else torch.arange(n)
+        perm = _shard(perm, self.rank, self.world_size, self.batch_size, drop_last=False)
+        for start in range(0, perm.numel(), self.batch_size):
+            rows = perm[start:start + self.batch_size]
+            lengths = self.lengths[rows]
+            width = int(lengths.max())  # trim padding columns this batch does not need
+            yield {"items": self.inputs[rows, :width], "lengths": lengths, "targets": self.targets[rows, :width]}

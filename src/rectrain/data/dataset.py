@@ -1,0 +1,403 @@
+"""The prepared dataset every model trains on, and its on-disk cache.
+
+:func:`prepare` turns a :class:`RawLog` into a :class:`PreparedData`: indexed events split into
+train/valid/test, id vocabularies, item side features. :func:`load_or_prepare` caches the result
+under a hash of everything that determines it (source fingerprint, preprocessing, split, format
+version), so a sweep of 50 runs preprocesses once. The cache is written to a temporary directory
+and renamed: an interrupted run never leaves a half-written cache that a later run would trust.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rectrain.data import splits
+from rectrain.data.preprocess import PreprocessConfig, build_vocabulary, filter_interactions
+from rectrain.data.schema import ITEM, SESSION, TIMESTAMP, USER, RawLog
+from rectrain.errors import ConfigError, DataError
+from rectrain.evaluation.queries import RankingQueries, csr_from_groups
+from rectrain.utils.io import atomic_dir, stable_hash
+
+log = logging.getLogger(__name__)
+
+#: bump when the cached arrays change meaning, so old caches are not reused
+CACHE_FORMAT_VERSION = 1
+SPLIT_KINDS = ("leave_one_out", "time", "session")
+
+
+@dataclass
+class SplitConfig:
+    """How events are split.
+
+    Attributes:
+        kind: ``leave_one_out`` (per user by time; valid = second to last), ``time`` (global cut)
+            or ``session`` (whole sessions by end time; sessions cut by ``session_gap`` when the
+            log has no session column).
+        valid_fraction, test_fraction: for ``time`` and ``session``.
+        session_gap: seconds of inactivity that end a session (``session`` on user logs).
+        mask_seen: exclude already-consumed items when ranking. None means the protocol's
+            convention: True for user histories, False for sessions (repeats are real next clicks).
+        min_session_length: sessions shorter than this after filtering are dropped (need a prefix
+            and a target).
+    """
+
+    kind: str = "leave_one_out"
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    session_gap: float = 1800.0
+    mask_seen: bool | None = None
+    min_session_length: int = 2
+
+
+@dataclass
+class Interactions:
+    """Indexed events of one split, sorted by (user, timestamp, file order)."""
+
+    user: np.ndarray
+    item: np.ndarray
+    timestamp: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+    @staticmethod
+    def concat(a: "Interactions", b: "Interactions") -> "Interactions":
+        """Merge two splits keeping (user, time) order; ``a`` precedes ``b`` on ties (it is earlier)."""
+        user = np.concatenate([a.user, b.user])
+        timestamp = np.concatenate([a.timestamp, b.timestamp])
+        source = np.r_[np.zeros(len(a), np.int8), np.ones(len(b), np.int8)]
+        perm = np.lexsort((np.arange(user.shape[0]), source, timestamp, user))
+        item = np.concatenate([a.item, b.item])
+        return Interactions(user[perm], item[perm], timestamp[perm])
+
+
+@dataclass
+class PreparedData:
+    """Indexed, split interactions plus vocabularies and item side features.
+
+    ``user`` means "whose history": a user for user logs, a session for session logs.
+    Vocabularies map index -> raw id (str); they travel with every checkpoint.
+    """
+
+    train: Interactions
+    valid: Interactions
+    test: Interactions
+    user_vocab: np.ndarray
+    item_vocab: np.ndarray
+    split: str
+    mask_seen: bool
+    item_titles: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
+    category_vocab: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str))
+    item_category_indptr: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+    item_category_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    stats: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_vocab.shape[0])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_vocab.shape[0])
+
+    @property
+    def n_categories(self) -> int:
+        return int(self.category_vocab.shape[0])
+
+    def item_category_matrix(self) -> np.ndarray:
+        """(n_items, n_categories) float32 multi-hot matrix of item categories/genres."""
+        mat = np.zeros((self.n_items, max(self.n_categories, 1)), dtype=np.float32)
+        rows = np.repeat(np.arange(self.n_items), np.diff(self.item_category_indptr))
+        mat[rows, self.item_category_index] = 1.0
+        return mat[:, : self.n_categories]
+
+    def history(self, stage: str) -> Interactions:
+        """Events a model may condition on when predicting ``stage`` (valid: train; test: train+valid)."""
+        if stage == "valid":
+            return self.train
+        if stage == "test":
+            return Interactions.concat(self.train, self.valid)
+        raise ValueError(f"stage must be 'valid' or 'test', got {stage!r}")
+
+    def item_popularity(self, stage: str = "valid") -> np.ndarray:
+        """(n_items,) number of distinct users whose history (for ``stage``) holds each item."""
+        hist = self.history(stage)
+        pairs = np.unique(hist.user * self.n_items + hist.item)
+        return np.bincount(pairs % self.n_items, minlength=self.n_items).astype(np.int64)
+
+    def ranking_queries(self, stage: str) -> RankingQueries:
+        """The full-catalog ranking task for ``stage`` under this dataset's protocol."""
+        events = self.valid if stage == "valid" else self.test if stage == "test" else None
+        if events is None:
+            raise ValueError(f"stage must be 'valid' or 'test', got {stage!r}")
+        if self.split == "session":
+            return _session_queries(events, self.n_items, self.mask_seen)
+        hist = self.history(stage)
+        users = np.unique(events.user)
+        t_indptr, t_items = csr_from_groups(events.user, events.item, self.n_users)
+        h_indptr, h_items = csr_from_groups(hist.user, hist.item, self.n_users)
+        full = RankingQueries(
+            users=np.arange(self.n_users, dtype=np.int64),
+            target_indptr=t_indptr,
+            target_items=t_items,
+            exclude_indptr=h_indptr if self.mask_seen else np.zeros(self.n_users + 1, np.int64),
+            exclude_items=h_items if self.mask_seen else np.zeros(0, np.int64),
+            history_indptr=h_indptr,
+            history_items=h_items,
+            n_items=self.n_items,
+            protocol=self.protocol_label(),
+        )
+        return full.subset(users)
+
+    def protocol_label(self) -> str:
+        masking = "seen items masked" if self.mask_seen else "no masking (repeats allowed)"
+        names = {"leave_one_out": "leave-one-out", "time": "global time split", "session": "session next-item"}
+        return f"full ranking, {names[self.split]}, {masking}"
+
+    # --- persistence --------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Write arrays (npz, no pickle) and metadata (json) into ``directory``."""
+        arrays = {
+            f"{name}_{col}": getattr(getattr(self, name), col)
+            for name in ("train", "valid", "test")
+            for col in ("user", "item", "timestamp")
+        }
+        for name in ("user_vocab", "item_vocab", "item_titles", "category_vocab",
+                     "item_category_indptr", "item_category_index"):
+            arrays[name] = getattr(self, name)
+        np.savez(directory / "arrays.npz", **arrays)
+        meta = {"split": self.split, "mask_seen": self.mask_seen, "stats": self.stats,
+                "fingerprint": self.fingerprint, "format": CACHE_FORMAT_VERSION}
+        (directory / "meta.json").write_text(json.dumps(meta, indent=2, default=_to_builtin))
+
+    @classmethod
+    def load(cls, directory: Path) -> "PreparedData":
+        meta = json.loads((directory / "meta.json").read_text())
+        with np.load(directory / "arrays.npz", allow_pickle=False) as npz:
+            arr = {k: npz[k] for k in npz.files}
+        parts = {
+            name: Interactions(arr[f"{name}_user"], arr[f"{name}_item"], arr[f"{name}_timestamp"])
+            for name in ("train", "valid", "test")
+        }
+        return cls(
+            **parts,
+            user_vocab=arr["user_vocab"], item_vocab=arr["item_vocab"], item_titles=arr["item_titles"],
+            category_vocab=arr["category_vocab"], item_category_indptr=arr["item_category_indptr"],
+            item_category_index=arr["item_category_index"], split=meta["split"],
+            mask_seen=meta["mask_seen"], stats=meta["stats"], fingerprint=meta["fingerprint"],
+        )
+
+
+def _to_builtin(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _session_queries(events: Interactions, n_items: int, mask_seen: bool) -> RankingQueries:
+    """One query per event after the first of each session: predict it from the session prefix."""
+    n = len(events)
+    starts = np.flatnonzero(np.r_[True, events.user[1:] != events.user[:-1]]) if n else np.zeros(0, np.int64)
+    lengths = np.diff(np.r_[starts, n])
+    pos_in_session = np.arange(n) - np.repeat(starts, lengths)
+    query_rows = np.flatnonzero(pos_in_session >= 1)
+    prefix_len = pos_in_session[query_rows]
+    h_indptr = np.zeros(query_rows.size + 1, dtype=np.int64)
+    np.cumsum(prefix_len, out=h_indptr[1:])
+    # history of query at row r = items[session_start(r) : r], gathered without a Python loop
+    first = query_rows - prefix_len
+    offsets = np.arange(h_indptr[-1]) - np.repeat(h_indptr[:-1], prefix_len)
+    h_items = events.item[np.repeat(first, prefix_len) + offsets]
+    t_indptr = np.arange(query_rows.size + 1, dtype=np.int64)
+    empty = np.zeros(query_rows.size + 1, dtype=np.int64)
+    label = "full ranking, session next-item, " + ("seen items masked" if mask_seen else "no masking (repeats allowed)")
+    return RankingQueries(
+        users=events.user[query_rows],
+        target_indptr=t_indptr,
+        target_items=events.item[query_rows],
+        exclude_indptr=h_indptr if mask_seen else empty,
+        exclude_items=h_items if mask_seen else np.zeros(0, np.int64),
+        history_indptr=h_indptr,
+        history_items=h_items,
+        n_items=n_items,
+        protocol=label,
+    )
+
+
+# --- building ---------------------------------------------------------------------------------
+def prepare(log_: RawLog, pre: PreprocessConfig, split: SplitConfig, test_log: RawLog | None = None) -> PreparedData:
+    """Filter, index and split a raw log.
+
+    Args:
+        log_: the interaction log (for ``session`` with ``test_log``: the training period only).
+        pre: filtering.
+        split: how to split; see :class:`SplitConfig`.
+        test_log: a predefined test period (e.g. yoochoose ``test.tsv``); only with ``kind=session``.
+    """
+    if split.kind not in SPLIT_KINDS:
+        raise ConfigError("data.split.kind", f"must be one of {SPLIT_KINDS}, got {split.kind!r}")
+    if test_log is not None and split.kind != "session":
+        raise ConfigError("data.test_path", "a separate test file is only supported with data.split.kind=session")
+    started = time.perf_counter()
+    frame, report = filter_interactions(log_, pre)
+    stats: dict[str, Any] = {"rows_read": report.rows_read, "removed": dict(report.removed)}
+    if split.kind == "session":
+        frame, labels = _label_sessions(frame, split, test_log, pre)
+    else:
+        user_codes, _ = build_vocabulary(frame[USER])
+        order = frame["_order"].to_numpy()
+        perm = splits.sort_events(user_codes, frame[TIMESTAMP].to_numpy(), order)
+        frame = frame.iloc[perm].reset_index(drop=True)
+        if split.kind == "leave_one_out":
+            labels = splits.leave_one_out(user_codes[perm])
+        else:
+            labels = splits.time_split(frame[TIMESTAMP].to_numpy(), frame["_order"].to_numpy(),
+                                       split.valid_fraction, split.test_fraction)
+    data = _index_and_pack(frame, labels, split, log_, stats)
+    data.stats["prepare_seconds"] = round(time.perf_counter() - started, 3)
+    return data
+
+
+def _label_sessions(frame: pd.DataFrame, split: SplitConfig, test_log: RawLog | None,
+                    pre: PreprocessConfig) -> tuple[pd.DataFrame, np.ndarray]:
+    """Give every event a session key in the USER column and a split label."""
+    if test_log is not None:
+        test_frame, _ = filter_interactions(test_log, dataclasses.replace(pre, min_item_interactions=1))
+        test_frame["_order"] += len(frame) + 1
+        frame = pd.concat([frame.assign(_test=False), test_frame.assign(_test=True)], ignore_index=True)
+    else:
+        frame = frame.assign(_test=False)
+    key = SESSION if SESSION in frame.columns and frame[SESSION].notna().all() else USER
+    codes, _ = build_vocabulary(frame[key].astype(str) + np.where(frame["_test"], "#test", ""))
+    perm = splits.sort_events(codes, frame[TIMESTAMP].to_numpy(), frame["_order"].to_numpy())
+    frame, codes = frame.iloc[perm].reset_index(drop=True), codes[perm]
+    if key == USER and SESSION not in frame.columns:  # user log: cut sessions at inactivity gaps
+        codes = splits.sessionize(codes, frame[TIMESTAMP].to_numpy(), split.session_gap)
+    frame[USER] = codes.astype(str)  # the session is the "user" from here on
+    is_test = frame["_test"].to_numpy()
+    labels = np.full(len(frame), splits.TRAIN, dtype=np.int8)
+    if test_log is not None:
+        labels[is_test] = splits.TEST
+        train_rows = ~is_test
+        labels[train_rows] = splits.session_split(codes[train_rows], frame[TIMESTAMP].to_numpy()[train_rows],
+                                                  split.valid_fraction, 0.0)
+    else:
+        labels = splits.session_split(codes, frame[TIMESTAMP].to_numpy(), split.valid_fraction, split.test_fraction)
+    return frame, labels
+
+
+def _index_and_pack(frame: pd.DataFrame, labels: np.ndarray, split: SplitConfig, log_: RawLog,
+                    stats: dict[str, Any]) -> PreparedData:
+    """Build vocabularies, drop evaluation events the model cannot know, pack arrays."""
+    is_train = labels == splits.TRAIN
+    in_file_order = frame["_order"].to_numpy().argsort(kind="stable")
+    if split.kind == "leave_one_out":
+        # the whole catalog, indexed by first appearance in the file
+        _, item_vocab = build_vocabulary(frame[ITEM].iloc[in_file_order])
+    else:
+        # Time and session splits: the catalog is what training saw; unseen evaluation items are dropped.
+        _, item_vocab = build_vocabulary(frame[ITEM].iloc[in_file_order][is_train[in_file_order]])
+    item_codes = pd.Index(item_vocab).get_indexer(frame[ITEM].astype(str))
+    if split.kind != "leave_one_out":
+        unknown = item_codes < 0
+        stats["eval_events_unseen_item_dropped"] = int(unknown.sum())
+        keep = ~unknown
+        frame, labels, item_codes = frame[keep], labels[keep], item_codes[keep]
+    _, user_vocab = build_vocabulary(frame[USER].iloc[frame["_order"].to_numpy().argsort(kind="stable")])
+    user_codes = pd.Index(user_vocab).get_indexer(frame[USER].astype(str)).astype(np.int64)
+    timestamp = frame[TIMESTAMP].to_numpy(dtype=np.float64)
+    if split.kind == "session":
+        # sessions too short to hold a prefix and a target are useless for evaluation
+        counts = np.bincount(user_codes, minlength=user_vocab.shape[0])
+        keep = counts[user_codes] >= split.min_session_length
+        keep |= labels == splits.TRAIN
+        stats["short_session_events_dropped"] = int((~keep).sum())
+        frame, labels, item_codes, user_codes, timestamp = (
+            frame[keep], labels[keep], item_codes[keep], user_codes[keep], timestamp[keep])
+    elif split.kind == "time":
+        seen_users = np.zeros(user_vocab.shape[0], dtype=bool)
+        seen_users[user_codes[labels == splits.TRAIN]] = True
+        cold = ~seen_users[user_codes] & (labels != splits.TRAIN)
+        stats["eval_events_cold_user_dropped"] = int(cold.sum())
+        frame, labels, item_codes, user_codes, timestamp = (
+            frame[~cold], labels[~cold], item_codes[~cold], user_codes[~cold], timestamp[~cold])
+
+    order = frame["_order"].to_numpy()
+    perm = splits.sort_events(user_codes, timestamp, order)
+    user_codes, item_codes, timestamp, labels = user_codes[perm], item_codes[perm], timestamp[perm], labels[perm]
+
+    def part(label: int) -> Interactions:
+        rows = labels == label
+        return Interactions(user_codes[rows].astype(np.int64), item_codes[rows].astype(np.int64), timestamp[rows])
+
+    mask_seen = split.mask_seen if split.mask_seen is not None else split.kind != "session"
+    data = PreparedData(
+        train=part(splits.TRAIN), valid=part(splits.VALID), test=part(splits.TEST),
+        user_vocab=user_vocab, item_vocab=item_vocab, split=split.kind, mask_seen=bool(mask_seen), stats=stats,
+    )
+    for name, piece in (("train", data.train), ("valid", data.valid), ("test", data.test)):
+        stats[f"n_{name}"] = len(piece)
+    if len(data.train) == 0:
+        raise DataError("the training split is empty after filtering and splitting", path=log_.source, key="data.split")
+    _attach_item_features(data, log_)
+    stats.update(n_users=data.n_users, n_items=data.n_items)
+    return data
+
+
+def _attach_item_features(data: PreparedData, log_: RawLog) -> None:
+    """Titles and categories aligned with the item vocabulary (missing items get none)."""
+    if log_.items is None or log_.items.empty:
+        return
+    items = log_.items.drop_duplicates(ITEM)
+    items.index = items[ITEM].astype(str)
+    aligned = items.reindex(pd.Index(data.item_vocab))
+    if "title" in aligned:
+        data.item_titles = aligned["title"].fillna("").astype(str).to_numpy(dtype=str)
+    if "categories" in aligned:
+        cats = aligned["categories"].apply(lambda c: c if isinstance(c, (list, tuple, np.ndarray)) else [])
+        lengths = cats.apply(len).to_numpy()
+        flat = pd.Series([c for row in cats for c in row], dtype=object)  # once per item, not per event
+        codes, vocab = pd.factorize(flat, sort=True)
+        data.category_vocab = np.asarray(vocab, dtype=str)
+        data.item_category_indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+        data.item_category_index = codes.astype(np.int64)
+
+
+def cache_key(source_fingerprint: dict[str, Any], pre: PreprocessConfig, split: SplitConfig) -> str:
+    """Hash of everything that determines the prepared arrays."""
+    return stable_hash({
+        "source": source_fingerprint,
+        "preprocess": dataclasses.asdict(pre),
+        "split": dataclasses.asdict(split),
+        "format": CACHE_FORMAT_VERSION,
+    })
+
+
+def load_or_prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, cache_dir: str | Path | None) -> PreparedData:
+    """Return the prepared dataset for ``source``, from the cache when its key matches.
+
+    ``source`` has ``load() -> RawLog``, optionally ``load_test() -> RawLog | None``, and
+    ``fingerprint() -> dict`` (its parameters plus the size and mtime of its files).
+    """
+    key = cache_key(source.fingerprint(), pre, split)
+    target = Path(cache_dir) / key if cache_dir else None
+    if target is not None and (target / "meta.json").is_file():
+        log.info("using cached dataset %s", target)
+        return PreparedData.load(target)
+    raw = source.load()
+    test_raw = source.load_test() if hasattr(source, "load_test") else None
+    data = prepare(raw, pre, split, test_raw)
+    data.fingerprint = key
+    data.stats["source"] = raw.source
+    if target is not None:
+        with atomic_dir(target) as tmp:
+            data.save(tmp)
+        log.info("cached dataset at %s", target)
+    return data
