@@ -229,7 +229,7 @@ def test_empty_file_and_header_only(tmp_path):
 def test_missing_column_names_config_key_and_available_columns(tmp_path):
     path = write(tmp_path / "log.csv", "user_id,iid,ts,r\n1,2,3,4\n")
     message = read_error(path)
-    assert "data.columns.user" in message and "'uid' not found" in message
+    assert "data.source.columns.user" in message and "'uid' not found" in message
     assert "'user_id', 'iid', 'ts', 'r'" in message and str(path) in message
 
 
@@ -246,7 +246,7 @@ def test_non_numeric_timestamp_names_line_column_and_value(tmp_path):
     path = write(tmp_path / "log.csv", "uid,iid,ts,r\n1,2,100,4\n1,3,2020-01-01,4\n")
     message = read_error(path)
     assert str(path) in message and "line 3" in message and "column 'ts'" in message and "'2020-01-01'" in message
-    assert "data.timestamp_format" in message
+    assert "data.source.timestamp_format" in message
 
 
 def test_line_numbers_count_blank_lines(tmp_path):
@@ -274,7 +274,7 @@ def test_non_numeric_rating(tmp_path):
 def test_encoding_error_suggests_latin1(tmp_path):
     path = write(tmp_path / "log.csv", "uid,iid,ts,r\n1,2,100,4\n1,Am\u00e9lie,100,4\n", encoding="latin-1")
     message = read_error(path)
-    assert str(path) in message and "line 3" in message and "data.encoding" in message and "latin-1" in message
+    assert str(path) in message and "line 3" in message and "data.source.encoding" in message and "latin-1" in message
     frame = read_interactions(path, COLUMNS, encoding="latin-1").interactions
     assert frame["item"].tolist() == ["2", "Am\u00e9lie"]
 
@@ -292,12 +292,12 @@ def test_wrong_number_of_fields_in_quoted_file(tmp_path):
 
 def test_unknown_role_and_missing_required_role(tmp_path):
     path = write(tmp_path / "log.csv", "uid,iid,ts\n1,2,3\n")
-    assert "data.columns.timstamp" in read_error(path, {"user": "uid", "item": "iid", "timstamp": "ts"})
-    assert "data.columns.timestamp" in read_error(path, {"user": "uid", "item": "iid"})
+    assert "data.source.columns.timstamp" in read_error(path, {"user": "uid", "item": "iid", "timstamp": "ts"})
+    assert "data.source.columns.timestamp" in read_error(path, {"user": "uid", "item": "iid"})
 
 
 def test_unknown_extension(tmp_path):
-    assert "data.format" in read_error(write(tmp_path / "log.json", "{}"))
+    assert "data.source.format" in read_error(write(tmp_path / "log.json", "{}"))
 
 
 def test_parquet_errors_name_the_row(tmp_path):
@@ -306,7 +306,7 @@ def test_parquet_errors_name_the_row(tmp_path):
     message = read_error(path)
     assert "row 2" in message and "column 'uid'" in message
     pq.write_table(pa.table({"uid": ["1"], "iid": ["2"], "ts": [1.0]}), path)
-    assert "data.columns.rating" in read_error(path) and "'uid', 'iid', 'ts'" in read_error(path)
+    assert "data.source.columns.rating" in read_error(path) and "'uid', 'iid', 'ts'" in read_error(path)
 
 
 # ------------------------------------------------------------------ MovieLens files absent / download
@@ -388,3 +388,21 @@ def test_ml100k_download_checks_pinned_sha256(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="sha256"):
         read_movielens(tmp_path / "ml-100k", download=True)
     assert leftovers(tmp_path) == []
+
+
+def test_item_features_duplicate_id(tmp_path):
+    log_path = write(tmp_path / "log.csv", "u,i,t\n1,a,1\n")
+    items_path = write(tmp_path / "items.csv", "id,name\na,A\nb,B\na,C\n")
+    with pytest.raises(DataError) as info:
+        read_interactions(log_path, {"user": "u", "item": "i", "timestamp": "t"},
+                          item_features={"path": str(items_path), "columns": {"item": "id", "title": "name"}})
+    assert "line 4" in str(info.value) and "'a' appears twice" in str(info.value)
+
+
+def test_ml100k_bad_rating_line_names_file_and_field(tmp_path):
+    root = write_ml100k(tmp_path / "ml-100k")
+    write(root / "u.data", "196\t242\t3\t881250949\n186\t302\tx\t891717742\n")
+    with pytest.raises(DataError) as info:
+        read_movielens(root)
+    message = str(info.value)
+    assert "u.data" in message and "line 2" in message and "column 'rating'" in message

@@ -15,11 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from rectrain.config_checks import check_constructor_args
+from rectrain.errors import RectrainError
 from rectrain.evaluation.ranking import format_table
 from rectrain.utils.io import stable_hash, write_json_atomic, write_text_atomic
 
@@ -30,14 +33,35 @@ log = logging.getLogger(__name__)
 MODEL_SHORTHANDS = ("dim",)
 
 
+def build(config: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets rectrain's own errors through unwrapped.
+
+    Hydra wraps whatever a constructor raises in ``InstantiationException``; a ConfigError or
+    DataError already names the key or file, so the entry point should print that, not the wrapper.
+    """
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, RectrainError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def build_net_and_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
     """Instantiate ``cfg.model.net`` with sizes learned from the data, then the task around it."""
     data = datamodule.data
-    net = instantiate(cfg.model.net, n_users=data.n_users, n_items=data.n_items, **_data_sized_kwargs(cfg, data))
+    sized = {"n_users": data.n_users, "n_items": data.n_items, **_data_sized_kwargs(cfg, data)}
+    net_values = OmegaConf.to_container(cfg.model.net, resolve=True)
+    check_constructor_args(net_values["_target_"], net_values, "model.net", supplied=tuple(sized))
+    net = build(cfg.model.net, n_users=data.n_users, n_items=data.n_items, **_data_sized_kwargs(cfg, data))
     task_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     for key in (*MODEL_SHORTHANDS, "net", "data_features"):
         task_cfg.pop(key, None)
-    return instantiate(task_cfg, net=net)
+    check_constructor_args(task_cfg["_target_"], task_cfg, "model", supplied=("net",))
+    return build(task_cfg, net=net)
 
 
 def _data_sized_kwargs(cfg: DictConfig, data: Any) -> dict[str, Any]:
@@ -101,7 +125,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    datamodule = instantiate(cfg.data, _recursive_=True)
+    datamodule = build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup()
     data = datamodule.data

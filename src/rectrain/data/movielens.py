@@ -122,7 +122,7 @@ def _resolve_variant(root: Path, variant: str | None) -> Variant:
     """The declared variant, else the one the files (or the folder's name) point to."""
     if variant is not None:
         if variant not in VARIANTS:
-            raise DataError(f"unknown MovieLens variant {variant!r}; known: {', '.join(VARIANTS)}", key="data.variant")
+            raise DataError(f"unknown MovieLens variant {variant!r}; known: {', '.join(VARIANTS)}", key="data.source.variant")
         return VARIANTS[variant]
     by_folder = {v.folder.lower(): v for v in VARIANTS.values()} | {v.name: v for v in VARIANTS.values()}
     for directory in (root, *(root / v.folder for v in VARIANTS.values())):
@@ -135,8 +135,8 @@ def _resolve_variant(root: Path, variant: str | None) -> Variant:
         return by_folder[root.name.lower()]
     raise DataError(
         f"no MovieLens files in {root}: expected u.data (ml-100k), ratings.dat (ml-1m, ml-10m) or "
-        f"ratings.csv (ml-20m, ml-25m, ml-latest); set data.variant to download one (data.download: true) "
-        f"or point data.root at the unpacked folder", path=str(root), key="data.variant",
+        f"ratings.csv (ml-20m, ml-25m, ml-latest); set data.source.variant to download one (data.source.download: true) "
+        f"or point data.source.root at the unpacked folder", path=str(root), key="data.source.variant",
     )
 
 
@@ -163,8 +163,8 @@ def _missing_files_error(root: Path, spec: Variant, reason: str) -> DataError:
     return DataError(
         f"MovieLens {spec.name} files {reason}: expected {', '.join(spec.required)}{optional} in the directory "
         f"{root}. Get them from {spec.url} (unzip it so that {root / spec.ratings} exists), or set "
-        f"data.download: true to fetch and verify it automatically",
-        path=str(root), key="data.root",
+        f"data.source.download: true to fetch and verify it automatically",
+        path=str(root), key="data.source.root",
     )
 
 
@@ -246,7 +246,7 @@ def _read_movies_dat(path: Path) -> pd.DataFrame:
         row = int(np.argmax(bad))
         raise DataError(f"expected 'MovieID::Title::Genres', got {lines[keep].iloc[row]!r}", path=str(path),
                         line=int(lines.index[keep][row]) + 1)
-    return _items_frame(parts[0], parts[1], parts[2], path)
+    return _items_frame(parts[0], parts[1], parts[2], path, line_offset=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def _read_csv_family(directory: Path, spec: Variant) -> RawLog:
     if missing:
         raise DataError(f"missing column(s) {missing}; expected header movieId,title,genres, got {list(movies)}",
                         path=str(path), line=1)
-    items = _items_frame(movies["movieId"], movies["title"], movies["genres"], path)
+    items = _items_frame(movies["movieId"], movies["title"], movies["genres"], path, line_offset=2)
     return RawLog(interactions=ratings[[USER, ITEM, TIMESTAMP, RATING]], items=items)
 
 
@@ -297,11 +297,12 @@ def _read_small_delimited(path: Path, sep: str, n_fields: int) -> pd.DataFrame:
     return frame
 
 
-def _items_frame(ids: pd.Series, titles: pd.Series, genres: pd.Series, path: Path) -> pd.DataFrame:
+def _items_frame(ids: pd.Series, titles: pd.Series, genres: pd.Series, path: Path, line_offset: int) -> pd.DataFrame:
+    """Movies with genre lists; ``line_offset`` turns the index of ``ids`` into a 1-based line."""
     ids = ids.astype(str).str.strip()
     empty = (ids == "").to_numpy()
     if empty.any():
-        raise DataError("empty movie id", path=str(path), line=int(np.argmax(empty)) + 1)
+        raise DataError("empty movie id", path=str(path), line=int(ids.index[np.argmax(empty)]) + line_offset)
     return _object_frame({
         ITEM: ids,
         "title": titles.astype(str),

@@ -13,12 +13,17 @@ Design choices, and why:
   to a physical line number. It works on numpy views of 4 MiB blocks: no Python loop over rows.
   Files containing double quotes skip the field-count part of the scan (a quoted field may hold a
   separator or a newline); pandas then reads every column so rows with too many fields still fail.
-* Ids are read as strings and stripped, so ``12`` stays ``"12"`` (never ``"12.0"``), and are
-  returned as ``object`` columns of Python ``str`` as :mod:`rectrain.data.schema` declares.
+* Ids are read as text, never as numbers, so ``12`` stays ``"12"`` (not ``"12.0"``) and ``08``
+  keeps its zero; they come back as ``object`` columns of Python ``str`` as
+  :mod:`rectrain.data.schema` declares. The C parser builds them as ``object`` (it shares one str
+  per distinct value, ~2x faster and far smaller than per-row strings) and they are only trimmed
+  when the scan saw padding. Numeric columns are parsed to float64 by the C parser itself; only if
+  that fails is the file re-read as text, to show the offending value and its line.
 * Parquet is read column-selectively, one record batch at a time, into preallocated arrays, so a
-  large file never needs an Arrow copy and a pandas copy of itself at once.
-* The first bad value of a column is found with ``to_numeric(errors="coerce")``/``isna`` and an
-  ``argmax``: validation costs a few vectorised passes, whatever the file size.
+  large file never needs an Arrow copy and a pandas copy of itself at once; ids are converted in
+  Arrow kernels.
+* The first bad value of a column is found with ``to_numeric(errors="coerce")``/``isin`` masks
+  and an ``argmax``: validation costs a few vectorised passes, whatever the file size.
 """
 from __future__ import annotations
 
@@ -125,10 +130,10 @@ def read_sessions(path: PathLike, *, sep: str = "\t", encoding: str = "utf-8") -
 def read_item_features(spec: Mapping[str, Any]) -> pd.DataFrame:
     """Read an item side file into ``item`` (str), ``title`` (str), ``categories`` (list of str).
 
-    ``spec`` is the ``data.item_features`` mapping documented in :func:`read_interactions`.
+    ``spec`` is the ``data.source.item_features`` mapping documented in :func:`read_interactions`.
     Duplicate item ids are an error: two rows would give one item two different feature sets.
     """
-    key = "data.item_features"
+    key = "data.source.item_features"
     if "path" not in spec or "columns" not in spec:
         raise DataError("item_features needs 'path' and 'columns' (with at least 'item')", key=key)
     mapping = dict(spec["columns"])
@@ -166,7 +171,7 @@ def read_table(
     fmt: str | None = None,
     encoding: str = "utf-8",
     timestamp_format: str | None = None,
-    key_prefix: str | None = "data.columns",
+    key_prefix: str | None = "data.source.columns",
     labels: Mapping[str, str] | None = None,
     on_duplicate_id: str | None = None,
 ) -> pd.DataFrame:
@@ -176,7 +181,7 @@ def read_table(
         columns: output name -> file column name (or 0-based position for headerless files).
         kinds: output name -> ``id`` (non-empty stripped str), ``float`` (finite number),
             ``timestamp`` (seconds, see ``timestamp_format``) or ``text`` (str, may be empty).
-        key_prefix: config key prefix named in mapping errors (``data.columns`` -> ``data.columns.user``);
+        key_prefix: config key prefix named in mapping errors (``data.source.columns`` -> ``data.source.columns.user``);
             ``None`` for fixed formats the user does not configure.
         labels: how to name a column in messages when the file has no header (MovieLens ``u.data``).
         on_duplicate_id: an ``id`` column that must be unique (item side files).
@@ -191,7 +196,7 @@ def read_table(
         return _read_parquet(p, spec)
     sep = sep if sep is not None else _DEFAULT_SEP[fmt]
     if not sep:
-        raise DataError("the separator is empty", path=str(p), key="data.sep")
+        raise DataError("the separator is empty", path=str(p), key="data.source.sep")
     return _read_delimited(p, spec, sep, encoding)
 
 
@@ -228,18 +233,18 @@ def _check_interaction_mapping(columns: Mapping[str, ColumnRef]) -> dict[str, Co
     for name in mapping:
         if name not in INTERACTION_KINDS:
             raise DataError(f"unknown column role '{name}'; allowed: {', '.join(INTERACTION_KINDS)}",
-                            key=f"data.columns.{name}")
+                            key=f"data.source.columns.{name}")
     for name in (ITEM, TIMESTAMP):
         if name not in mapping:
             raise DataError(f"the column mapping has no '{name}'; set it to the file's {name} column",
-                            key=f"data.columns.{name}")
+                            key=f"data.source.columns.{name}")
     if USER not in mapping and SESSION not in mapping:
         raise DataError("the column mapping needs 'user' (or 'session' for session logs without users)",
-                        key="data.columns.user")
+                        key="data.source.columns.user")
     for name, ref in mapping.items():
         if isinstance(ref, bool) or not isinstance(ref, (str, int)) or ref == "" or (isinstance(ref, int) and ref < 0):
             raise DataError(f"must be a column name (or a 0-based position for headerless files), got {ref!r}",
-                            key=f"data.columns.{name}")
+                            key=f"data.source.columns.{name}")
     return mapping
 
 
@@ -272,12 +277,12 @@ def _infer_format_or_none(p: Path) -> str | None:
 def _resolve_format(p: Path, fmt: str | None) -> str:
     if fmt is not None:
         if fmt.lower() not in _FORMAT_ALIASES:
-            raise DataError(f"unknown format {fmt!r}; use csv, tsv or parquet", path=str(p), key="data.format")
+            raise DataError(f"unknown format {fmt!r}; use csv, tsv or parquet", path=str(p), key="data.source.format")
         return _FORMAT_ALIASES[fmt.lower()]
     found = _infer_format_or_none(p)
     if found is None:
         raise DataError(f"cannot tell the format from the extension {''.join(p.suffixes)!r}; "
-                        "set data.format to csv, tsv or parquet", path=str(p), key="data.format")
+                        "set data.source.format to csv, tsv or parquet", path=str(p), key="data.source.format")
     return found
 
 
@@ -315,7 +320,7 @@ def _missing_column_message(ref: str, names: list[str], sep: str | None) -> str:
     if sep is not None and len(names) == 1:
         for guess in (",", "\t", ";", "|"):
             if guess != sep and guess in names[0]:
-                message += f"; the header has a single field, is the separator {guess!r}? Then set data.sep"
+                message += f"; the header has a single field, is the separator {guess!r}? Then set data.source.sep"
                 break
     return message
 
@@ -352,7 +357,7 @@ def _read_delimited(p: Path, spec: _TableSpec, sep: str, encoding: str) -> pd.Da
                         path=str(p), key=spec.key_prefix)
     header_line, names = _read_first_record(p, sep, encoding)
     if header_line == 0:
-        raise DataError("the file holds only blank lines", path=str(p))
+        raise DataError("the file has no content (only blank lines)", path=str(p))
     if not has_header:
         names = [f"field {i + 1}" for i in range(len(names))]
     positions = _check_header(p, names, spec, sep)
@@ -373,14 +378,14 @@ def _check_encoding_name(p: Path, encoding: str) -> None:
         codecs.lookup(encoding)
     except LookupError:
         raise DataError(f"unknown encoding {encoding!r}; use e.g. utf-8 or latin-1", path=str(p),
-                        key="data.encoding") from None
+                        key="data.source.encoding") from None
 
 
 def _encoding_error(p: Path, line: int | None, encoding: str, err: UnicodeDecodeError) -> DataError:
     bad = err.object[err.start:err.start + 4] if isinstance(err.object, bytes) else b""
     suggestion = "latin-1" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else "utf-8"
     return DataError(f"cannot decode byte(s) {bad!r} as {encoding} (approximate line); the file is in another "
-                     f"encoding: set data.encoding, e.g. {suggestion}", path=str(p), line=line, key="data.encoding")
+                     f"encoding: set data.source.encoding, e.g. {suggestion}", path=str(p), line=line, key="data.source.encoding")
 
 
 def _read_first_record(p: Path, sep: str, encoding: str) -> tuple[int, list[str]]:
@@ -546,7 +551,7 @@ def _parse_delimited(p: Path, sep: str, encoding: str, n_fields: int, dtypes: di
         line = int(found.group(1)) if found else None
         detail = re.sub(r"^Error tokenizing data\. C error: ", "", str(err)).strip()
         raise DataError(f"cannot parse the file as delimited text ({detail}); check the separator "
-                        "(data.sep) and that every row has as many fields as the header", path=str(p),
+                        "(data.source.sep) and that every row has as many fields as the header", path=str(p),
                         line=line) from None
     return frame if counted else frame[usecols]
 
@@ -678,16 +683,16 @@ def _to_seconds(values: pd.Series, fail: Fail, timestamp_format: str | None) -> 
         return _datetimes_to_seconds(values, values, fail, "a valid datetime")
     fmt = (timestamp_format or "s").strip()
     if fmt.lower() in _NUMERIC_TIME_FORMATS:
-        hint = (" (for dates, set data.timestamp_format: iso or a strftime format such as %Y-%m-%d %H:%M:%S;"
-                " config key data.timestamp_format)")
+        hint = (" (for dates, set data.source.timestamp_format: iso or a strftime format such as %Y-%m-%d %H:%M:%S;"
+                " config key data.source.timestamp_format)")
         seconds = _to_floats(values, fail, what="a numeric timestamp" + hint)
         return seconds / 1000.0 if fmt.lower() in ("ms", "milliseconds") else seconds
     text = _as_text(values)
     if fmt.lower() in ("iso", "iso8601", "iso-8601"):
         parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
-        return _datetimes_to_seconds(parsed, values, fail, "an ISO-8601 datetime (data.timestamp_format: iso)")
+        return _datetimes_to_seconds(parsed, values, fail, "an ISO-8601 datetime (data.source.timestamp_format: iso)")
     parsed = pd.to_datetime(text, format=fmt, utc=True, errors="coerce")
-    return _datetimes_to_seconds(parsed, values, fail, f"a datetime in the format {fmt!r} (data.timestamp_format)")
+    return _datetimes_to_seconds(parsed, values, fail, f"a datetime in the format {fmt!r} (data.source.timestamp_format)")
 
 
 def _datetimes_to_seconds(parsed: pd.Series, original: pd.Series, fail: Fail, what: str) -> np.ndarray:
@@ -715,8 +720,8 @@ def _read_parquet(p: Path, spec: _TableSpec) -> pd.DataFrame:
     try:
         parquet = pq.ParquetFile(p)
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"not a readable Parquet file ({err}); check data.format and the file",
-                        path=str(p), key="data.format") from None
+        raise DataError(f"not a readable Parquet file ({err}); check data.source.format and the file",
+                        path=str(p), key="data.source.format") from None
     names = list(parquet.schema_arrow.names)
     if any(isinstance(ref, int) for ref in spec.columns.values()):
         raise DataError("Parquet columns have names; map columns by name, not position", path=str(p),
@@ -731,9 +736,13 @@ def _read_parquet(p: Path, spec: _TableSpec) -> pd.DataFrame:
     offset = 0
     for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=wanted):
         for name, ref in spec.columns.items():
-            values = _arrow_to_series(batch.column(batch.schema.get_field_index(str(ref))), spec.kinds[name])
+            column, kind = batch.column(batch.schema.get_field_index(str(ref))), spec.kinds[name]
             fail = _row_locator(p, spec, name, offset)
-            out[name][offset:offset + batch.num_rows] = _convert(values, spec.kinds[name], fail, spec.timestamp_format)
+            if kind == "id":
+                converted = _arrow_ids(column, fail)
+            else:
+                converted = _convert(_arrow_to_series(column), kind, fail, spec.timestamp_format)
+            out[name][offset:offset + batch.num_rows] = converted
         offset += batch.num_rows
     table = _frame(out)
     if spec.unique_id is not None:
@@ -751,24 +760,37 @@ def _row_locator(p: Path, spec: _TableSpec, name: str, offset: int) -> Fail:
     return fail
 
 
-def _arrow_to_series(column: Any, kind: str) -> pd.Series:
-    """Arrow column -> pandas, with integer-valued ids turned into ``"12"``, never ``"12.0"``."""
+def _arrow_to_series(column: Any) -> pd.Series:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    return column.to_pandas(date_as_object=False)
+
+
+def _arrow_ids(column: Any, fail: Fail) -> np.ndarray:
+    """An Arrow id column as trimmed Python str, all in Arrow kernels; ``12`` / ``12.0`` -> ``"12"``."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
-    if kind == "id":
-        if pa.types.is_floating(column.type):
-            finite = pc.fill_null(pc.is_finite(column), True)
-            integral = pc.fill_null(pc.equal(pc.floor(column), column), True)
-            if pc.all(pc.and_(finite, integral)).as_py():
-                column = pc.cast(column, pa.int64())
-        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type):
-            column = pc.cast(column, pa.string())
-        elif pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-            column = pc.cast(column, pa.string())
-    return column.to_pandas(date_as_object=False)
+    if pa.types.is_floating(column.type):
+        finite = pc.fill_null(pc.is_finite(column), True)
+        integral = pc.fill_null(pc.equal(pc.floor(column), column), True)
+        if pc.all(pc.and_(finite, integral)).as_py():
+            column = pc.cast(column, pa.int64())
+    try:
+        text = pc.utf8_trim_whitespace(pc.cast(column, pa.string()))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise fail(0, f"cannot use a column of type {column.type} as ids; store ids as strings or integers") from None
+    bad = pc.or_(pc.is_null(text), pc.is_in(text, value_set=pa.array(MISSING_ID_STRINGS)))
+    if pc.any(bad).as_py():
+        row = _first_true(bad.to_numpy(zero_copy_only=False))
+        shown = column[row].as_py()
+        raise fail(row, f"empty or missing id ({'' if shown is None else shown!r}); every row needs an id: "
+                        "fill or drop this row")
+    return text.to_numpy(zero_copy_only=False)
 
 
 # --------------------------------------------------------------------------------------------

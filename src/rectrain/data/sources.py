@@ -57,7 +57,8 @@ class InteractionFileSource:
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": "file", "file": _file_stamp(self.path), "columns": self.columns, "sep": self.sep,
                 "fmt": self.fmt, "encoding": self.encoding, "timestamp_format": self.timestamp_format,
-                "item_features": self.item_features}
+                "item_features": self.item_features,
+                "item_features_file": _file_stamp(self.item_features["path"]) if self.item_features else None}
 
 
 class MovieLensSource:

@@ -25,6 +25,13 @@ def _coo(index: np.ndarray | torch.Tensor, values: torch.Tensor, shape: tuple[in
     return torch.sparse_coo_tensor(index, values, shape, check_invariants=False).coalesce()
 
 
+def _sparse_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sparse x sparse product (torch routes it through CSR, which it still labels "beta")."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse.mm(a, b)
+
+
 def _binary_pairs(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (user, item) pairs sorted by item then user (column order)."""
     users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
@@ -126,7 +133,7 @@ class ItemKNN:
 
         if self.neighbours is not None:
             self.mode = "neighbours"
-            self._sim_t = self._neighbour_matrix().t().coalesce()  # (I, I) sparse, row j holds sim(., j)
+            self._sim = self._neighbour_matrix()  # (I, I) sparse, row i holds i's neighbours
         elif n_items * n_items * 8 <= self.dense_max_mb * 2**20:
             self.mode = "dense"
             sim = self._cooccurrence(np.arange(n_items)) * self._norm[:, None] * self._norm[None, :]  # (I, I)
@@ -139,9 +146,7 @@ class ItemKNN:
     def _cooccurrence(self, item_rows: np.ndarray) -> torch.Tensor:
         """Dense (len(item_rows), I) float64 co-occurrence counts X[:, rows]^T X."""
         sub = torch.index_select(self._xt, 0, torch.from_numpy(item_rows))  # (c, U) sparse
-        with warnings.catch_warnings():  # sparse x sparse goes through CSR, which torch calls "beta"
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse.mm(sub, self._x).to_dense()
+        return _sparse_mm(sub, self._x).to_dense()
 
     def _neighbour_matrix(self) -> torch.Tensor:
         """Sparse (I, I): row i holds the ``neighbours`` largest sim(i, j), j != i, sim > 0."""
@@ -172,22 +177,28 @@ class ItemKNN:
         if self.mode == "dense":
             scores = torch.sparse.mm(h, self._sim)  # (b, I); diagonal already self_similarity
         elif self.mode == "neighbours":
-            scores = torch.sparse.mm(self._sim_t, h.to_dense().t()).t()  # (b, I), no diagonal in sim
+            scores = _sparse_mm(h, self._sim).to_dense()  # (b, I), no diagonal in sim
             scores = scores + self.self_similarity * h.to_dense()
         else:
             scores = self._factorised(h)
         return scores.to(self.dtype).contiguous()
 
     def _factorised(self, h: torch.Tensor) -> torch.Tensor:
-        """((H D^-1/2) X^T) X D^-1/2 without an I x I matrix, with sim(i, i) replaced exactly."""
-        hd = h.to_dense()  # (b, I)
-        a = hd * self._norm[None, :]  # (b, I)  A = H D^-1/2
-        b = torch.sparse.mm(self._x, a.t())  # (U, b)  X A^T
-        scores = torch.sparse.mm(self._xt, b).t() * self._norm[None, :]  # (b, I)
-        # the product holds sim(i, i) = n_i / n_i for each history item i: take it out, then snap the
-        # rounding residue to 0 (a true off-diagonal sum is 0 or >= 1 / max count), then put the option in
-        diag = self._norm * self._norm * torch.from_numpy(self.item_counts.astype(np.float64))  # (I,) 1 or 0
-        scores = scores - hd * diag[None, :]
-        on_history = hd > 0
-        scores[on_history & (scores.abs() < self._tol)] = 0.0
-        return scores + self.self_similarity * hd
+        """((H D^-1/2) X^T) X D^-1/2 without an I x I matrix, with sim(i, i) replaced exactly.
+
+        Both products are sparse x sparse, so the cost follows the histories' co-occurrences, not
+        rows x users x items.
+        """
+        index = h.indices()
+        a = _coo(index, h.values() * self._norm[index[1]], tuple(h.shape))  # (b, I)  A = H D^-1/2
+        b = _sparse_mm(a, self._xt)  # (b, U) sparse  A X^T
+        scores = _sparse_mm(b, self._x).to_dense()  # (b, I)
+        scores *= self._norm[None, :]
+        # at each history item i the product holds sim(i, i) = n_i / n_i: take it out, snap the rounding
+        # residue to 0 (a true off-diagonal sum is 0 or >= 1 / max count), then put self_similarity in
+        r, i = index[0], index[1]  # (nnz(H),) history positions
+        diag = self._norm[i] * self._norm[i] * torch.from_numpy(self.item_counts).to(torch.float64)[i]
+        at = scores[r, i] - diag
+        at = torch.where(at.abs() < self._tol, torch.zeros_like(at), at)
+        scores[r, i] = at + self.self_similarity
+        return scores
