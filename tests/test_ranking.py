@@ -172,7 +172,11 @@ def test_agrees_with_torchmetrics(max_targets):
 def test_rejects_bad_scores_and_queries():
     q = make_queries([[0], [1]], [[], []], 3)
     with pytest.raises(ValueError, match="NaN"):
-        evaluate_ranking(table_fn([[0, 1, 2], [0, np.nan, 1]]), q)
+        evaluate_ranking(table_fn([[0, 1, 2], [0, np.nan, 1]]), q)  # full-sort path
+    with pytest.raises(ValueError, match="query row 1"):
+        evaluate_ranking(table_fn([[0, 1, 2], [0, 1, np.nan]]), q, ks=(1,))  # top-k path
+    with pytest.raises(ValueError, match="ks"):
+        evaluate_ranking(table_fn(np.zeros((2, 3))), q, ks=())
     with pytest.raises(ValueError, match="shape"):
         evaluate_ranking(lambda queries, rows: np.zeros((len(rows), 2)), q)
     with pytest.raises(ValueError, match="no target"):
@@ -238,3 +242,19 @@ def test_read_ncf_negatives(tmp_path):
         with pytest.raises(DataError, match=match) as err:
             read_ncf_negatives(path, users, items)
         assert str(path) in str(err.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    q, scores = random_case(5, n_q=300, n_items=500)
+    table = torch.tensor(scores, device="cuda")
+    on_gpu = lambda queries, rows: table[torch.as_tensor(rows, device="cuda")]  # noqa: E731
+    for ks in [(5, 20), (500,)]:
+        cpu = evaluate_ranking(table_fn(scores), q, ks=ks, memory_budget_mb=0.1)
+        gpu = evaluate_ranking(on_gpu, q, ks=ks, memory_budget_mb=0.1, device="cuda")
+        assert gpu.summary() == cpu.summary()
+        for k in ks:
+            np.testing.assert_array_equal(gpu.rec_counts[k], cpu.rec_counts[k])
+    single = make_queries([[t] for t in q.target_items[q.target_indptr[:-1]]], [[] for _ in range(len(q))], 500)
+    assert evaluate_sampled(on_gpu, single, n_negatives=50, device="cuda").summary() == \
+        evaluate_sampled(table_fn(scores), single, n_negatives=50).summary()

@@ -8,6 +8,7 @@ callbacks, loggers, trainer), fits, evaluates the best checkpoint on the test sp
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -15,22 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from rectrain.config_checks import check_constructor_args
+from rectrain.config_checks import check_constructor_args, resolve_target
 from rectrain.errors import RectrainError
 from rectrain.evaluation.ranking import format_table
 from rectrain.utils.io import stable_hash, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-#: top-level model keys that are shorthands interpolated into ``model.net`` (so ``model.dim=64``
-#: works from the command line); they are not constructor arguments of the task.
-MODEL_SHORTHANDS = ("dim",)
+#: top-level model keys that are shorthands interpolated into ``model.net`` (so ``model.dim=64`` and
+#: ``model.encoder.cell=lstm`` work from the command line); they are not arguments of the task.
+MODEL_SHORTHANDS = ("dim", "encoder")
 
 
 def build(config: Any, **kwargs: Any) -> Any:
@@ -53,26 +55,21 @@ def build(config: Any, **kwargs: Any) -> Any:
 def build_net_and_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
     """Instantiate ``cfg.model.net`` with sizes learned from the data, then the task around it."""
     data = datamodule.data
-    sized = {"n_users": data.n_users, "n_items": data.n_items, **_data_sized_kwargs(cfg, data)}
     net_values = OmegaConf.to_container(cfg.model.net, resolve=True)
+    # sizes learned from the data, passed to the nets that declare them (the two-tower model has no
+    # n_users: its query is the item history, so it never sees a user id)
+    accepted = inspect.signature(resolve_target(net_values["_target_"])).parameters
+    sized = {k: v for k, v in {"n_users": data.n_users, "n_items": data.n_items,
+                               "n_categories": data.n_categories}.items() if k in accepted}
     check_constructor_args(net_values["_target_"], net_values, "model.net", supplied=tuple(sized))
-    net = build(cfg.model.net, n_users=data.n_users, n_items=data.n_items, **_data_sized_kwargs(cfg, data))
+    net = build(cfg.model.net, **sized)
+    if hasattr(net, "set_item_features"):
+        net.set_item_features(data.item_category_matrix())
     task_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    for key in (*MODEL_SHORTHANDS, "net", "data_features"):
+    for key in (*MODEL_SHORTHANDS, "net"):
         task_cfg.pop(key, None)
     check_constructor_args(task_cfg["_target_"], task_cfg, "model", supplied=("net",))
     return build(task_cfg, net=net)
-
-
-def _data_sized_kwargs(cfg: DictConfig, data: Any) -> dict[str, Any]:
-    """Extra sizes some nets declare (e.g. the item tower's category features)."""
-    extra = cfg.model.get("data_features", None)
-    if not extra:
-        return {}
-    out: dict[str, Any] = {}
-    if "n_categories" in extra:
-        out["n_categories"] = data.n_categories
-    return out
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -122,6 +119,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, test and report one run; returns ``{"valid": {...}, "test": {...}, ...}``."""
     started = time.perf_counter()
     pl.seed_everything(int(cfg.seed), workers=True)
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

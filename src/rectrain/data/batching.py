@@ -164,9 +164,14 @@ class PointwiseBatches:
 
 @dataclass
 class SequenceSpec:
-    """What a sequence task asks of its training batches."""
+    """What a sequence task asks of its training batches.
+
+    ``batch_size`` (sequences per step) overrides the data module's, which is sized for
+    pointwise batches of single interactions.
+    """
 
     max_length: int = 50
+    batch_size: int | None = None
 
 
 def sequence_windows(group: np.ndarray, items: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,9 @@ from rectrain.evaluation.ranking import tie_ordered_topk
 def _coo(index: np.ndarray | torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Coalesced sparse COO (indices built here are valid by construction: skip torch's invariant checks)."""
     index = torch.as_tensor(index, dtype=torch.long)
-    return torch.sparse_coo_tensor(index, values, shape, check_invariants=False).coalesce()
+    with warnings.catch_warnings():  # some torch versions warn even when told explicitly
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        return torch.sparse_coo_tensor(index, values, shape, check_invariants=False).coalesce()
 
 
 def _sparse_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -101,6 +103,7 @@ class ItemKNN:
         dense_max_mb: build the dense n_items x n_items similarity when it fits this size; above it,
             score through X (factorised) so memory stays O(nnz(X) + rows x (users + items)).
         dtype: dtype of the returned scores (computation runs in float64).
+        memory_budget_mb: bounds the item chunks used to pick neighbours.
     """
 
     def __init__(self, self_similarity: float = 0.0, neighbours: int | None = None, last_n: int | None = None,

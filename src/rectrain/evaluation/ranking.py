@@ -164,6 +164,14 @@ def check_queries(queries: RankingQueries) -> None:
             raise ValueError(f"RankingQueries.{name} holds an item index outside 0..{queries.n_items - 1}")
 
 
+def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """Cut-offs as a tuple of positive ints (ValueError otherwise)."""
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be a non-empty list of positive cut-offs, got {ks}")
+    return ks
+
+
 def score_chunk(score_fn: ScoreFn, queries: RankingQueries, rows: np.ndarray, device: str | torch.device
                 ) -> torch.Tensor:
     """``score_fn`` output for ``rows`` as a fresh float tensor on ``device`` (safe to modify in place)."""
@@ -177,7 +185,7 @@ def score_chunk(score_fn: ScoreFn, queries: RankingQueries, rows: np.ndarray, de
     return scores.to(device=device, dtype=dtype, copy=copy)
 
 
-def _check_nan(values: torch.Tensor, rows: np.ndarray) -> None:
+def check_nan(values: torch.Tensor, rows: np.ndarray) -> None:
     """Raise on NaN scores: a NaN would rank arbitrarily. ``values`` row i belongs to ``rows[i]``."""
     nan_rows = torch.isnan(values).any(1)
     if bool(nan_rows.any()):
@@ -217,7 +225,7 @@ def evaluate_ranking(
     (read off the tie-ordered top-K list), which is all any @K metric needs.
     """
     check_queries(queries)
-    ks = tuple(int(k) for k in ks)
+    ks = check_ks(ks)
     n_items, n_q = queries.n_items, len(queries)
     k_max = min(max(ks), n_items)
     chunk = chunk_rows(n_items, memory_budget_mb)
@@ -237,7 +245,7 @@ def evaluate_ranking(
         scores[t_rows, t_items] = target_scores  # a row's own targets are never excluded
 
         values, top = tie_ordered_topk(scores, k_max)  # (c, k_max); NaN would sort first
-        _check_nan(values[:, :1], rows)
+        check_nan(values[:, :1], rows)
         # a target's rank is its position in the tie-ordered list (same rule), or "k_max" if absent:
         # every metric is cut at some K <= k_max, so ranks beyond the list need no full-width pass
         match = top[t_rows] == t_items[:, None]  # (T_c, k_max)

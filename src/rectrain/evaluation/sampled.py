@@ -20,7 +20,8 @@ import torch
 from rectrain.errors import DataError
 from rectrain.evaluation import metrics as M
 from rectrain.evaluation.queries import RankingQueries
-from rectrain.evaluation.ranking import RankingResult, ScoreFn, _check_nan, check_queries, chunk_rows, score_chunk
+from rectrain.evaluation.ranking import (RankingResult, ScoreFn, check_ks, check_nan, check_queries, chunk_rows,
+                                         score_chunk)
 
 
 def sample_negatives(queries: RankingQueries, n_negatives: int, rng: np.random.Generator) -> np.ndarray:
@@ -90,7 +91,7 @@ def evaluate_sampled(
     if np.any(negatives == targets[:, None]):
         raise ValueError(f"query row {int(np.argmax((negatives == targets[:, None]).any(1)))} "
                          "lists its own target among its negatives (misaligned negatives?)")
-    ks = tuple(int(k) for k in ks)
+    ks = check_ks(ks)
     ranks = np.empty(len(queries), dtype=np.int64)
     chunk = chunk_rows(queries.n_items, memory_budget_mb)
     for start in range(0, len(queries), chunk):
@@ -100,7 +101,7 @@ def evaluate_sampled(
         neg = torch.tensor(negatives[rows], dtype=torch.long, device=scores.device)  # (c, N)
         s_t = scores.gather(1, t[:, None])  # (c, 1)
         s_n = scores.gather(1, neg)  # (c, N)
-        _check_nan(torch.cat([s_t, s_n], 1), rows)
+        check_nan(torch.cat([s_t, s_n], 1), rows)
         above = (s_n > s_t) | ((s_n == s_t) & (neg < t[:, None]))
         ranks[rows] = above.sum(1).cpu().numpy()
     n = negatives.shape[1]

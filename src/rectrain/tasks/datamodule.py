@@ -141,7 +141,8 @@ class RecDataModule(pl.LightningDataModule):
                                                        sampler, self.seed, rank, world)
             else:
                 windows, lengths = sequence_windows(data.train.user, data.train.item, spec.max_length)
-                self._train_batches = SequenceBatches(windows, lengths, self.batch_size, self.seed, rank, world)
+                self._train_batches = SequenceBatches(windows, lengths, spec.batch_size or self.batch_size,
+                                                      self.seed, rank, world)
         return self._train_batches
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,85 @@
+"""Export a checkpoint to ONNX: `python export.py ckpt_path=<.ckpt> [output=<model.onnx>] [key=value ...]`.
+
+Same `key=value` style as train.py. Keys:
+  ckpt_path   checkpoint written by train.py (required)
+  output      main .onnx file (default: the checkpoint's path with .onnx); companions are written beside it
+  quantize    true: also write <output stem>.int8.onnx and print its validation NDCG@10 loss (default false)
+  opset       ONNX opset (default 17)
+  tolerance   parity tolerance, |onnx - torch| <= tolerance * max(1, |torch|) (default 1e-5)
+  user_vocab  NCF: user vocabulary sidecar (default: user_vocab.json beside the checkpoint)
+  threads     torch intra-op threads while checking parity (default 1)
+
+A thin entry point: rectrain.export.export_checkpoint does the work. Bad input ends with a one-line
+message and exit code 2; a failed parity check writes nothing.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+KEYS: dict[str, Any] = {"ckpt_path": None, "output": None, "quantize": False, "opset": 17, "tolerance": 1e-5,
+                        "user_vocab": None, "threads": 1}
+
+
+class UsageError(ValueError):
+    """A bad command line (printed as one line, exit code 2)."""
+
+
+def parse(argv: list[str]) -> dict[str, Any]:
+    """``key=value`` arguments -> settings (bools: true/false; ints and floats parsed)."""
+    values = dict(KEYS)
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        if not sep:
+            raise UsageError(f"expected key=value, got {arg!r} (keys: {', '.join(KEYS)})")
+        if key not in KEYS:
+            raise UsageError(f"unknown key {key!r} (keys: {', '.join(KEYS)})")
+        default = KEYS[key]
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                values[key] = raw.lower() == "true"
+            elif isinstance(default, int):
+                values[key] = int(raw)
+            elif isinstance(default, float):
+                values[key] = float(raw)
+            else:
+                values[key] = None if raw.lower() in ("", "null", "none") else raw
+        except ValueError as exc:
+            raise UsageError(f"{key}={raw!r}: {exc}") from None
+    if not values["ckpt_path"]:
+        raise UsageError("ckpt_path=<checkpoint> is required, e.g. "
+                         "python export.py ckpt_path=outputs/two_tower/<date>/checkpoints/last.ckpt")
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        settings = parse(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import torch
+
+    from rectrain.errors import RectrainError
+    from rectrain.export import export_checkpoint
+
+    torch.set_num_threads(settings["threads"])
+    try:
+        report = export_checkpoint(settings["ckpt_path"], settings["output"], opset=settings["opset"],
+                                   tolerance=settings["tolerance"], quantize=settings["quantize"],
+                                   user_vocab=settings["user_vocab"])
+    except RectrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Which graphs each model kind exports, with their input/output contract.
+
+A :class:`GraphSpec` names the wrapper module, every input and output (dtype, shape with symbolic
+axes as strings, meaning) and a small example to trace with. The same specs feed the exporter
+(names, dynamic axes), the checks (symbolic dims), the metadata (``rectrain.inputs/outputs``) and
+the README, so the contract is written down once.
+
+The example batch is 3 and the example history 4 long on purpose: tracing with a batch or length
+of 1 is how a dynamic axis silently freezes (see NOTES), and the saved model is checked for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from rectrain.export.wrappers import NCFRecommend, NCFScore, TwoTowerEmbeddings, TwoTowerRecommend
+
+TWO_TOWER, NCF = "two_tower", "ncf"
+
+EXCLUDE_MEANING = ("item indices never to recommend for the row (already purchased, seen), padded with -1; "
+                   "indices outside 0..n_items-1 are ignored; shape (batch, 0) when there is nothing to exclude")
+K_MEANING = "number of items to return; clamped in the graph to 1..n_items"
+ITEMS_MEANING = ("recommended item indices (index into rectrain.item_vocab), best first; at equal scores the "
+                 "lower index first; -1 marks padding when fewer than k items are allowed")
+SCORES_MEANING = "scores of those items, descending; -inf exactly where items is -1"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. ``shape`` entries are ints (fixed) or axis names (dynamic)."""
+
+    name: str
+    dtype: str  # "int64" | "float32"
+    shape: tuple[int | str, ...]
+    meaning: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "meaning": self.meaning}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: the module to trace, its contract and a trace example."""
+
+    name: str  # "recommend" | "score" | "embeddings"
+    module: nn.Module
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    example: tuple[torch.Tensor, ...]
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+                for t in (*self.inputs, *self.outputs) if any(isinstance(d, str) for d in t.shape)}
+
+
+def model_kind(net: nn.Module) -> str:
+    """``two_tower`` for a query-from-history model, ``ncf`` for a user x item model."""
+    if hasattr(net, "query") and hasattr(net, "item_vectors"):
+        return TWO_TOWER
+    if hasattr(net, "score_all"):
+        return NCF
+    raise TypeError(f"cannot export {type(net).__name__}: it has neither query/item_vectors nor score_all")
+
+
+def graph_specs(net: nn.Module) -> list[GraphSpec]:
+    """The graphs of ``net``: the first is the main (``recommend``) graph."""
+    if model_kind(net) == TWO_TOWER:
+        return _two_tower_specs(net)
+    return _ncf_specs(net)
+
+
+def _example_exclude(n_items: int) -> torch.Tensor:
+    return torch.tensor([[1 % n_items, -1], [2 % n_items, 3 % n_items], [-1, -1]])  # (3, 2)
+
+
+def _two_tower_specs(net: nn.Module) -> list[GraphSpec]:
+    n_items = int(net.n_items)
+    dim = int(net.item_vectors(torch.zeros(1, dtype=torch.long)).shape[1])
+    history = TensorSpec("history", "int64", ("batch", "history_length"),
+                         "recent item indices, oldest first, right-padded (any index, e.g. 0); at most "
+                         "rectrain.max_length are meaningful: send the most recent ones")
+    lengths = TensorSpec("lengths", "int64", ("batch",),
+                         "number of real items in each history row (1..history_length; clamped to that range)")
+    history_ex = torch.arange(12).view(3, 4) % n_items  # (3, 4)
+    lengths_ex = torch.tensor([4, 2, 1])
+    recommend = GraphSpec(
+        "recommend", TwoTowerRecommend(net),
+        (history, lengths, TensorSpec("exclude", "int64", ("batch", "n_exclude"), EXCLUDE_MEANING),
+         TensorSpec("k", "int64", (), K_MEANING)),
+        (TensorSpec("items", "int64", ("batch", "k"), ITEMS_MEANING),
+         TensorSpec("scores", "float32", ("batch", "k"), SCORES_MEANING)),
+        (history_ex, lengths_ex, _example_exclude(n_items), torch.tensor(5)))
+    embeddings = GraphSpec(
+        "embeddings", TwoTowerEmbeddings(net), (history, lengths),
+        (TensorSpec("query", "float32", ("batch", dim),
+                    "query vector, already divided by the temperature: score = query . item_vectors[i]"),
+         TensorSpec("item_vectors", "float32", (n_items, dim), "the catalog's item vectors (constant), row i = item i")),
+        (history_ex, lengths_ex))
+    return [recommend, embeddings]
+
+
+def _ncf_specs(net: nn.Module) -> list[GraphSpec]:
+    n_items, n_users = int(net.config["n_items"]), int(net.config["n_users"])
+    user = TensorSpec("user", "int64", ("batch",), "user indices (index into the user vocabulary sidecar)")
+    users_ex = torch.arange(3) % n_users
+    recommend = GraphSpec(
+        "recommend", NCFRecommend(net),
+        (user, TensorSpec("exclude", "int64", ("batch", "n_exclude"), EXCLUDE_MEANING),
+         TensorSpec("k", "int64", (), K_MEANING)),
+        (TensorSpec("items", "int64", ("batch", "k"), ITEMS_MEANING),
+         TensorSpec("scores", "float32", ("batch", "k"), SCORES_MEANING)),
+        (users_ex, _example_exclude(n_items), torch.tensor(5)))
+    score = GraphSpec(
+        "score", NCFScore(net),
+        (user, TensorSpec("item", "int64", ("batch",), "item indices, one per user row")),
+        (TensorSpec("scores", "float32", ("batch",), "the model's logit for each (user, item) pair; higher is better"),),
+        (users_ex, torch.arange(3) % n_items))
+    return [recommend, score]

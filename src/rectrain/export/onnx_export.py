@@ -1,0 +1,329 @@
+"""Checkpoint -> ONNX files that a torch-free service can load: :func:`export_checkpoint`.
+
+What is written next to ``output`` (``model.onnx`` here):
+
+* two-tower: ``model.onnx`` (``recommend``: history, lengths, exclude, k -> items, scores) and
+  ``model.embeddings.onnx`` (history, lengths -> query, item_vectors) for services with their own ANN index;
+* NCF family: ``model.onnx`` (``recommend``: user, exclude, k -> items, scores), ``model.score.onnx``
+  (user, item -> scores) and ``model.user_vocab.json`` (raw user ids: personal data, never inside a
+  model file; the ONNX metadata pins it by sha256);
+* with ``quantize=True`` also ``model.int8.onnx`` (dynamic int8 ``recommend`` graph).
+
+Order of work: trace every graph (legacy TorchScript exporter, dynamic batch/length/exclusion/k axes),
+check that those axes came out symbolic, compare onnxruntime with PyTorch (:mod:`rectrain.export.parity`),
+attach metadata, run ``onnx.checker``, and only then write. All files are first written to temporary
+names in the destination folder and renamed at the end: a failed export leaves no file behind.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from rectrain.errors import RectrainError
+from rectrain.export import metadata as md
+from rectrain.export.graphs import NCF, TWO_TOWER, GraphSpec, graph_specs, model_kind
+from rectrain.export.parity import DEFAULT_TOLERANCE, ParityError, TorchReference, check_graph
+from rectrain.utils.io import file_sha256
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+
+
+class ExportError(RectrainError):
+    """The export cannot produce a file a service may trust (parity, frozen axes, missing sidecar)."""
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote and measured.
+
+    Attributes:
+        kind: ``two_tower`` or ``ncf``.
+        files: role (``recommend``, ``embeddings``, ``score``, ``user_vocab``, ``int8``) -> path written.
+        sha256: role -> sha256 of the file written.
+        opset: ONNX opset of every graph.
+        parity: graph -> parity figures (cases, max abs/rel difference, top-K positions compared).
+        metadata: the ``rectrain.*`` metadata of the main file (keys without the prefix).
+        quantization: float vs int8 validation metrics, or None.
+        seconds: wall time of the whole export.
+    """
+
+    kind: str
+    files: dict[str, Path] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)
+    opset: int = DEFAULT_OPSET
+    parity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    quantization: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """A few lines for the console."""
+        lines = [f"exported {self.kind} model (opset {self.opset}) in {self.seconds:.1f} s:"]
+        for role, path in self.files.items():
+            lines.append(f"  {role:<11} {path}  sha256 {self.sha256[role][:12]}")
+        for graph, p in self.parity.items():
+            lines.append(f"  parity {graph}: {p['cases']} cases, max |onnx - torch| {p['max_abs_diff']:.2e}, "
+                         f"{p['topk_positions_compared']} top-k positions identical "
+                         f"({p['tied_positions_skipped']} tied skipped)")
+        if self.quantization:
+            q = self.quantization
+            lines.append(f"  int8: validation ndcg@{q['k']} {q['float']['ndcg@' + str(q['k'])]:.4f} -> "
+                         f"{q['int8']['ndcg@' + str(q['k'])]:.4f} (difference {q['ndcg_difference']:+.4f}), "
+                         f"size {q['float_bytes'] / 1e6:.2f} MB -> {q['int8_bytes'] / 1e6:.2f} MB")
+        return "\n".join(lines)
+
+
+def output_paths(output: str | os.PathLike[str], kind: str) -> dict[str, Path]:
+    """Role -> path for every file an export of ``kind`` may write next to ``output``."""
+    main = Path(output)
+    stem = main.name[:-5] if main.name.endswith(".onnx") else main.name
+    folder = main.parent
+    paths = {"recommend": main, "int8": folder / f"{stem}.int8.onnx"}
+    if kind == TWO_TOWER:
+        paths["embeddings"] = folder / f"{stem}.embeddings.onnx"
+    else:
+        paths["score"] = folder / f"{stem}.score.onnx"
+        paths["user_vocab"] = folder / f"{stem}.user_vocab.json"
+    return paths
+
+
+def trace(spec: GraphSpec, opset: int) -> onnx.ModelProto:
+    """Export one graph with the legacy (TorchScript) exporter and check its dynamic axes stayed symbolic."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # TracerWarnings and the GRU batch-size notice: the parity check below is the real guard
+        warnings.simplefilter("ignore")
+        torch.onnx.export(spec.module.eval(), spec.example, buffer, dynamo=False, opset_version=opset,
+                          input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+                          dynamic_axes=spec.dynamic_axes, do_constant_folding=True)
+    model = onnx.load_from_string(buffer.getvalue())
+    check_symbolic(model, spec)
+    return model
+
+
+def check_symbolic(model: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Raise ExportError when an axis meant to be dynamic was frozen to the trace example's size."""
+    declared = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        if value.name not in declared:
+            raise ExportError(f"graph {spec.name}: unexpected graph input/output {value.name!r}")
+        want = declared[value.name].shape
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(want):
+            raise ExportError(f"graph {spec.name}: {value.name} has rank {len(dims)}, expected {len(want)}")
+        for axis, (dim, expected) in enumerate(zip(dims, want)):
+            if isinstance(expected, str) and (dim.HasField("dim_value") or not dim.dim_param):
+                raise ExportError(f"graph {spec.name}: axis {axis} of {value.name} was frozen to "
+                                  f"{dim.dim_value} by the trace example; it must stay symbolic ({expected})")
+
+
+def _session(model: onnx.ModelProto, threads: int = 1) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _prepare_net(net: nn.Module) -> nn.Module:
+    net = net.eval().float()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def locate_user_vocab(facts: dict[str, Any], ckpt_path: Path | None, user_vocab: str | os.PathLike[str] | None
+                      ) -> tuple[bytes, str]:
+    """The user vocabulary sidecar's bytes and sha256, verified against the checkpoint's record."""
+    path = Path(user_vocab) if user_vocab else (ckpt_path.parent / "user_vocab.json" if ckpt_path else None)
+    if path is None or not path.is_file():
+        raise ExportError(f"user vocabulary sidecar not found at {path}: an NCF model cannot map raw user ids "
+                          "without it. Pass user_vocab=<path to the run's checkpoints/user_vocab.json>")
+    blob = path.read_bytes()
+    import hashlib
+
+    digest = hashlib.sha256(blob).hexdigest()
+    expected = facts.get("user_vocab_sha256")
+    if expected and digest != expected:
+        raise ExportError(f"{path}: sha256 {digest[:12]} does not match the checkpoint's user_vocab_sha256 "
+                          f"{expected[:12]}: this vocabulary belongs to another run")
+    try:
+        vocab = json.loads(blob)["user_vocab"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{path}: not a rectrain user vocabulary ({exc})") from exc
+    n_users = int(facts.get("n_users") or 0)
+    if n_users and len(vocab) != n_users:
+        raise ExportError(f"{path}: {len(vocab)} users, but the model was trained on {n_users}")
+    return blob, digest
+
+
+def export_checkpoint(ckpt_path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *,
+                      opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE, quantize: bool = False,
+                      user_vocab: str | os.PathLike[str] | None = None, seed: int = 0) -> ExportReport:
+    """Export a rectrain checkpoint to ONNX (see the module docstring for the files written).
+
+    Args:
+        ckpt_path: a checkpoint written by ``train.py`` (loaded with ``weights_only=True``).
+        output: path of the main ``.onnx`` file; default: the checkpoint's path with ``.onnx``.
+        opset: ONNX opset of every graph.
+        tolerance: parity tolerance, ``|onnx - torch| <= tolerance * max(1, |torch|)``.
+        quantize: also write a dynamic int8 ``recommend`` graph and measure its validation NDCG@10
+            against the float graph (needs the training data, rebuilt from the checkpoint's config).
+        user_vocab: NCF only: the user vocabulary sidecar (default: ``user_vocab.json`` beside the checkpoint).
+        seed: seed of the generated parity inputs.
+
+    Raises:
+        ExportError: parity fails, an axis froze, the user vocabulary is missing or does not match.
+    """
+    from rectrain.checkpoints import load_checkpoint, rebuild_model
+
+    ckpt_path = Path(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    facts = ckpt.get("rectrain") or {}
+    net = rebuild_model(ckpt)
+    output = Path(output) if output else ckpt_path.with_suffix(".onnx")
+    return export_model(net, facts, output, opset=opset, tolerance=tolerance, quantize=quantize,
+                        validation=md.validation_metrics(ckpt, ckpt_path), ckpt_path=ckpt_path,
+                        user_vocab=user_vocab, seed=seed)
+
+
+def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLike[str], *,
+                 opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE, quantize: bool = False,
+                 validation: dict[str, Any] | None = None, ckpt_path: Path | None = None,
+                 user_vocab: str | os.PathLike[str] | None = None, seed: int = 0) -> ExportReport:
+    """Export a plain net with its checkpoint facts (``ckpt["rectrain"]``); see :func:`export_checkpoint`."""
+    started = time.perf_counter()
+    net = _prepare_net(net)
+    kind = model_kind(net)
+    paths = output_paths(output, kind)
+    report = ExportReport(kind=kind, opset=opset)
+
+    user_vocab_ref, staged_bytes = None, {}
+    if kind == NCF:
+        blob, digest = locate_user_vocab(facts, ckpt_path, user_vocab)
+        staged_bytes["user_vocab"] = blob
+        user_vocab_ref = {"file": paths["user_vocab"].name, "sha256": digest, "n_users": int(facts.get("n_users") or 0),
+                          "format": '{"user_vocab": [raw user id of index 0, of index 1, ...]}'}
+    checkpoint_sha = file_sha256(ckpt_path) if ckpt_path else None
+    common = md.common_metadata(facts, kind, opset=opset, validation=validation or {"source": "none recorded", "metrics": {}},
+                                user_vocab=user_vocab_ref, checkpoint_sha256=checkpoint_sha)
+    max_length = int(net.max_length) if kind == TWO_TOWER else None
+
+    # trace and compare every graph before anything is written
+    specs = graph_specs(net)
+    models: dict[str, onnx.ModelProto] = {}
+    reference = TorchReference(net)
+    for spec in specs:
+        model = trace(spec, opset)
+        try:
+            parity = check_graph(spec, net, _session(model), kind, max_length=max_length, tol=tolerance, seed=seed,
+                                 reference=reference)
+        except ParityError as exc:
+            raise ExportError(f"onnxruntime does not match PyTorch, nothing written: {exc}") from exc
+        report.parity[spec.name] = parity.as_dict()
+        models[spec.name] = model
+
+    # metadata: companions first, so the main file can pin them by sha256
+    main, companions = specs[0], specs[1:]
+    refs: dict[str, Any] = {}
+    for spec in companions:
+        _finish(models[spec.name], {**common, **md.graph_metadata(spec, report.parity[spec.name])}, spec)
+        staged_bytes[spec.name] = models[spec.name].SerializeToString()
+        refs[spec.name] = {"file": paths[spec.name].name, "sha256": _sha256(staged_bytes[spec.name])}
+    main_meta = {**common, **md.graph_metadata(main, report.parity[main.name]), "companions": md._json(refs)}
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(models[main.name])
+    _finish(models[main.name], main_meta, main)
+    staged_bytes[main.name] = models[main.name].SerializeToString()
+    report.metadata = main_meta
+
+    if quantize:
+        int8_model, report.quantization = _quantize(float_model, facts, kind, max_length, len(staged_bytes[main.name]))
+        _finish(int8_model, {**main_meta, "graph": "recommend", "quantization": md._json(report.quantization),
+                             "parity": md._json({"note": "int8: compared by validation metrics, not by tolerance"})},
+                main, check_dims=False)
+        staged_bytes["int8"] = int8_model.SerializeToString()
+
+    _write_all({role: (paths[role], blob) for role, blob in staged_bytes.items()}, last=paths["recommend"])
+    for role, blob in staged_bytes.items():
+        report.files[role] = paths[role]
+        report.sha256[role] = _sha256(blob)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _sha256(blob: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _finish(model: onnx.ModelProto, meta: dict[str, str], spec: GraphSpec, check_dims: bool = True) -> None:
+    """Attach metadata, then ``onnx.checker`` (full, with shape inference) on the final model."""
+    md.attach(model, meta, doc=f"rectrain {meta['model_kind']} '{spec.name}' graph; see metadata_props rectrain.*")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"graph {spec.name}: onnx.checker rejected the model: {exc}") from exc
+    if check_dims:
+        check_symbolic(model, spec)
+
+
+def _quantize(model: onnx.ModelProto, facts: dict[str, Any], kind: str, max_length: int | None,
+              float_bytes: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    from rectrain.export.quantize import load_validation_queries, onnx_ranking_metrics, quantize_int8
+
+    int8 = quantize_int8(model)
+    queries = load_validation_queries(facts)
+    k = 10
+    scores = {name: onnx_ranking_metrics(_session(m), kind, queries, max_length=max_length or 50, k=k)
+              for name, m in (("float", model), ("int8", int8))}
+    result = {"method": "onnxruntime.quantization.quantize_dynamic, weights QInt8", "k": k,
+              "split": "valid", "queries": len(queries), "float": scores["float"], "int8": scores["int8"],
+              "ndcg_difference": scores["int8"][f"ndcg@{k}"] - scores["float"][f"ndcg@{k}"],
+              "float_bytes": float_bytes, "int8_bytes": int8.ByteSize()}
+    return int8, result
+
+
+def _write_all(files: dict[str, tuple[Path, bytes]], last: Path) -> None:
+    """Write every file to a temporary name beside its target, then rename all (``last`` at the end).
+
+    Nothing is renamed before every temporary file is complete and flushed; on any error the
+    temporary files are removed, so a failed export leaves no file behind.
+    """
+    staged: list[tuple[Path, Path]] = []
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        for dest, blob in files.values():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a service user must be able to read it
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
+                fh.flush()
+                os.fsync(fh.fileno())
+            staged.append((Path(tmp), dest))
+        staged.sort(key=lambda pair: pair[1] == last)  # the main file appears last
+        for tmp, dest in staged:
+            os.replace(tmp, dest)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise

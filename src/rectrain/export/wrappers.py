@@ -1,0 +1,95 @@
+"""``nn.Module``s that wrap a trained net into the graphs rectrain exports to ONNX.
+
+Every graph takes and returns plain tensors with fixed dtypes (int64 indices, float32 scores), so a
+service in any language can feed it. Shapes: B batch, L history length, E excluded items per row,
+K requested list length, I catalog size, d vector size.
+
+Exclusion is a padded (B, E) int64 list of item indices per row; ``-1`` (or any index outside
+``0..I-1``) is padding. It is applied with a scatter into one spare column, so the cost grows with
+E, never with B x I, and a dense mask is never needed. Excluded items score ``-inf``; when fewer
+than K items remain, the tail of a row is padded with item ``-1`` and score ``-inf``, so an excluded
+item never appears in a top-K list.
+
+``k`` is a 0-d int64 input, clamped in the graph to ``1..I``. Top-K ties follow ONNX ``TopK``: at
+equal scores the lower item index comes first, which is the evaluator's tie rule.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def exclude_and_topk(scores: torch.Tensor, exclude: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, I) scores, (B, E) excluded indices (-1 padded), 0-d k -> (B, K) items, (B, K) scores.
+
+    K is ``clamp(k, 1, I)``; rows with fewer than K allowed items end in (-1, -inf) entries.
+    """
+    n_items = scores.shape[1]
+    # padding and out-of-range indices all land in the spare column I, which is cut off again:
+    # a scatter with a negative index would otherwise wrap around onto the last item.
+    outside = (exclude < 0) | (exclude >= n_items)
+    index = torch.where(outside, torch.full_like(exclude, n_items), exclude)  # (B, E)
+    spare = torch.zeros_like(scores[:, :1])  # (B, 1)
+    masked = torch.cat([scores, spare], dim=1).scatter(1, index, float("-inf"))[:, :n_items]  # (B, I)
+    values, items = torch.topk(masked, torch.clamp(k, 1, n_items), dim=1)  # (B, K)
+    items = torch.where(values == float("-inf"), torch.full_like(items, -1), items)
+    return items, values
+
+
+class TwoTowerRecommend(nn.Module):
+    """history (B, L) int64, lengths (B,) int64, exclude (B, E) int64, k () int64 -> items, scores (B, K).
+
+    The catalog's item vectors are computed once at export and baked in as a constant (I, d), so
+    the graph runs only the query tower, one (B, d) x (d, I) product and a top-K. ``lengths`` is
+    clamped to ``1..L``: a length beyond the padded width reads the last column, never out of bounds.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net.eval()
+        with torch.no_grad():
+            self.register_buffer("item_vectors", net.item_vectors().detach().clone())  # (I, d)
+
+    def query(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        width = torch.full_like(lengths, history.shape[1])
+        lengths = torch.minimum(lengths.clamp(min=1), width)  # (B,) in 1..L
+        return self.net.query(history, lengths)  # (B, d)
+
+    def forward(self, history: torch.Tensor, lengths: torch.Tensor, exclude: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.net.score(self.query(history, lengths), self.item_vectors)  # (B, I)
+        return exclude_and_topk(scores, exclude, k)
+
+
+class TwoTowerEmbeddings(TwoTowerRecommend):
+    """history (B, L), lengths (B,) -> query (B, d), item_vectors (I, d), for services with their own ANN index.
+
+    The query comes out divided by the model's temperature, so ``query @ item_vectors.T`` is exactly
+    the recommend graph's score (an inner-product index needs nothing else).
+    """
+
+    def forward(self, history: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        query = self.query(history, lengths) / self.net.temperature  # (B, d)
+        return query, self.item_vectors.clone()
+
+
+class NCFScore(nn.Module):
+    """user (B,) int64, item (B,) int64 -> scores (B,) float32: the net's ``forward`` (a logit)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net.eval()
+
+    def forward(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        return self.net(user, item)
+
+
+class NCFRecommend(nn.Module):
+    """user (B,) int64, exclude (B, E) int64, k () int64 -> items, scores (B, K) over the whole catalog."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net.eval()
+
+    def forward(self, user: torch.Tensor, exclude: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return exclude_and_topk(self.net.score_all(user), exclude, k)  # score_all: (B, I)

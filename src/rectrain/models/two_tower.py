@@ -1,0 +1,162 @@
+"""Two-tower retrieval: an RNN session encoder as the query tower, an id + side-feature item tower.
+
+The query is the user's recent item history, so the model needs no user id (nothing personal in
+the model file) and serves new users and anonymous sessions alike. The item tower adds item side
+features (categories/genres) to the id embedding, so an item with no interactions still lands in
+a sensible place (cold start).
+
+Shapes: B batch, L history length, d output dim, H RNN hidden size, I catalog size, C categories.
+Histories are right-padded; ``lengths`` says how many leading positions are real. The RNN is
+causal, so padding *after* the last real position cannot change the state there, and taking the
+state at ``lengths - 1`` needs no packed sequences (which do not export to ONNX).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
+
+
+def last_valid(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) states, (B,) lengths -> (B, H) state at position ``lengths - 1`` of each row."""
+    index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, states.shape[-1])  # (B, 1, H)
+    return states.gather(1, index).squeeze(1)
+
+
+class SessionEncoder(nn.Module):
+    """GRU/LSTM over item embeddings; returns a query vector at every position.
+
+    Args:
+        item_embedding: the input embedding table (shared with the item tower when tied).
+        dim: output (query) dimension.
+        cell: ``gru`` or ``lstm``.
+        hidden: RNN hidden size.
+        layers: stacked RNN layers.
+        embedding_dropout: dropout on the input item embeddings.
+        dropout: dropout between RNN layers and before the output projection.
+    """
+
+    def __init__(self, item_embedding: nn.Embedding, dim: int, cell: str = "gru", hidden: int = 128,
+                 layers: int = 1, embedding_dropout: float = 0.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        if cell not in CELLS:
+            raise ValueError(f"model.encoder.cell must be one of {sorted(CELLS)}, got {cell!r}")
+        self.item_embedding = item_embedding
+        self.embedding_dropout = nn.Dropout(embedding_dropout)
+        self.rnn = CELLS[cell](item_embedding.embedding_dim, hidden, num_layers=layers, batch_first=True,
+                               dropout=dropout if layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.project = nn.Linear(hidden, dim)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, L) item indices -> (B, L, d) query vectors, one per position."""
+        x = self.embedding_dropout(self.item_embedding(items))  # (B, L, E)
+        states, _ = self.rnn(x)  # (B, L, H)
+        return self.project(self.dropout(states))  # (B, L, d)
+
+
+class ItemTower(nn.Module):
+    """Item vector = id embedding + MLP(category multi-hot).
+
+    The category matrix is a buffer (saved in the state dict, filled by :meth:`set_item_features`).
+    ``id_dropout`` zeroes the id part of random items during training, which teaches the feature
+    part to stand on its own: that is what a cold-start item has.
+    """
+
+    def __init__(self, n_items: int, dim: int, n_categories: int = 0, hidden: Sequence[int] = (64,),
+                 id_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.id_embedding = nn.Embedding(n_items, dim)
+        nn.init.normal_(self.id_embedding.weight, std=0.05)
+        self.register_buffer("categories", torch.zeros(n_items, n_categories))  # (I, C)
+        self.id_dropout = id_dropout
+        self.features: nn.Module | None = None
+        if n_categories > 0:
+            layers: list[nn.Module] = []
+            width = n_categories
+            for h in hidden:
+                layers += [nn.Linear(width, int(h)), nn.ReLU()]
+                width = int(h)
+            layers.append(nn.Linear(width, dim))
+            self.features = nn.Sequential(*layers)
+
+    def forward(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) item indices (or None for the whole catalog) -> (N, d) item vectors."""
+        ids = self.id_embedding.weight if items is None else self.id_embedding(items)  # (N, d)
+        if self.training and self.id_dropout > 0:
+            keep = torch.rand(ids.shape[0], 1, device=ids.device) >= self.id_dropout
+            ids = ids * keep
+        if self.features is None:
+            return ids
+        cats = self.categories if items is None else self.categories[items]  # (N, C)
+        return ids + self.features(cats)
+
+
+class TwoTower(nn.Module):
+    """Query tower (session encoder) and item tower scored by a dot product.
+
+    Args:
+        n_items: catalog size.
+        n_categories: width of the item category features (0: id embeddings only).
+        dim: size of query and item vectors.
+        cell, hidden, layers, embedding_dropout, dropout: the session encoder (see SessionEncoder).
+        item_hidden: hidden widths of the item tower's feature MLP.
+        id_dropout: see ItemTower.
+        tie_embeddings: the query tower reads the item tower's id embeddings (fewer parameters,
+            and what the model learns about an item as a target it also uses as input).
+        normalize: L2-normalise query and item vectors (cosine scores).
+        temperature: scores are divided by this (matters with ``normalize``).
+        max_length: the most recent items a query reads; longer histories are cut to their tail.
+    """
+
+    def __init__(self, n_items: int, n_categories: int = 0, dim: int = 64, cell: str = "gru", hidden: int = 128,
+                 layers: int = 1, embedding_dropout: float = 0.2, dropout: float = 0.2,
+                 item_hidden: Sequence[int] = (64,), id_dropout: float = 0.0, tie_embeddings: bool = True,
+                 normalize: bool = False, temperature: float = 1.0, max_length: int = 50) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError("model.net.temperature must be > 0")
+        self.config = {"n_items": n_items, "n_categories": n_categories, "dim": dim, "cell": cell, "hidden": hidden,
+                       "layers": layers, "embedding_dropout": embedding_dropout, "dropout": dropout,
+                       "item_hidden": [int(h) for h in item_hidden], "id_dropout": id_dropout,
+                       "tie_embeddings": tie_embeddings, "normalize": normalize, "temperature": temperature,
+                       "max_length": max_length}
+        self.n_items, self.max_length = n_items, max_length
+        self.normalize, self.temperature = normalize, temperature
+        self.item_tower = ItemTower(n_items, dim, n_categories, item_hidden, id_dropout)
+        input_embedding = self.item_tower.id_embedding if tie_embeddings else nn.Embedding(n_items, dim)
+        self.query_tower = SessionEncoder(input_embedding, dim, cell, hidden, layers, embedding_dropout, dropout)
+
+    def set_item_features(self, categories: torch.Tensor) -> None:
+        """Copy the (I, C) category multi-hot matrix into the item tower."""
+        self.item_tower.categories.copy_(torch.as_tensor(categories, dtype=torch.float32))
+
+    def _post(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.normalize else x
+
+    def query_all_positions(self, items: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L, d) query vectors after every prefix (training on every position)."""
+        return self._post(self.query_tower(items))
+
+    def query(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, L) histories, (B,) lengths -> (B, d) query vectors at the last real position."""
+        return last_valid(self.query_all_positions(items), lengths)
+
+    def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) item indices or None -> (N, d) item vectors (the whole catalog for None)."""
+        return self._post(self.item_tower(items))
+
+    def score(self, queries: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
+        """(..., d) queries x (N, d) items -> (..., N) scores."""
+        return queries @ item_vectors.T / self.temperature
+
+    def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, L), (B,) -> (B, I) scores over the whole catalog."""
+        return self.score(self.query(items, lengths), self.item_vectors())
+
+    def item_embeddings(self) -> torch.Tensor:
+        return self.item_vectors()

@@ -1,0 +1,232 @@
+"""One loaded ONNX model and everything needed to answer with raw ids: torch-free.
+
+:meth:`OnnxModel.load` reads the file once (the sha256 is of exactly the bytes loaded), checks its
+``rectrain.*`` metadata and graph signature, maps the vocabularies, opens the companion graphs it
+pins by sha256 (``score`` for NCF, ``embeddings`` for two-tower) and the NCF user vocabulary
+sidecar, and runs a self-check. A file that fails any of these raises :class:`ModelLoadError`; a
+service that is reloading keeps its old model.
+
+Only numpy, onnxruntime and the standard library are imported here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+PREFIX = "rectrain."
+SUPPORTED_FORMATS = ("1",)
+INPUTS = {"two_tower": ("history", "lengths", "exclude", "k"), "ncf": ("user", "exclude", "k")}
+
+
+class ModelLoadError(Exception):
+    """A file cannot serve: unreadable, not a rectrain recommend graph, inconsistent, or fails its self-check."""
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """onnxruntime options with the thread count set deliberately (no oversubscription)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, int(threads))
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only
+    return options
+
+
+def _open_session(blob: bytes, threads: int, what: str) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(blob, session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelLoadError(f"{what}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from exc
+
+
+def _json_meta(meta: dict[str, str], key: str, path: Path) -> Any:
+    if key not in meta:
+        raise ModelLoadError(f"{path}: metadata key {PREFIX}{key} missing: not a rectrain export")
+    try:
+        return json.loads(meta[key])
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: metadata {PREFIX}{key} is not valid JSON ({exc})") from exc
+
+
+@dataclass
+class OnnxModel:
+    """A loaded rectrain ``recommend`` graph plus its vocabularies and optional companions.
+
+    Attributes:
+        path: the ONNX file.
+        sha256: sha256 of the bytes loaded.
+        kind: ``two_tower`` or ``ncf``.
+        meta: every ``rectrain.*`` metadata value (keys without the prefix; strings as stored).
+        session: the recommend graph.
+        item_vocab: index -> raw item id; ``item_index`` the reverse.
+        popularity: (I,) training popularity; ``popularity_order`` item indices by popularity
+            descending, lower index first on ties (the cold-start list).
+        user_index: NCF raw user id -> index, or None when the sidecar is absent.
+        max_length: two-tower: the most recent items a query reads.
+        mask_seen: the training protocol's default for excluding history items.
+        score_session: NCF ``score`` graph or two-tower ``embeddings`` graph (None if absent).
+        item_vectors: two-tower (I, d) item vectors from the embeddings graph (None if absent).
+    """
+
+    path: Path
+    sha256: str
+    kind: str
+    meta: dict[str, str]
+    session: ort.InferenceSession
+    item_vocab: list[str]
+    item_index: dict[str, int]
+    popularity: np.ndarray
+    popularity_order: np.ndarray
+    mask_seen: bool
+    max_length: int | None = None
+    user_index: dict[str, int] | None = None
+    score_session: ort.InferenceSession | None = None
+    item_vectors: np.ndarray | None = None
+    warnings: list[str] = field(default_factory=list)
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_vocab)
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int = 1) -> "OnnxModel":
+        """Load and verify ``path``; raise :class:`ModelLoadError` with the reason on any problem."""
+        path = Path(path)
+        try:
+            blob = path.read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        session = _open_session(blob, threads, str(path))
+        meta = {k.removeprefix(PREFIX): v for k, v in session.get_modelmeta().custom_metadata_map.items()
+                if k.startswith(PREFIX)}
+        if meta.get("format") not in SUPPORTED_FORMATS:
+            raise ModelLoadError(f"{path}: not a rectrain export (metadata {PREFIX}format is "
+                                 f"{meta.get('format')!r}; supported: {SUPPORTED_FORMATS})")
+        kind = meta.get("model_kind")
+        if kind not in INPUTS:
+            raise ModelLoadError(f"{path}: unknown model kind {kind!r}")
+        if meta.get("graph") != "recommend":
+            raise ModelLoadError(f"{path}: this is the {meta.get('graph')!r} graph; serve the main (recommend) file")
+        names = tuple(i.name for i in session.get_inputs())
+        if names != INPUTS[kind] or [o.name for o in session.get_outputs()] != ["items", "scores"]:
+            raise ModelLoadError(f"{path}: graph inputs {names} do not match a {kind} recommend graph {INPUTS[kind]}")
+        item_vocab = [str(v) for v in _json_meta(meta, "item_vocab", path)]
+        n_items = int(meta.get("n_items", len(item_vocab)))
+        if len(item_vocab) != n_items:
+            raise ModelLoadError(f"{path}: item vocabulary has {len(item_vocab)} ids, the model {n_items} items")
+        popularity = np.asarray(_json_meta(meta, "item_popularity", path), dtype=np.float64)
+        if popularity.shape != (n_items,):
+            popularity = np.zeros(n_items)
+        model = cls(path=path, sha256=hashlib.sha256(blob).hexdigest(), kind=kind, meta=meta, session=session,
+                    item_vocab=item_vocab, item_index={raw: i for i, raw in enumerate(item_vocab)},
+                    popularity=popularity, popularity_order=np.lexsort((np.arange(n_items), -popularity)),
+                    mask_seen=bool(_json_meta(meta, "mask_seen", path)),
+                    max_length=int(meta["max_length"]) if kind == "two_tower" else None)
+        if len(model.item_index) != n_items:
+            raise ModelLoadError(f"{path}: the item vocabulary holds duplicate raw ids")
+        model._load_companions(threads)
+        if kind == "ncf":
+            model._load_user_vocab()
+        model.self_check()
+        return model
+
+    # --- companions -------------------------------------------------------------------------
+    def _companion_bytes(self, name: str, ref: dict[str, Any]) -> bytes | None:
+        file = self.path.parent / str(ref.get("file"))
+        if not file.is_file():
+            self.warnings.append(f"companion {name} graph {file.name} not found: /score is unavailable")
+            return None
+        blob = file.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != ref.get("sha256"):
+            raise ModelLoadError(f"{file}: sha256 does not match the one pinned in {self.path.name}: the files "
+                                 "come from different exports")
+        return blob
+
+    def _load_companions(self, threads: int) -> None:
+        companions = _json_meta(self.meta, "companions", self.path) if "companions" in self.meta else {}
+        wanted = "embeddings" if self.kind == "two_tower" else "score"
+        if wanted not in companions:
+            self.warnings.append(f"no {wanted} companion graph recorded: /score is unavailable")
+            return
+        blob = self._companion_bytes(wanted, companions[wanted])
+        if blob is None:
+            return
+        self.score_session = _open_session(blob, threads, f"{wanted} companion of {self.path}")
+        if self.kind == "two_tower":
+            # the item vectors are a constant output: read them once
+            _, vectors = self.score_session.run(["query", "item_vectors"], {
+                "history": np.zeros((1, 1), np.int64), "lengths": np.ones(1, np.int64)})
+            if vectors.shape[0] != self.n_items:
+                raise ModelLoadError(f"{self.path}: embeddings companion has {vectors.shape[0]} item vectors, "
+                                     f"the catalog {self.n_items} items")
+            self.item_vectors = vectors
+
+    def _load_user_vocab(self) -> None:
+        ref = _json_meta(self.meta, "user_vocab", self.path) or {}
+        file = self.path.parent / str(ref.get("file"))
+        if not ref.get("file") or not file.is_file():
+            self.warnings.append(f"user vocabulary sidecar {file.name} not found: every user is served cold start")
+            return
+        blob = file.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != ref.get("sha256"):
+            raise ModelLoadError(f"{file}: sha256 does not match the one pinned in {self.path.name}")
+        try:
+            vocab = [str(u) for u in json.loads(blob)["user_vocab"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{file}: not a rectrain user vocabulary ({exc})") from exc
+        n_users = int(self.meta.get("n_users") or len(vocab))
+        if len(vocab) != n_users:
+            raise ModelLoadError(f"{file}: {len(vocab)} users, the model was trained on {n_users}")
+        self.user_index = {raw: i for i, raw in enumerate(vocab)}
+
+    # --- running ------------------------------------------------------------------------------
+    def run_recommend(self, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Run the recommend graph: (B, K) int64 item indices (-1 padding), (B, K) float32 scores."""
+        items, scores = self.session.run(["items", "scores"], feed)
+        return items, scores
+
+    def self_check(self) -> None:
+        """One recommend call on a known input; its shape and values must make sense."""
+        k = min(3, self.n_items)
+        feed: dict[str, np.ndarray] = {"exclude": np.full((1, 1), -1, np.int64), "k": np.array(k, np.int64)}
+        if self.kind == "two_tower":
+            feed.update(history=np.zeros((1, 1), np.int64), lengths=np.ones(1, np.int64))
+        else:
+            feed["user"] = np.zeros(1, np.int64)
+        try:
+            items, scores = self.run_recommend(feed)
+        except Exception as exc:
+            raise ModelLoadError(f"{self.path}: self-check run failed ({type(exc).__name__}: {exc})") from exc
+        if items.shape != (1, k) or scores.shape != (1, k) or not np.all((items >= 0) & (items < self.n_items)) \
+                or not np.all(np.isfinite(scores)) or np.any(np.diff(scores[0]) > 0):
+            raise ModelLoadError(f"{self.path}: self-check returned implausible top-{k}: items {items.tolist()}, "
+                                 f"scores {scores.tolist()}")
+
+    def describe(self) -> dict[str, Any]:
+        """What /metadata shows: every metadata value, with the long lists summarised."""
+        out: dict[str, Any] = {}
+        for key, value in sorted(self.meta.items()):
+            if key in ("item_vocab", "item_titles", "item_popularity"):
+                out[key] = f"<{self.n_items} entries>"
+                continue
+            try:
+                out[key] = json.loads(value) if value[:1] in "[{" else value
+            except ValueError:
+                out[key] = value
+        out.update(file=str(self.path), sha256=self.sha256, loaded_at=self.loaded_at,
+                   score_available=self.score_session is not None,
+                   user_vocab_loaded=self.user_index is not None if self.kind == "ncf" else None,
+                   warnings=list(self.warnings))
+        return out

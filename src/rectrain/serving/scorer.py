@@ -1,0 +1,303 @@
+"""The in-process scoring API a service uses: raw ids in, raw ids and scores out. Torch-free.
+
+Requests are plain dicts (the JSON bodies of the HTTP service and the lines of the batch CLI):
+
+* two-tower ``recommend``: ``{"history": [raw item ids, oldest first], "k": 10, "exclude": [raw ids],
+  "exclude_seen": true}``; ``score``: ``{"history": [...], "items": [raw ids to score]}``.
+* NCF ``recommend``: ``{"user": raw user id, "k": 10, "exclude": [raw ids]}``; ``score``:
+  ``{"user": ..., "items": [...]}``.
+* any request may carry an ``"id"`` (string or integer), echoed in its answer.
+
+Rules: ids are strings or integers (an integer is matched as its decimal string). Unknown history
+items are skipped and listed in ``unknown_items``. Of the known history items the most recent
+``max_length`` are read (``truncated`` says how many older ones were dropped). ``exclude_seen``
+(default: the training protocol's, ``rectrain.mask_seen``) excludes every known history item from
+the answer; ``exclude`` items are never recommended. An empty or fully unknown history (NCF: an
+unknown user) is answered from training popularity with ``"cold_start": true`` and a
+``cold_start_reason``; scores are then popularity counts. ``k`` must be an integer in
+``1..max_k``; a list holds fewer than ``k`` items only when the catalog minus exclusions is smaller.
+Any violation raises :class:`RequestError` (an HTTP 4xx with the reason).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from rectrain.serving.model import ModelLoadError, OnnxModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = 10
+DEFAULT_MAX_K = 1000
+DEFAULT_MAX_BATCH = 1024
+DEFAULT_MAX_SCORE_ITEMS = 10_000
+
+FIELDS = {
+    ("recommend", "two_tower"): ({"history"}, {"id", "history", "k", "exclude", "exclude_seen"}),
+    ("recommend", "ncf"): ({"user"}, {"id", "user", "k", "exclude"}),
+    ("score", "two_tower"): ({"history", "items"}, {"id", "history", "items"}),
+    ("score", "ncf"): ({"user", "items"}, {"id", "user", "items"}),
+}
+
+
+class RequestError(ValueError):
+    """A request the service refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _raw_id(value: Any, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RequestError(f"{where} must be a string or integer id, got {type(value).__name__} {value!r:.40}")
+    return str(value)
+
+
+def _id_list(payload: dict[str, Any], key: str) -> list[str]:
+    value = payload.get(key, [])
+    if not isinstance(value, list):
+        raise RequestError(f"'{key}' must be a list of ids, got {type(value).__name__}")
+    return [_raw_id(v, f"'{key}[{i}]'") for i, v in enumerate(value)]
+
+
+@dataclass
+class Query:
+    """A validated request mapped to indices."""
+
+    endpoint: str
+    k: int = DEFAULT_K
+    history: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # the indices read, <= max_length
+    user: int | None = None
+    exclude: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    items: list[str] = field(default_factory=list)  # score: known raw ids in request order
+    item_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    answer: dict[str, Any] = field(default_factory=dict)  # fields known before running (unknowns, flags)
+    cold_start_reason: str | None = None
+
+
+class Scorer:
+    """Answers recommend/score requests with one :class:`OnnxModel`, swappable without downtime.
+
+    Args:
+        model: the loaded model.
+        max_k: the largest ``k`` a request may ask for (larger: RequestError, HTTP 400).
+        max_batch: the most requests in one batch call.
+        max_score_items: the most candidate items in one score request.
+
+    Example::
+
+        scorer = Scorer.load("model.onnx", threads=1)
+        scorer.recommend({"history": ["sku1", "sku7"], "k": 5})
+        # {"items": [...], "scores": [...], "cold_start": False, "unknown_items": [], ...}
+    """
+
+    def __init__(self, model: OnnxModel, *, max_k: int = DEFAULT_MAX_K, max_batch: int = DEFAULT_MAX_BATCH,
+                 max_score_items: int = DEFAULT_MAX_SCORE_ITEMS, threads: int = 1) -> None:
+        self._model = model
+        self.max_k, self.max_batch, self.max_score_items, self.threads = max_k, max_batch, max_score_items, threads
+        self._reload_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path, *, threads: int = 1, **limits: Any) -> "Scorer":
+        """Load ``path`` (raises ModelLoadError) with ``threads`` onnxruntime intra-op threads."""
+        return cls(OnnxModel.load(path, threads=threads), threads=threads, **limits)
+
+    @property
+    def model(self) -> OnnxModel:
+        """The model now serving (one attribute read: a request holds on to the one it started with)."""
+        return self._model
+
+    # --- reload -------------------------------------------------------------------------------
+    def reload(self, path: str | Path | None = None) -> dict[str, Any]:
+        """Load ``path`` (default: the serving file again) and swap it in if it passes every check.
+
+        The new file is loaded into a new session, verified (metadata, companions, self-check) and
+        must be of the same model kind (the request format must not change under clients). On any
+        failure ModelLoadError is raised and the old model keeps serving.
+        """
+        with self._reload_lock:  # one reload at a time; requests never wait for it
+            old = self._model
+            new = OnnxModel.load(path or old.path, threads=self.threads)
+            if new.kind != old.kind:
+                raise ModelLoadError(f"{new.path}: a {new.kind} model cannot replace the serving {old.kind} "
+                                     "model (the request format would change); restart the service instead")
+            self._model = new
+            log.info("reloaded %s (sha256 %s -> %s)", new.path, old.sha256[:12], new.sha256[:12])
+            return {"reloaded": True, "file": str(new.path), "sha256": new.sha256, "previous_sha256": old.sha256}
+
+    # --- public calls ---------------------------------------------------------------------------
+    def recommend(self, request: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """Top-k raw item ids and scores for one request (a dict, or the same fields as keywords)."""
+        return self.recommend_many([{**(request or {}), **fields}])[0]
+
+    def recommend_many(self, requests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answers for many requests, run as one batch; the first invalid one raises RequestError."""
+        model = self._model
+        self._check_batch(requests)
+        queries = [self.parse(r, "recommend", model, f"requests[{i}]: " if len(requests) > 1 else "")
+                   for i, r in enumerate(requests)]
+        return self.run(queries, model)
+
+    def score(self, request: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """Scores of the given candidate ``items`` for a history (two-tower) or a user (NCF)."""
+        model = self._model
+        return self.run([self.parse({**(request or {}), **fields}, "score", model)], model)[0]
+
+    def describe(self) -> dict[str, Any]:
+        model = self._model
+        return {**model.describe(), "limits": {"max_k": self.max_k, "max_batch": self.max_batch,
+                                               "max_score_items": self.max_score_items, "threads": self.threads}}
+
+    # --- validation -----------------------------------------------------------------------------
+    def _check_batch(self, requests: Sequence[Any]) -> None:
+        if not isinstance(requests, (list, tuple)) or not requests:
+            raise RequestError("expected a non-empty list of requests")
+        if len(requests) > self.max_batch:
+            raise RequestError(f"batch of {len(requests)} requests exceeds the limit of {self.max_batch}", 413)
+
+    def parse(self, payload: Any, endpoint: str, model: OnnxModel, where: str = "") -> Query:
+        """Validate one request and map its raw ids; RequestError (400) names the offending field."""
+        try:
+            return self._parse(payload, endpoint, model)
+        except RequestError as exc:
+            raise RequestError(where + str(exc), exc.status) from None
+
+    def _parse(self, payload: Any, endpoint: str, model: OnnxModel) -> Query:
+        if not isinstance(payload, dict):
+            raise RequestError(f"a request must be a JSON object, got {type(payload).__name__}")
+        required, allowed = FIELDS[(endpoint, model.kind)]
+        unknown = sorted(set(payload) - allowed)
+        if unknown:
+            raise RequestError(f"unknown field '{unknown[0]}' for a {model.kind} {endpoint} request; "
+                               f"fields: {', '.join(sorted(allowed))}")
+        missing = sorted(required - set(payload))
+        if missing:
+            raise RequestError(f"missing field '{missing[0]}'")
+        query = Query(endpoint)
+        if "id" in payload:
+            if payload["id"] is not None:
+                _raw_id(payload["id"], "'id'")
+            query.answer["id"] = payload["id"]  # echoed as given
+        if endpoint == "recommend":
+            k = payload.get("k", DEFAULT_K)
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise RequestError(f"'k' must be an integer, got {type(k).__name__} {k!r:.40}")
+            if k < 1 or k > self.max_k:
+                raise RequestError(f"'k' must be between 1 and {self.max_k}, got {k}")
+            query.k = k
+            exclude = _id_list(payload, "exclude")
+            known_exclude = [model.item_index[e] for e in exclude if e in model.item_index]
+            query.answer["ignored_exclude"] = [e for e in exclude if e not in model.item_index]
+        else:
+            items = _id_list(payload, "items")
+            if len(items) > self.max_score_items:
+                raise RequestError(f"'items' holds {len(items)} ids; the limit is {self.max_score_items}", 413)
+            query.items = [i for i in items if i in model.item_index]
+            query.item_idx = np.array([model.item_index[i] for i in query.items], dtype=np.int64)
+            query.answer["unknown_items"] = [i for i in items if i not in model.item_index]
+            known_exclude = []
+        if model.kind == "two_tower":
+            history = _id_list(payload, "history")
+            known = [model.item_index[h] for h in history if h in model.item_index]
+            unknown_history = [h for h in history if h not in model.item_index]
+            if endpoint == "recommend":
+                query.answer["unknown_items"] = unknown_history
+                exclude_seen = payload.get("exclude_seen", model.mask_seen)
+                if not isinstance(exclude_seen, bool):
+                    raise RequestError(f"'exclude_seen' must be true or false, got {exclude_seen!r:.40}")
+                if exclude_seen:
+                    known_exclude += known
+            else:
+                query.answer["unknown_history"] = unknown_history
+            assert model.max_length is not None
+            query.answer["truncated"] = max(0, len(known) - model.max_length)
+            query.history = np.array(known[-model.max_length:], dtype=np.int64)
+            if not history:
+                query.cold_start_reason = "empty history"
+            elif not known:
+                query.cold_start_reason = "no known item in the history"
+        else:
+            user = _raw_id(payload["user"], "'user'")
+            if model.user_index is None:
+                query.cold_start_reason = "user vocabulary not loaded"
+            elif user not in model.user_index:
+                query.cold_start_reason = "unknown user"
+            else:
+                query.user = model.user_index[user]
+        query.exclude = np.unique(np.array(known_exclude, dtype=np.int64))
+        return query
+
+    # --- running --------------------------------------------------------------------------------
+    def run(self, queries: list[Query], model: OnnxModel) -> list[dict[str, Any]]:
+        """Answer validated queries: recommend rows in one graph call, cold-start rows from popularity."""
+        answers: list[dict[str, Any] | None] = [None] * len(queries)
+        warm = [i for i, q in enumerate(queries) if q.cold_start_reason is None and q.endpoint == "recommend"]
+        if warm:
+            for i, answer in zip(warm, self._recommend_rows([queries[i] for i in warm], model)):
+                answers[i] = answer
+        for i, q in enumerate(queries):
+            if answers[i] is not None:
+                continue
+            if q.cold_start_reason is not None:
+                answers[i] = self._cold_start(q, model)
+            else:
+                answers[i] = self._score_row(q, model)
+        for q, answer in zip(queries, answers):
+            answer.update(q.answer)
+            answer["model"] = model.sha256[:12]
+        return answers  # type: ignore[return-value]
+
+    def _recommend_rows(self, queries: list[Query], model: OnnxModel) -> list[dict[str, Any]]:
+        width = max(len(q.exclude) for q in queries)
+        exclude = np.full((len(queries), width), -1, dtype=np.int64)
+        for r, q in enumerate(queries):
+            exclude[r, :len(q.exclude)] = q.exclude
+        feed: dict[str, np.ndarray] = {"exclude": exclude, "k": np.array(max(q.k for q in queries), np.int64)}
+        if model.kind == "two_tower":
+            length = max(len(q.history) for q in queries)
+            history = np.zeros((len(queries), length), dtype=np.int64)  # right-padded with item 0
+            for r, q in enumerate(queries):
+                history[r, :len(q.history)] = q.history
+            feed["history"], feed["lengths"] = history, np.array([len(q.history) for q in queries], np.int64)
+        else:
+            feed["user"] = np.array([q.user for q in queries], dtype=np.int64)
+        items, scores = model.run_recommend(feed)
+        answers = []
+        for r, q in enumerate(queries):
+            row_items, row_scores = items[r, :q.k], scores[r, :q.k]
+            keep = row_items >= 0  # -1 marks "fewer allowed items than k"
+            answers.append({"items": [model.item_vocab[i] for i in row_items[keep].tolist()],
+                            "scores": row_scores[keep].tolist(), "cold_start": False})
+        return answers
+
+    def _cold_start(self, q: Query, model: OnnxModel) -> dict[str, Any]:
+        if q.endpoint == "score":
+            return {"items": list(q.items), "scores": model.popularity[q.item_idx].tolist(), "cold_start": True,
+                    "cold_start_reason": q.cold_start_reason, "score_kind": "popularity"}
+        order = model.popularity_order
+        if q.exclude.size:
+            order = order[~np.isin(order, q.exclude)]
+        top = order[:q.k]
+        return {"items": [model.item_vocab[i] for i in top.tolist()], "scores": model.popularity[top].tolist(),
+                "cold_start": True, "cold_start_reason": q.cold_start_reason, "score_kind": "popularity"}
+
+    def _score_row(self, q: Query, model: OnnxModel) -> dict[str, Any]:
+        if model.score_session is None:
+            raise RequestError(f"this model was loaded without its score graph ({'; '.join(model.warnings)})", 501)
+        if not q.items:
+            return {"items": [], "scores": [], "cold_start": False, "score_kind": "model"}
+        if model.kind == "two_tower":
+            (query,) = model.score_session.run(["query"], {"history": q.history[None, :],
+                                                          "lengths": np.array([len(q.history)], np.int64)})
+            assert model.item_vectors is not None
+            scores = model.item_vectors[q.item_idx] @ query[0]  # (n,): the recommend graph's score
+        else:
+            (scores,) = model.score_session.run(["scores"], {"user": np.full(len(q.items), q.user, np.int64),
+                                                            "item": q.item_idx})
+        return {"items": list(q.items), "scores": scores.tolist(), "cold_start": False, "score_kind": "model"}

@@ -1,0 +1,149 @@
+"""Training the two-tower model as next-item prediction over padded sequences.
+
+Every valid position of every sequence is a training example (or only the last one), all in one
+batched RNN pass: no Python loop over positions or users. Loss choices:
+
+* ``full``: softmax over the whole catalog (exact; the default when the catalog fits);
+* ``sampled``: in-batch negatives (the other examples' targets) plus ``extra_negatives`` shared
+  negatives drawn from popularity^alpha, with logQ correction and accidental-hit masking;
+* ``bpr_max``: GRU4Rec's BPR-max over the same sampled candidates.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from rectrain.data.batching import NegativeSampler, SequenceSpec
+from rectrain.errors import ConfigError
+from rectrain.evaluation.queries import RankingQueries
+from rectrain.losses import (
+    bpr_max_loss,
+    candidate_logits,
+    expected_count_log_q,
+    full_softmax_loss,
+    sampled_softmax_loss,
+)
+from rectrain.models.two_tower import TwoTower
+from rectrain.tasks.base import RankingTask
+
+LOSSES = ("full", "sampled", "bpr_max")
+
+
+def padded_histories(queries: RankingQueries, rows: np.ndarray, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last ``max_length`` history items of each query row, right-padded, and their lengths.
+
+    Vectorised over rows: (B, max_length) int64 items (0 as padding) and (B,) lengths >= 1
+    (an empty history becomes a single padding item; the caller decides what that means).
+    """
+    starts, ends = queries.history_indptr[rows], queries.history_indptr[rows + 1]
+    lengths = np.minimum(ends - starts, max_length)
+    first = ends - lengths  # keep the most recent items
+    offsets = np.arange(max_length)
+    valid = offsets[None, :] < lengths[:, None]
+    pos = np.where(valid, first[:, None] + offsets[None, :], 0)
+    items = np.where(valid, queries.history_items[np.minimum(pos, max(queries.history_items.size - 1, 0))]
+                     if queries.history_items.size else 0, 0)
+    return torch.from_numpy(items.astype(np.int64)), torch.from_numpy(np.maximum(lengths, 1).astype(np.int64))
+
+
+class TwoTowerTask(RankingTask):
+    """Trains :class:`TwoTower` on next-item prediction.
+
+    Args:
+        net: the two-tower model.
+        loss: ``full``, ``sampled`` or ``bpr_max``.
+        positions: ``all`` (every position of each sequence is an example) or ``last``.
+        logq_correction: subtract log expected candidate counts (sampled losses).
+        extra_negatives: shared negatives per step from popularity^``alpha`` (sampled losses).
+        alpha: popularity exponent of the extra negatives (0 uniform).
+        bpr_max_regularization: the score regulariser of BPR-max.
+        batch_size: sequences per training step (None: the data module's batch size).
+        **kwargs: passed to :class:`RankingTask` (optimizer, scheduler, ks, seed, ...).
+    """
+
+    def __init__(self, net: TwoTower, loss: str = "full", positions: str = "all", logq_correction: bool = True,
+                 extra_negatives: int = 0, alpha: float = 0.0, bpr_max_regularization: float = 1.0,
+                 batch_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(net, **kwargs)
+        if loss not in LOSSES:
+            raise ConfigError("model.loss", f"must be one of {LOSSES}, got {loss!r}")
+        if positions not in ("all", "last"):
+            raise ConfigError("model.positions", f"must be 'all' or 'last', got {positions!r}")
+        if extra_negatives < 0:
+            raise ConfigError("model.extra_negatives", "must be >= 0")
+        self.loss_name, self.positions = loss, positions
+        self.logq_correction, self.extra_negatives, self.alpha = logq_correction, extra_negatives, alpha
+        self.bpr_max_regularization = bpr_max_regularization
+        self.batch_size = batch_size
+        self._sampler: NegativeSampler | None = None
+        self._generator: torch.Generator | None = None
+        self._cached_item_vectors: torch.Tensor | None = None
+        self.register_buffer("unigram", torch.full((net.n_items,), 1.0 / net.n_items), persistent=False)
+
+    @property
+    def train_spec(self) -> SequenceSpec:
+        return SequenceSpec(max_length=self.net.max_length, batch_size=self.batch_size)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        data = self.trainer.datamodule.data
+        counts = np.bincount(data.train.item, minlength=data.n_items).astype(np.float64) + 1e-3
+        self.unigram.copy_(torch.from_numpy(counts / counts.sum()))
+        if self.extra_negatives:
+            self._sampler = NegativeSampler(data.n_items, counts, self.alpha)
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._generator = torch.Generator().manual_seed(self.seed * 7919 + self.current_epoch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        items, lengths, targets = batch["items"], batch["lengths"], batch["targets"]  # (B, L), (B,), (B, L)
+        queries = self.net.query_all_positions(items)  # (B, L, d)
+        if self.positions == "last":
+            mask = torch.zeros_like(targets, dtype=torch.bool)
+            mask[torch.arange(items.shape[0], device=items.device), lengths - 1] = True
+        else:
+            mask = targets >= 0
+        q, t = queries[mask], targets[mask]  # (N, d), (N,)
+        if self.loss_name == "full":
+            loss = full_softmax_loss(q, t, self.net.item_vectors(), self.net.temperature)
+        else:
+            loss = self._sampled_loss(q, t)
+        self.check_finite(loss)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=int(t.numel()))
+        return loss
+
+    def _sampled_loss(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        candidates = t
+        if self.extra_negatives and self._sampler is not None:
+            gen = self._generator or torch.Generator().manual_seed(self.seed)
+            extra = self._sampler.sample((self.extra_negatives,), gen).to(t.device)
+            candidates = torch.cat([t, extra])
+        log_q = None
+        if self.logq_correction:
+            extra_p = self._sampler.probabilities.to(q.device, q.dtype) if self._sampler is not None else None
+            log_q = expected_count_log_q(candidates, t.numel(), self.unigram.to(q.dtype),
+                                         candidates.numel() - t.numel(), extra_p)
+        logits = candidate_logits(q, t, candidates, self.net.item_vectors(candidates), log_q, self.net.temperature)
+        if self.loss_name == "bpr_max":
+            return bpr_max_loss(logits, self.bpr_max_regularization)
+        return sampled_softmax_loss(logits)
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def _item_vectors_for_eval(self) -> torch.Tensor:
+        if self._cached_item_vectors is None:
+            self._cached_item_vectors = self.net.item_vectors()
+        return self._cached_item_vectors
+
+    def on_validation_epoch_start(self) -> None:
+        self._cached_item_vectors = None  # weights changed since the last evaluation
+
+    def on_test_epoch_start(self) -> None:
+        self._cached_item_vectors = None
+
+    def score_queries(self, queries: RankingQueries, rows: np.ndarray) -> torch.Tensor:
+        items, lengths = padded_histories(queries, rows, self.net.max_length)
+        q = self.net.query(items.to(self.device), lengths.to(self.device))  # (B, d)
+        return self.net.score(q, self._item_vectors_for_eval())  # (B, I)

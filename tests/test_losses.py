@@ -1,0 +1,105 @@
+"""The logQ term and the accidental-hit mask do what they claim, on hand-made batches."""
+import math
+
+import torch
+
+from rectrain.losses import (
+    NEG_INF,
+    bpr_max_loss,
+    candidate_logits,
+    expected_count_log_q,
+    full_softmax_loss,
+    sampled_softmax_loss,
+)
+
+
+def test_logq_subtracts_log_expected_counts_exactly():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([3, 5])
+    vectors = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    unigram = torch.zeros(6)
+    unigram[3], unigram[5] = 0.8, 0.2
+    log_q = expected_count_log_q(targets, n_in_batch=2, unigram=unigram)
+    torch.testing.assert_close(log_q, torch.log(torch.tensor([1.6, 0.4])))
+    logits = candidate_logits(q, targets, targets, vectors, log_q)
+    expected = torch.tensor([[2.0 - math.log(1.6), 0.0 - math.log(0.4)],
+                             [0.0 - math.log(1.6), 3.0 - math.log(0.4)]])
+    torch.testing.assert_close(logits, expected)
+    # the loss is plain cross-entropy on those corrected logits
+    manual = -(torch.log_softmax(expected, 1).diagonal()).mean()
+    torch.testing.assert_close(sampled_softmax_loss(logits), manual)
+
+
+def test_logq_with_extra_negatives_adds_their_expected_count():
+    unigram = torch.tensor([0.5, 0.5, 0.0])
+    extra_p = torch.tensor([0.2, 0.3, 0.5])
+    cands = torch.tensor([0, 1, 2, 0])  # two in-batch, two extra
+    log_q = expected_count_log_q(cands, 2, unigram, n_extra=2, extra_probabilities=extra_p)
+    torch.testing.assert_close(log_q.exp(), torch.tensor([1.0 + 0.4, 1.0 + 0.6, 1.0, 1.4]))
+
+
+def test_accidental_hits_are_masked_but_the_positive_is_kept():
+    # rows 0 and 2 share target item 7: column 2 is row 0's item again and vice versa
+    targets = torch.tensor([7, 4, 7])
+    extra = torch.tensor([4, 9])
+    cands = torch.cat([targets, extra])
+    q = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    vecs = torch.randn(5, 5, generator=torch.Generator().manual_seed(1))
+    logits = candidate_logits(q, targets, cands, vecs)
+    raw = q @ vecs.T
+    masked = logits <= NEG_INF / 2
+    assert masked.tolist() == [
+        [False, False, True, False, False],  # row 0: column 2 holds its own item 7
+        [False, False, False, True, False],  # row 1: extra negative 4 is its positive
+        [True, False, False, False, False],  # row 2: column 0 holds item 7
+    ]
+    torch.testing.assert_close(logits[~masked], raw[~masked])
+    # the loss equals cross-entropy computed with the masked columns removed
+    loss = sampled_softmax_loss(logits)
+    per_row = []
+    for i in range(3):
+        keep = ~masked[i]
+        per_row.append(-torch.log_softmax(raw[i][keep], 0)[keep[: i + 1].sum() - 1])
+    torch.testing.assert_close(loss, torch.stack(per_row).mean())
+
+
+def test_logq_removes_popularity_bias_of_in_batch_negatives():
+    """Free logits trained with in-batch negatives recover the true next-item distribution only
+    with the correction; uncorrected, popular items are pushed down (they are negatives too often)."""
+    torch.manual_seed(0)
+    n_items = 12
+    true_p = torch.softmax(torch.linspace(2.5, -2.5, n_items), 0)  # skewed popularity
+    results = {}
+    for correct in (True, False):
+        logits_param = torch.zeros(n_items, requires_grad=True)
+        opt = torch.optim.Adam([logits_param], lr=0.05)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(400):
+            targets = torch.multinomial(true_p, 64, replacement=True, generator=gen)
+            q = torch.ones(64, 1)
+            vecs = logits_param[targets].unsqueeze(1)  # score of item j = its free logit
+            log_q = expected_count_log_q(targets, 64, true_p) if correct else None
+            loss = sampled_softmax_loss(candidate_logits(q, targets, targets, vecs, log_q))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        learned = torch.log_softmax(logits_param.detach(), 0)
+        results[correct] = (learned - true_p.log()).abs().max().item()
+    assert results[True] < 0.5
+    assert results[False] > 2 * results[True]
+
+
+def test_bpr_max_prefers_a_higher_positive_and_ignores_masked_columns():
+    good = torch.tensor([[5.0, 0.0, 1.0]])
+    bad = torch.tensor([[0.0, 5.0, 1.0]])
+    assert bpr_max_loss(good, 0.0) < bpr_max_loss(bad, 0.0)
+    masked = torch.tensor([[2.0, NEG_INF, 1.0]])
+    only = torch.tensor([[2.0, 1.0]])
+    torch.testing.assert_close(bpr_max_loss(masked, 0.5), bpr_max_loss(only, 0.5))
+
+
+def test_full_softmax_is_cross_entropy_over_the_catalog():
+    q = torch.tensor([[1.0, 2.0]])
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    expected = -torch.log_softmax(torch.tensor([1.0, 2.0, 3.0]) / 2.0, 0)[1]
+    torch.testing.assert_close(full_softmax_loss(q, torch.tensor([1]), items, temperature=2.0), expected)

@@ -1,0 +1,414 @@
+"""Torch-free serving: the Scorer's rules, the HTTP service under bad requests and reloads, the CLI,
+and the end-to-end path train -> export -> serve over HTTP -> the same top-K as PyTorch."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rectrain.serving import ModelLoadError, RequestError, Scorer, make_server
+from tests.test_export_fixtures import (  # noqa: F401 - session fixtures
+    ROOT,
+    assert_same_topk,
+    checkpoints,
+    exports,
+    item_ids,
+    load_net,
+    torch_topk,
+    validation_queries,
+)
+
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="module")
+def tt(exports) -> Scorer:
+    return Scorer.load(exports["two_tower"], max_k=50)
+
+
+@pytest.fixture(scope="module")
+def ncf(exports) -> Scorer:
+    return Scorer.load(exports["neumf"])
+
+
+def _copy_export(src: Path, dest: Path) -> Path:
+    """Copy an export (main file + companions + sidecar) into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    stem = src.name.removesuffix(".onnx")
+    for f in src.parent.glob(f"{stem}.*"):
+        shutil.copy2(f, dest / f.name)
+    return dest / src.name
+
+
+class Client:
+    """A tiny keep-alive JSON client for the tests."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def request(self, method: str, path: str, body: object = None, raw: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+            conn.request(method, path, body=data, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, json.loads(response.read() or b"null")
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def server(tt):
+    srv = make_server(tt, "127.0.0.1", 0, max_body=64 * 1024)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield Client(srv.server_address[1])
+    srv.shutdown()
+    srv.server_close()
+
+
+# --- the Scorer's rules -------------------------------------------------------------------------
+def test_unknown_items_are_skipped_and_reported(tt):
+    vocab = tt.model.item_vocab
+    plain = tt.recommend(history=[vocab[3], vocab[5]], k=5)
+    noisy = tt.recommend(history=["nope", vocab[3], 123456789, vocab[5]], k=5)
+    assert noisy["unknown_items"] == ["nope", "123456789"] and plain["unknown_items"] == []
+    assert noisy["items"] == plain["items"] and noisy["scores"] == plain["scores"]
+    assert noisy["cold_start"] is False and len(noisy["items"]) == 5
+
+
+def test_cold_start_uses_popularity_and_says_so(tt):
+    popularity = tt.model.popularity
+    for history, reason in (([], "empty history"), (["nope", "nada"], "no known item in the history")):
+        answer = tt.recommend(history=history, k=4, exclude=[tt.model.item_vocab[int(np.argmax(popularity))]])
+        assert answer["cold_start"] is True and answer["cold_start_reason"] == reason
+        order = [tt.model.item_vocab[i] for i in np.lexsort((np.arange(len(popularity)), -popularity))]
+        assert answer["items"] == order[1:5]  # the most popular item was excluded
+        assert answer["scores"] == sorted(answer["scores"], reverse=True)
+
+
+def test_excluded_and_seen_items_never_come_back(tt):
+    vocab = tt.model.item_vocab
+    history = vocab[:6]
+    everything = tt.recommend(history=history, k=50, exclude_seen=False)
+    banned = everything["items"][:3]
+    answer = tt.recommend(history=history, k=50, exclude=banned)  # exclude_seen defaults to mask_seen (true)
+    assert tt.model.mask_seen is True
+    assert not set(answer["items"]) & (set(banned) | set(history))
+    assert len(answer["items"]) == 50
+    # a catalog exhausted by exclusions gives a shorter list, never an excluded item
+    almost_all = vocab[:-2]
+    short = tt.recommend(history=[vocab[0]], k=50, exclude=almost_all)
+    assert sorted(short["items"]) == sorted(vocab[-2:])
+
+
+def test_long_histories_are_cut_to_the_most_recent_items(tt):
+    vocab = tt.model.item_vocab
+    max_length = tt.model.max_length
+    long = [vocab[i % len(vocab)] for i in range(max_length + 7)]
+    cut = tt.recommend(history=long, k=10, exclude_seen=False)
+    tail = tt.recommend(history=long[-max_length:], k=10, exclude_seen=False)
+    assert cut["truncated"] == 7 and tail["truncated"] == 0
+    assert cut["items"] == tail["items"]
+
+
+@pytest.mark.parametrize("request_, message", [
+    ({"history": "a b"}, "'history' must be a list"),
+    ({"history": [1.5]}, "'history[0]' must be a string or integer id"),
+    ({"history": [True]}, "'history[0]' must be a string or integer id"),
+    ({"history": [], "k": "10"}, "'k' must be an integer"),
+    ({"history": [], "k": 2.0}, "'k' must be an integer"),
+    ({"history": [], "k": 0}, "'k' must be between 1 and 50"),
+    ({"history": [], "k": -3}, "'k' must be between 1 and 50"),
+    ({"history": [], "k": 10**12}, "'k' must be between 1 and 50"),
+    ({"history": [], "exclude_seen": "yes"}, "'exclude_seen' must be true or false"),
+    ({"history": [], "exclude": {"a": 1}}, "'exclude' must be a list"),
+    ({"k": 3}, "missing field 'history'"),
+    ({"history": [], "user": "u1"}, "unknown field 'user'"),
+    ({"history": [], "id": [1]}, "'id' must be a string or integer"),
+])
+def test_bad_requests_raise_with_the_reason(tt, request_, message):
+    with pytest.raises(RequestError, match=__import__("re").escape(message)) as info:
+        tt.recommend(request_)
+    assert info.value.status == 400
+
+
+def test_batches_answer_like_single_requests(tt):
+    vocab = tt.model.item_vocab
+    requests = [{"history": vocab[i:i + 1 + i % 5], "k": 3 + i, "id": i} for i in range(6)] + [{"history": []}]
+    batch = tt.recommend_many(requests)
+    for request, answer in zip(requests, batch):
+        single = tt.recommend(request)
+        assert answer["items"] == single["items"] and answer.get("id") == request.get("id")
+        np.testing.assert_allclose(answer["scores"], single["scores"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(RequestError, match=r"requests\[1\]: 'k' must be"):
+        tt.recommend_many([{"history": []}, {"history": [], "k": -1}])
+
+
+def test_score_agrees_with_recommend(tt, ncf):
+    vocab = tt.model.item_vocab
+    top = tt.recommend(history=vocab[2:5], k=5)
+    scored = tt.score(history=vocab[2:5], items=top["items"] + ["unknown"])
+    assert scored["items"] == top["items"] and scored["unknown_items"] == ["unknown"]
+    np.testing.assert_allclose(scored["scores"], top["scores"], rtol=1e-5, atol=1e-5)
+    user = next(iter(ncf.model.user_index))
+    top = ncf.recommend(user=user, k=5)
+    scored = ncf.score(user=user, items=top["items"])
+    np.testing.assert_allclose(scored["scores"], top["scores"], rtol=1e-5, atol=1e-5)
+
+
+def test_ncf_users_known_unknown_and_without_sidecar(ncf, exports, tmp_path):
+    user = next(iter(ncf.model.user_index))
+    assert ncf.recommend(user=user, k=3)["cold_start"] is False
+    unknown = ncf.recommend(user="somebody new", k=3)
+    assert unknown["cold_start"] is True and unknown["cold_start_reason"] == "unknown user"
+    # a model shared without its user vocabulary still serves (everyone cold start) and says why
+    path = _copy_export(exports["neumf"], tmp_path / "shared")
+    (path.parent / "neumf.user_vocab.json").unlink()
+    shared = Scorer.load(path)
+    assert any("user vocabulary" in w for w in shared.model.warnings)
+    assert shared.recommend(user=user, k=3)["cold_start_reason"] == "user vocabulary not loaded"
+    # ... but a sidecar that is not the one the model pins is refused
+    (path.parent / "neumf.user_vocab.json").write_text('{"user_vocab": ["x"]}')
+    with pytest.raises(ModelLoadError, match="sha256"):
+        Scorer.load(path)
+
+
+def test_broken_or_foreign_files_are_refused(exports, tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(ModelLoadError, match="onnxruntime cannot load"):
+        Scorer.load(garbage)
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        Scorer.load(tmp_path / "missing.onnx")
+    companion = exports["two_tower"].with_name("two_tower.embeddings.onnx")
+    with pytest.raises(ModelLoadError, match="serve the main"):
+        Scorer.load(companion)
+
+
+# --- torch stays out ------------------------------------------------------------------------------
+def test_serving_never_imports_torch(exports):
+    code = (
+        "import sys, serve_onnx\n"
+        "from rectrain.serving import Scorer\n"
+        f"s = Scorer.load({str(exports['two_tower'])!r})\n"
+        "s.recommend(history=s.model.item_vocab[:3], k=5); s.score(history=[], items=s.model.item_vocab[:2])\n"
+        f"n = Scorer.load({str(exports['neumf'])!r})\n"
+        "n.recommend(user=next(iter(n.model.user_index)), k=5)\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pytorch_lightning', 'lightning', "
+        "'hydra', 'onnx', 'pandas'))\n"
+        "print('HEAVY', heavy)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY []" in result.stdout
+
+
+# --- HTTP -----------------------------------------------------------------------------------------
+def test_http_answers_and_endpoints(server, tt):
+    vocab = tt.model.item_vocab
+    status, body = server.request("POST", "/recommend", {"history": vocab[:3], "k": 4, "id": "r1"})
+    assert status == 200 and body["id"] == "r1" and body["items"] == tt.recommend(history=vocab[:3], k=4)["items"]
+    status, body = server.request("POST", "/recommend", [{"history": vocab[:2]}, {"history": []}])
+    assert status == 200 and [b["cold_start"] for b in body] == [False, True]
+    status, body = server.request("POST", "/score", {"history": vocab[:2], "items": vocab[5:8]})
+    assert status == 200 and body["items"] == vocab[5:8] and len(body["scores"]) == 3
+    status, body = server.request("GET", "/healthz")
+    assert status == 200 and body["status"] == "ok" and body["model"] == tt.model.sha256
+    status, body = server.request("GET", "/metadata")
+    assert status == 200 and body["model_kind"] == "two_tower" and body["max_length"] == "20"
+    assert [i["name"] for i in body["inputs"]] == ["history", "lengths", "exclude", "k"]
+    assert body["limits"]["max_k"] == 50 and body["item_vocab"].startswith("<")
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, reason", [
+    ("POST", "/recommend", {"raw": b'{"history": ['}, 400, "malformed JSON"),
+    ("POST", "/recommend", {"raw": b"\xff\xfe\x00"}, 400, "malformed JSON|not UTF-8"),
+    ("POST", "/recommend", {"raw": b"[" * 20_000}, 400, "malformed JSON"),
+    ("POST", "/recommend", {"body": "just a string"}, 400, "expected a JSON object"),
+    ("POST", "/recommend", {"body": {"history": [], "k": "5"}}, 400, "'k' must be an integer"),
+    ("POST", "/recommend", {"body": {"history": [], "k": -1}}, 400, "'k' must be between 1 and 50"),
+    ("POST", "/recommend", {"body": {"history": [], "k": 51}}, 400, "'k' must be between 1 and 50"),
+    ("POST", "/recommend", {"body": {"history": [{"id": 1}]}}, 400, "must be a string or integer id"),
+    ("POST", "/recommend", {"body": {"histroy": []}}, 400, "unknown field 'histroy'"),
+    ("POST", "/recommend", {"body": []}, 400, "non-empty list"),
+    ("POST", "/recommend", {"raw": b'{"history": ["' + b"x" * 70_000 + b'"]}'}, 413, "exceeds the limit"),
+    ("POST", "/recommend", {"raw": b"{}", "headers": {"Transfer-Encoding": "chunked"}}, 411, "chunked"),
+    ("POST", "/score", {"body": {"history": []}}, 400, "missing field 'items'"),
+    ("GET", "/recommend", {}, 405, "takes POST"),
+    ("GET", "/nope", {}, 404, "no such endpoint"),
+    ("DELETE", "/healthz", {}, 405, "takes GET"),
+])
+def test_http_bad_requests_get_4xx_and_the_service_keeps_serving(server, method, path, kwargs, status, reason):
+    got, body = server.request(method, path, **kwargs)
+    assert got == status and body["status"] == status
+    assert __import__("re").search(reason, body["error"]), body["error"]
+    assert server.request("POST", "/recommend", {"history": []})[0] == 200
+
+
+def test_http_missing_content_length_is_411(server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 411") and "Content-Length required" in reply
+
+
+def test_reload_swaps_good_files_and_rejects_broken_ones(exports, tmp_path):
+    path = _copy_export(exports["two_tower"], tmp_path / "live")
+    scorer = Scorer.load(path)
+    srv = make_server(scorer, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    client = Client(srv.server_address[1])
+    try:
+        old_sha = scorer.model.sha256
+        history = {"history": scorer.model.item_vocab[:4], "k": 5}
+        expected = client.request("POST", "/recommend", history)[1]["items"]
+
+        # requests keep flowing while files change and reloads happen
+        errors: list[object] = []
+
+        def hammer() -> None:
+            for _ in range(30):
+                status, body = client.request("POST", "/recommend", history)
+                if status != 200:
+                    errors.append(body)
+
+        workers = [threading.Thread(target=hammer) for _ in range(3)]
+        for w in workers:
+            w.start()
+        # a broken file is rejected; the old model keeps serving
+        path.write_bytes(b"\x08\x01garbage")
+        status, body = client.request("POST", "/admin/reload")
+        assert status == 422 and body["reloaded"] is False and "still serving" in body["error"]
+        assert body["serving_sha256"] == old_sha
+        # a model of another kind is rejected too (the request format would change)
+        shutil.copy(exports["neumf"], path)
+        status, body = client.request("POST", "/admin/reload")
+        assert status == 422 and "cannot replace" in body["error"]
+        # a valid new file (here the int8 variant of the same model) is swapped in atomically
+        shutil.copy(exports["two_tower"].with_name("two_tower.int8.onnx"), path)
+        status, body = client.request("POST", "/admin/reload")
+        assert status == 200 and body["reloaded"] is True and body["previous_sha256"] == old_sha
+        for w in workers:
+            w.join()
+        assert errors == []
+        status, body = client.request("GET", "/healthz")
+        assert body["model"] != old_sha and body["model"] == scorer.model.sha256
+        assert len(client.request("POST", "/recommend", history)[1]["items"]) == len(expected)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# --- the command line -----------------------------------------------------------------------------
+def test_batch_cli_jsonl_and_csv(tt, exports, tmp_path):
+    vocab = tt.model.item_vocab
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join([
+        json.dumps({"id": "a", "history": vocab[:3], "k": 3}),
+        "{not json",
+        json.dumps({"id": "b", "history": ["unknown"], "k": 2}),
+        json.dumps({"id": "c", "history": [], "k": -1}),
+    ]) + "\n")
+    out = tmp_path / "answers.jsonl"
+    result = subprocess.run([PYTHON, "serve_onnx.py", "batch", str(exports["two_tower"]), str(requests), "-o", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr  # some lines rejected
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["line"] for a in answers] == [1, 2, 3, 4]
+    assert answers[0]["items"] == tt.recommend(history=vocab[:3], k=3)["items"] and answers[0]["id"] == "a"
+    assert "malformed JSON" in answers[1]["error"]
+    assert answers[2]["cold_start"] is True and answers[2]["unknown_items"] == ["unknown"]
+    assert "'k' must be between" in answers[3]["error"]
+    assert "2 of 4 requests answered, 2 rejected" in result.stderr
+
+    csv_in = tmp_path / "requests.csv"
+    csv_in.write_text("id,history,k,exclude\nx1," + " ".join(vocab[:3]) + ",4," + vocab[10] + "\nx2,,2,\n")
+    result = subprocess.run([PYTHON, "serve_onnx.py", "batch", str(exports["two_tower"]), str(csv_in)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert answers[0]["items"] == tt.recommend(history=vocab[:3], k=4, exclude=[vocab[10]])["items"]
+    assert answers[1]["cold_start"] is True and len(answers[1]["items"]) == 2
+
+    result = subprocess.run([PYTHON, "serve_onnx.py", "batch", str(tmp_path / "missing.onnx"), str(csv_in)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def _start_service(model: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([PYTHON, "serve_onnx.py", "serve", str(model), "--port", "0", *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "serving" in line, line + proc.stderr.read()
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+@pytest.mark.slow
+def test_end_to_end_train_export_serve_matches_torch(checkpoints, exports, tmp_path):
+    """Trained checkpoint -> export -> HTTP service in its own process -> the torch model's top-K."""
+    net, facts = load_net(checkpoints["two_tower"])
+    queries = validation_queries(facts)
+    live = _copy_export(exports["two_tower"], tmp_path / "tt")
+    proc, port = _start_service(live)
+    client = Client(port)
+    try:
+        rows = np.arange(min(40, len(queries)))
+        max_length = int(facts["model_config"]["max_length"])
+        for row in rows:
+            history = queries.history_items[queries.history_indptr[row]:queries.history_indptr[row + 1]][-max_length:]
+            status, answer = client.request("POST", "/recommend", {"history": item_ids(facts, history), "k": 10})
+            assert status == 200 and answer["cold_start"] is False
+            with torch.no_grad():
+                full = net(torch.from_numpy(history)[None, :], torch.tensor([len(history)]))  # (1, I)
+            seen = sorted(set(history.tolist()))  # mask_seen: the history is excluded by default
+            want, _ = torch_topk(full, [seen], 10)
+            got = [int(np.flatnonzero(np.array(facts["item_vocab"]) == raw)[0]) for raw in answer["items"]]
+            assert_same_topk(got, want[0], full[0].numpy())
+            np.testing.assert_allclose(answer["scores"], full[0].numpy()[got], rtol=1e-5, atol=1e-5)
+        # SIGHUP reloads (here: the same file again), SIGTERM stops cleanly
+        os.kill(proc.pid, signal.SIGHUP)
+        time.sleep(0.5)
+        assert client.request("GET", "/healthz")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+    assert "reloaded" in proc.stderr.read()
+
+
+@pytest.mark.slow
+def test_end_to_end_ncf_over_http_matches_torch(checkpoints, exports):
+    net, facts = load_net(checkpoints["neumf"])
+    users = json.loads(exports["neumf"].with_name("neumf.user_vocab.json").read_text())["user_vocab"]
+    proc, port = _start_service(exports["neumf"])
+    client = Client(port)
+    try:
+        for index in range(0, len(users), 17):
+            exclude = list(range(index % 5, facts["n_items"], 9))
+            status, answer = client.request("POST", "/recommend", {"user": users[index], "k": 8,
+                                                                   "exclude": item_ids(facts, exclude)})
+            assert status == 200 and answer["cold_start"] is False
+            with torch.no_grad():
+                full = net.score_all(torch.tensor([index]))
+            want, _ = torch_topk(full, [exclude], 8)
+            got = [facts["item_vocab"].index(raw) for raw in answer["items"]]
+            assert_same_topk(got, want[0], full[0].numpy())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
