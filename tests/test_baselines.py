@@ -130,3 +130,31 @@ def test_factorised_diagonal_removal_is_exact():
         knn = ItemKNN(self_similarity=self_sim, dense_max_mb=0).fit(users, items, n_users, n_items)
         diag = np.diag(knn(q, np.arange(n_items)).numpy())
         np.testing.assert_array_equal(diag, np.full(n_items, self_sim, dtype=np.float32))
+
+
+def test_session_knn_against_brute_force():
+    from rectrain.evaluation.baselines import SessionKNN
+    from rectrain.evaluation.queries import RankingQueries
+
+    # training sessions (index order = time order)
+    sessions = [[0, 1, 2], [1, 3], [2, 3, 4], [0, 4], [1, 2]]
+    users = np.concatenate([[s] * len(x) for s, x in enumerate(sessions)])
+    items = np.concatenate(sessions)
+    knn = SessionKNN(k=2).fit(users, items, len(sessions), 5)
+    prefixes = [[1], [0, 2], [3, 1, 3]]
+    indptr = np.r_[0, np.cumsum([len(p) for p in prefixes])]
+    q = RankingQueries(users=np.arange(3), target_indptr=np.arange(4), target_items=np.zeros(3, np.int64),
+                       exclude_indptr=np.zeros(4, np.int64), exclude_items=np.zeros(0, np.int64),
+                       history_indptr=indptr, history_items=np.concatenate(prefixes), n_items=5)
+    got = knn(q, np.arange(3)).numpy()
+    binary = np.zeros((len(sessions), 5))
+    for s, x in enumerate(sessions):
+        binary[s, x] = 1
+    for r, prefix in enumerate(prefixes):
+        w = np.zeros(5)
+        for pos, item in enumerate(prefix, start=1):
+            w[item] = max(w[item], pos / len(prefix))
+        sim = binary @ w / np.sqrt(binary.sum(1) * len(set(prefix)))
+        top = np.argsort(-sim, kind="stable")[:2]
+        expected = (sim[top, None] * binary[top]).sum(0)
+        np.testing.assert_allclose(got[r], expected, rtol=1e-6, atol=1e-7)

@@ -76,12 +76,25 @@ def test_bpr_triples():
 def test_sequence_windows_every_event_a_target_once():
     group = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 3])
     items = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
-    windows, lengths = sequence_windows(group, items, max_length=2)
+    windows, lengths, first = sequence_windows(group, items, max_length=2)
     assert windows.tolist() == [[1, 2, 3], [4, 5, 0], [7, 8, 9], [9, 10, 11]]
     assert lengths.tolist() == [3, 2, 3, 3]  # group 2 (one event) has no target and is skipped
-    batch = next(iter(SequenceBatches(windows, lengths, batch_size=4, shuffle=False)))
+    assert first.tolist() == [0, 0, 0, 0]
+    batch = next(iter(SequenceBatches(windows, lengths, batch_size=4, shuffle=False, first_target=first)))
     assert batch["items"].tolist() == [[1, 2], [4, 5], [7, 8], [9, 10]]
     assert batch["lengths"].tolist() == [2, 1, 2, 2]
     assert batch["targets"].tolist() == [[2, 3], [5, -1], [8, 9], [10, 11]]
     targets = batch["targets"][batch["targets"] >= 0]
     assert sorted(targets.tolist()) == [2, 3, 5, 8, 9, 10, 11]
+
+
+def test_overlapping_windows_add_context_not_duplicate_targets():
+    group = np.zeros(9, dtype=int)
+    items = np.arange(1, 10)  # one sequence 1..9
+    windows, lengths, first = sequence_windows(group, items, max_length=4, stride=2)
+    assert windows.tolist() == [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7], [5, 6, 7, 8, 9]]
+    assert first.tolist() == [0, 2, 2]
+    batch = next(iter(SequenceBatches(windows, lengths, batch_size=8, shuffle=False, first_target=first)))
+    assert batch["targets"].tolist() == [[2, 3, 4, 5], [-1, -1, 6, 7], [-1, -1, 8, 9]]
+    trained = batch["targets"][batch["targets"] >= 0]
+    assert sorted(trained.tolist()) == list(range(2, 10))  # each event after the first exactly once

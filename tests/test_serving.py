@@ -245,7 +245,7 @@ def test_http_answers_and_endpoints(server, tt):
     ("POST", "/recommend", {"body": {"history": [{"id": 1}]}}, 400, "must be a string or integer id"),
     ("POST", "/recommend", {"body": {"histroy": []}}, 400, "unknown field 'histroy'"),
     ("POST", "/recommend", {"body": []}, 400, "non-empty list"),
-    ("POST", "/recommend", {"raw": b'{"history": ["' + b"x" * 70_000 + b'"]}'}, 413, "exceeds the limit"),
+    ("POST", "/recommend", {"raw": b'{"history": ["' + b"x" * 300_000 + b'"]}'}, 413, "exceeds the limit"),
     ("POST", "/recommend", {"raw": b"{}", "headers": {"Transfer-Encoding": "chunked"}}, 411, "chunked"),
     ("POST", "/score", {"body": {"history": []}}, 400, "missing field 'items'"),
     ("GET", "/recommend", {}, 405, "takes POST"),

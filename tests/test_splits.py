@@ -111,3 +111,13 @@ def test_k_core_is_iterative():
     data = prepare(log, PreprocessConfig(min_user_interactions=2, min_item_interactions=2), SplitConfig())
     assert sorted(data.user_vocab.tolist()) == ["a", "b"]
     assert "r" not in data.item_vocab
+
+
+def test_cold_items_never_reach_training():
+    from rectrain.data.synthetic import generate_synthetic
+
+    data = prepare(generate_synthetic(n_users=200, n_items=100, seed=0), PreprocessConfig(),
+                   SplitConfig(cold_item_fraction=0.1, cold_item_seed=3))
+    assert data.cold_items.size == round(data.n_items * 0.1)
+    assert not np.isin(data.train.item, data.cold_items).any()
+    assert np.isin(data.test.item, data.cold_items).any()  # still asked for at evaluation

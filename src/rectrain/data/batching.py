@@ -172,48 +172,66 @@ class SequenceSpec:
 
     max_length: int = 50
     batch_size: int | None = None
+    stride: int | None = None
 
 
-def sequence_windows(group: np.ndarray, items: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cut each group's item sequence into windows of ``max_length + 1`` overlapping by one event.
+def sequence_windows(group: np.ndarray, items: np.ndarray, max_length: int, stride: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut each group's item sequence into windows of ``max_length + 1`` events for next-item training.
 
-    Every event after the first of a group is a target exactly once, and each window carries the
-    ``max_length`` events before its targets (a sequence of 120 with max_length 50 gives windows
-    over events [0..50], [50..100], [100..119]). ``group`` must be sorted, items in time order.
+    Windows start every ``stride`` events (default ``max_length``: no overlap beyond the one event
+    that is input of one window and target of the previous). With a smaller stride, later windows
+    repeat earlier events as *context* only: targets before ``first_target`` were trained in the
+    previous window, so every event after a group's first is a target exactly once, and targets
+    late in a long sequence get ``max_length - stride`` events of context instead of none.
+    ``group`` must be sorted, items in time order.
 
     Returns:
-        (windows, lengths): (N, max_length + 1) int64 right-padded with 0, and (N,) valid lengths >= 2.
+        (windows, lengths, first_target): (N, max_length + 1) int64 right-padded with 0; (N,) valid
+        lengths >= 2; (N,) index of the first input position whose target is trained.
     """
+    stride = int(stride or max_length)
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in 1..max_length ({max_length}), got {stride}")
     n = group.shape[0]
     starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if n else np.zeros(0, np.int64)
     seq_len = np.diff(np.r_[starts, n])
     usable = seq_len >= 2
     starts, seq_len = starts[usable], seq_len[usable]
-    n_windows = np.maximum(1, np.ceil((seq_len - 1) / max_length)).astype(np.int64)
+    # windows w = 0, 1, ... start at w * stride; the last one reaches the end of the sequence
+    n_windows = np.maximum(1, np.ceil((seq_len - 1 - max_length) / stride).astype(np.int64) + 1)
+    n_windows = np.where(seq_len - 1 <= max_length, 1, n_windows)
     win_group_start = np.repeat(starts, n_windows)
     win_index = np.arange(n_windows.sum()) - np.repeat(np.r_[0, np.cumsum(n_windows)[:-1]], n_windows)
-    win_start = win_group_start + win_index * max_length
+    win_start = win_group_start + win_index * stride
     win_end = np.minimum(win_start + max_length + 1, np.repeat(starts + seq_len, n_windows))
     lengths = win_end - win_start
+    # targets already trained by the previous window (which ended at its start + max_length)
+    first_target = np.where(win_index == 0, 0, max_length - stride).astype(np.int64)
     offsets = np.arange(max_length + 1)
     pos = win_start[:, None] + offsets[None, :]
     valid = offsets[None, :] < lengths[:, None]
     windows = np.where(valid, items[np.minimum(pos, n - 1)], 0).astype(np.int64)
-    return windows, lengths.astype(np.int64)
+    return windows, lengths.astype(np.int64), first_target
 
 
 class SequenceBatches:
     """Padded next-item batches: ``items`` (B, L), ``lengths`` (B,), ``targets`` (B, L) with -1 as padding.
 
-    Input position t predicts target t (the event after it); windows are shuffled per epoch.
+    Input position t predicts target t (the event after it); context-only positions of overlapping
+    windows (see :func:`sequence_windows`) have target -1 too. Windows are shuffled per epoch.
     """
 
     def __init__(self, windows: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 first_target: np.ndarray | None = None) -> None:
         windows_t = torch.as_tensor(windows)
         lengths_t = torch.as_tensor(lengths)
         self.inputs = windows_t[:, :-1].contiguous()
-        valid = torch.arange(windows_t.shape[1] - 1)[None, :] < (lengths_t - 1)[:, None]
+        positions = torch.arange(windows_t.shape[1] - 1)[None, :]
+        valid = positions < (lengths_t - 1)[:, None]
+        if first_target is not None:
+            valid &= positions >= torch.as_tensor(first_target)[:, None]
         self.targets = torch.where(valid, windows_t[:, 1:], torch.full_like(windows_t[:, 1:], -1))
         self.lengths = lengths_t - 1
         self.batch_size, self.seed, self.rank, self.world_size, self.shuffle = batch_size, seed, rank, world_size, shuffle

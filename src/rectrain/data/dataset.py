@@ -29,7 +29,7 @@ from rectrain.utils.io import atomic_dir, stable_hash
 log = logging.getLogger(__name__)
 
 #: bump when the cached arrays change meaning, so old caches are not reused
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 SPLIT_KINDS = ("leave_one_out", "time", "session")
 
 
@@ -47,6 +47,9 @@ class SplitConfig:
             convention: True for user histories, False for sessions (repeats are real next clicks).
         min_session_length: sessions shorter than this after filtering are dropped (need a prefix
             and a target).
+        cold_item_fraction: hold this fraction of items (chosen with ``cold_item_seed``) out of
+            training entirely: their events stay in validation/test targets and histories but never
+            in training, to measure how a model ranks items it never saw (cold start).
     """
 
     kind: str = "leave_one_out"
@@ -55,6 +58,8 @@ class SplitConfig:
     session_gap: float = 1800.0
     mask_seen: bool | None = None
     min_session_length: int = 2
+    cold_item_fraction: float = 0.0
+    cold_item_seed: int = 0
 
 
 @dataclass
@@ -100,6 +105,7 @@ class PreparedData:
     item_category_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     stats: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
+    cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def n_users(self) -> int:
@@ -172,7 +178,7 @@ class PreparedData:
             for col in ("user", "item", "timestamp")
         }
         for name in ("user_vocab", "item_vocab", "item_titles", "category_vocab",
-                     "item_category_indptr", "item_category_index"):
+                     "item_category_indptr", "item_category_index", "cold_items"):
             arrays[name] = getattr(self, name)
         np.savez(directory / "arrays.npz", **arrays)
         meta = {"split": self.split, "mask_seen": self.mask_seen, "stats": self.stats,
@@ -192,7 +198,7 @@ class PreparedData:
             **parts,
             user_vocab=arr["user_vocab"], item_vocab=arr["item_vocab"], item_titles=arr["item_titles"],
             category_vocab=arr["category_vocab"], item_category_indptr=arr["item_category_indptr"],
-            item_category_index=arr["item_category_index"], split=meta["split"],
+            item_category_index=arr["item_category_index"], cold_items=arr["cold_items"], split=meta["split"],
             mask_seen=meta["mask_seen"], stats=meta["stats"], fingerprint=meta["fingerprint"],
         )
 
@@ -333,6 +339,15 @@ def _index_and_pack(frame: pd.DataFrame, labels: np.ndarray, split: SplitConfig,
     perm = splits.sort_events(user_codes, timestamp, order)
     user_codes, item_codes, timestamp, labels = user_codes[perm], item_codes[perm], timestamp[perm], labels[perm]
 
+    cold_items = np.zeros(0, dtype=np.int64)
+    if split.cold_item_fraction > 0:
+        n_items = item_vocab.shape[0]
+        rng = np.random.default_rng(split.cold_item_seed)
+        cold_items = np.sort(rng.choice(n_items, size=int(round(n_items * split.cold_item_fraction)), replace=False))
+        is_cold = np.isin(item_codes, cold_items)
+        stats["cold_item_train_events_dropped"] = int((is_cold & (labels == splits.TRAIN)).sum())
+        labels = np.where(is_cold & (labels == splits.TRAIN), -1, labels)
+
     def part(label: int) -> Interactions:
         rows = labels == label
         return Interactions(user_codes[rows].astype(np.int64), item_codes[rows].astype(np.int64), timestamp[rows])
@@ -341,6 +356,7 @@ def _index_and_pack(frame: pd.DataFrame, labels: np.ndarray, split: SplitConfig,
     data = PreparedData(
         train=part(splits.TRAIN), valid=part(splits.VALID), test=part(splits.TEST),
         user_vocab=user_vocab, item_vocab=item_vocab, split=split.kind, mask_seen=bool(mask_seen), stats=stats,
+        cold_items=cold_items.astype(np.int64),
     )
     for name, piece in (("train", data.train), ("valid", data.valid), ("test", data.test)):
         stats[f"n_{name}"] = len(piece)

@@ -108,10 +108,10 @@ def _csv_rows(handle: TextIO) -> Iterator[tuple[int, Any]]:
             if key is None:
                 yield reader.line_num, RequestError("more fields than the header names")
                 break
-            if value is None or value == "":
+            if key in LIST_FIELDS:  # an empty cell is an empty list (a history may be empty)
+                request[key] = (value or "").split()
+            elif value is None or value == "":
                 continue
-            if key in LIST_FIELDS:
-                request[key] = value.split()
             elif key == "k":
                 try:
                     request[key] = int(value)

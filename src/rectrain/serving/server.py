@@ -31,6 +31,8 @@ from rectrain.serving.scorer import RequestError, Scorer
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB
+#: bodies up to this many times the limit are read and dropped before the 413 (see _read_json)
+DRAIN_FACTOR = 8
 ROUTES = {"/recommend": "POST", "/score": "POST", "/admin/reload": "POST", "/healthz": "GET", "/metadata": "GET"}
 
 
@@ -94,7 +96,16 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestError(f"invalid Content-Length {length_header!r}") from None
         if length > self.server.max_body:
-            self.close_connection = True  # the body stays unread: the connection cannot be reused
+            self.close_connection = True
+            if length <= DRAIN_FACTOR * self.server.max_body:
+                # read and drop the body: closing a socket with unread data sends a reset, and the
+                # client could lose this answer (and its reason) before reading it
+                remaining = length
+                while remaining > 0:
+                    chunk = self.rfile.read(min(remaining, 1 << 16))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
             raise RequestError(f"body of {length} bytes exceeds the limit of {self.server.max_body} bytes", 413)
         body = self.rfile.read(length)
         if len(body) < length:

@@ -140,9 +140,10 @@ class RecDataModule(pl.LightningDataModule):
                 self._train_batches = PointwiseBatches(train.user, train.item, data.n_items, spec, self.batch_size,
                                                        sampler, self.seed, rank, world)
             else:
-                windows, lengths = sequence_windows(data.train.user, data.train.item, spec.max_length)
+                windows, lengths, first = sequence_windows(data.train.user, data.train.item, spec.max_length,
+                                                           spec.stride)
                 self._train_batches = SequenceBatches(windows, lengths, spec.batch_size or self.batch_size,
-                                                      self.seed, rank, world)
+                                                      self.seed, rank, world, first_target=first)
         return self._train_batches
 
     def train_dataloader(self) -> DataLoader:

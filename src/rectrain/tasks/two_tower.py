@@ -60,12 +60,14 @@ class TwoTowerTask(RankingTask):
         alpha: popularity exponent of the extra negatives (0 uniform).
         bpr_max_regularization: the score regulariser of BPR-max.
         batch_size: sequences per training step (None: the data module's batch size).
+        stride: start a training window every ``stride`` events of a long history (None: windows
+            do not overlap); smaller strides give late events more context at more compute.
         **kwargs: passed to :class:`RankingTask` (optimizer, scheduler, ks, seed, ...).
     """
 
     def __init__(self, net: TwoTower, loss: str = "full", positions: str = "all", logq_correction: bool = True,
                  extra_negatives: int = 0, alpha: float = 0.0, bpr_max_regularization: float = 1.0,
-                 batch_size: int | None = None, **kwargs: Any) -> None:
+                 batch_size: int | None = None, stride: int | None = None, **kwargs: Any) -> None:
         super().__init__(net, **kwargs)
         if loss not in LOSSES:
             raise ConfigError("model.loss", f"must be one of {LOSSES}, got {loss!r}")
@@ -76,7 +78,7 @@ class TwoTowerTask(RankingTask):
         self.loss_name, self.positions = loss, positions
         self.logq_correction, self.extra_negatives, self.alpha = logq_correction, extra_negatives, alpha
         self.bpr_max_regularization = bpr_max_regularization
-        self.batch_size = batch_size
+        self.batch_size, self.stride = batch_size, stride
         self._sampler: NegativeSampler | None = None
         self._generator: torch.Generator | None = None
         self._cached_item_vectors: torch.Tensor | None = None
@@ -84,7 +86,7 @@ class TwoTowerTask(RankingTask):
 
     @property
     def train_spec(self) -> SequenceSpec:
-        return SequenceSpec(max_length=self.net.max_length, batch_size=self.batch_size)
+        return SequenceSpec(max_length=self.net.max_length, batch_size=self.batch_size, stride=self.stride)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
