@@ -70,3 +70,56 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*Checkpoint directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", ".*litlogger.*")
+
+
+# --- two-tower benches: epoch timing inside rectrain.training.train, mean ± sd ---------------------
+def mean_std(values: list[float], digits: int = 4) -> str:
+    """``mean ± sample sd`` (just the value for a single run)."""
+    import statistics
+
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _lightning_callback_base():
+    import pytorch_lightning as pl
+
+    return pl.Callback
+
+
+class TrainEpochTimer(_lightning_callback_base()):
+    """Wall seconds of each training epoch *without* its validation, and of each validation.
+
+    Usable from a composed config (``+callbacks.epoch_timer._target_=common.TrainEpochTimer`` with
+    bench/ on ``sys.path``); every instance appends to the class-level ``runs`` list, so a bench
+    reads ``TrainEpochTimer.runs[-1]`` after ``train(cfg)``.
+    """
+
+    runs: list["TrainEpochTimer"] = []
+
+    def __init__(self) -> None:
+        self.train_seconds: list[float] = []
+        self.valid_seconds: list[float] = []
+        self._start = 0.0
+        self._in_epoch = False
+        TrainEpochTimer.runs.append(self)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start, self._in_epoch = time.perf_counter(), True
+
+    def _close_train(self) -> None:
+        if self._in_epoch:
+            self.train_seconds.append(time.perf_counter() - self._start)
+            self._in_epoch = False
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._close_train()  # validation at the end of an epoch: the training part is over
+        self._valid_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit":
+            self.valid_seconds.append(time.perf_counter() - self._valid_start)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._close_train()

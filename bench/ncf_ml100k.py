@@ -138,7 +138,7 @@ def main() -> None:
 
     print(f"Test, full ranking (leave-one-out, seen items masked), mean ± sd over seeds {seeds}; "
           f"torch.set_num_threads({args.threads}), {args.jobs} parallel job(s), CPU\n")
-    print("| method | HR@10 | NDCG@10 | MRR@10 | coverage@10 | valid NDCG@10 | epochs (best) | seconds/run |")
+    print("| method | HR@10 | NDCG@10 | MRR@10 | coverage@10 | valid NDCG@10 | epochs run (best epoch, from 0) per seed | seconds/run |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, row in base_full.items():
         print(f"| {name} | {row['hr@10']:.4f} | {row['ndcg@10']:.4f} | {row['mrr@10']:.4f} | {row['coverage@10']:.4f} "

@@ -21,6 +21,8 @@ trained briefly on generated data (the weights do not change the cost, the sizes
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import platform
 import statistics
@@ -51,7 +53,8 @@ def train_default_models(workdir: Path) -> dict[str, Path]:
     for model in ("two_tower", "neumf"):
         cfg = compose_train_config([*LEAN_OVERRIDES, f"model={model}", *TRAIN_OVERRIDES,
                                     f"paths.cache_dir={workdir / 'cache'}"], workdir / model)
-        out[model] = Path(train(cfg)["best_checkpoint"])
+        with contextlib.redirect_stdout(io.StringIO()):  # the run's own results table
+            out[model] = Path(train(cfg)["best_checkpoint"])
     return out
 
 

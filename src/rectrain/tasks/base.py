@@ -8,6 +8,7 @@ checkpoint metadata are done here once for all models.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -21,6 +22,10 @@ from rectrain.evaluation.queries import RankingQueries
 from rectrain.evaluation.ranking import RankingResult, evaluate_ranking
 
 STAGE_PREFIX = {"valid": "val", "test": "test"}
+
+# Evaluation metrics are gathered across ranks and merged before logging (see _finish_evaluation),
+# so every rank logs the same value; Lightning's advice to average them with sync_dist does not apply.
+warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level in distributed")
 
 
 def class_path(obj: Any) -> str:
