@@ -59,7 +59,13 @@ class EpochTimer(pl.Callback):
         self._start = clocks()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sync(pl_module.device)
         self.times.append(since(self._start))
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def clocks() -> tuple[float, float]:
@@ -78,9 +84,11 @@ def rate(samples: int, times: list[tuple[float, float]]) -> tuple[float, float]:
     return (samples * len(timed) / sum(t[0] for t in timed), samples * len(timed) / sum(t[1] for t in timed))
 
 
-def plain_loop(net: torch.nn.Module, batches, lr: float, epochs: int, seed: int) -> list[tuple[float, float]]:
+def plain_loop(net: torch.nn.Module, batches, lr: float, epochs: int, seed: int,
+               device: str = "cpu") -> list[tuple[float, float]]:
     """The hand-written loop: per epoch set the batch seed, then forward, BCE, backward, Adam step."""
-    net.train()
+    net.to(device).train()
+    on_cuda = torch.device(device).type == "cuda"
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     times = []
     for epoch in range(epochs):
@@ -88,11 +96,14 @@ def plain_loop(net: torch.nn.Module, batches, lr: float, epochs: int, seed: int)
         torch.manual_seed(seed * 1000 + epoch)  # same per-epoch dropout seeding as the task
         batches.set_epoch(epoch)
         for batch in batches:
+            if on_cuda:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             logits = net(batch["user"], batch["item"])
             loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        sync(device)
         times.append(since(start))
     return times
 
@@ -111,7 +122,7 @@ def lightning_fit(task: pl.LightningModule, datamodule, trainer_cfg, epochs: int
     timer = EpochTimer()
     trainer = instantiate(trainer_cfg, callbacks=[timer], logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                          num_sanity_val_steps=0, max_epochs=epochs, accelerator="cpu", devices=1, **extra)
+                          num_sanity_val_steps=0, max_epochs=epochs, devices=1, **extra)
     start = time.perf_counter()
     trainer.fit(task, datamodule=datamodule)
     return timer.times, time.perf_counter() - start
@@ -151,7 +162,7 @@ def measure(dataset: str, model: str, args: argparse.Namespace, extra: dict) -> 
             # plain loop
             net = copy.deepcopy(template.net)
             net.load_state_dict(init_state)
-            times = plain_loop(net, batches, lr, args.epochs, int(cfg.seed))
+            times = plain_loop(net, batches, lr, args.epochs, int(cfg.seed), args.device)
             rows["plain"].append(rate(samples, times))
             # Lightning, a fresh task around a fresh copy of the same initial net
             task = build_net_and_task(cfg, datamodule)
@@ -200,13 +211,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="positives per step (default: config)")
     parser.add_argument("--trainer", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra pl.Trainer arguments for the Lightning side")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where both sides train (the batch builder runs on the CPU either way)")
     parser.add_argument("--profile", action="store_true", help="cProfile one extra Lightning fit")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (the first epoch is a warm-up)")
     torch.set_num_threads(args.threads)
     quiet_lightning()
-    extra = parse_extra(args.trainer)
+    extra = {"accelerator": "gpu" if args.device == "cuda" else "cpu", **parse_extra(args.trainer)}
 
     datasets = ["synthetic", "ml-100k"] if args.dataset == "both" else [args.dataset]
     if "ml-100k" in datasets and not (args.data / "u.data").exists():
@@ -215,7 +228,9 @@ def main() -> None:
     results = [measure(d, m, args, extra) for d in datasets for m in args.models.split(",")]
 
     print(f"torch {torch.__version__}, pytorch_lightning {pl.__version__}, {platform.processor() or platform.machine()}, "
-          f"torch.set_num_threads({args.threads}), CPU, {args.rounds} interleaved rounds x {args.epochs} epochs "
+          f"torch.set_num_threads({args.threads}), device {args.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if args.device == 'cuda' else ''}, "
+          f"{torch.get_num_threads()} intra-op threads, {args.rounds} interleaved rounds x {args.epochs} epochs "
           f"(first epoch of each fit untimed), medians; extra Trainer args: {extra or 'none'}\n")
     print("| data | model | batch (pos) | neg/pos | steps/epoch | plain loop samples/s | Lightning samples/s "
           "| Lightning / plain (wall) | per round | Lightning / plain (CPU time) | Lightning incl. fit setup, samples/s "

@@ -36,6 +36,7 @@ from common import (  # noqa: E402
     TrainEpochTimer,
     compose_train_config,
     mean_std,
+    patch_missing_item_features,
     quiet_lightning,
     require_dataset,
 )
@@ -130,6 +131,7 @@ def main() -> None:
     require_dataset(args.data / "train_full.tsv", "yoochoose-clicks-100k")
     torch.set_num_threads(args.threads)
     quiet_lightning()
+    patch_missing_item_features()
     seeds = [int(s) for s in args.seeds.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp_name:

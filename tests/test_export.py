@@ -199,6 +199,7 @@ def test_every_model_class_exports_with_parity(tmp_path, make):
             onnx.checker.check_model(onnx.load(path), full_check=True)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter says it is legacy
 def test_frozen_axes_are_detected(tmp_path):
     net = MF(4, 6, dim=3).eval()
     spec = graph_specs(net)[1]  # score graph

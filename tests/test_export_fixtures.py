@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         run = _shared_dir(tmp_path_factory, f"run-{name}")
         marker = run / "best_checkpoint.txt"
         if not marker.exists():
-            results = train(_compose([*DATA, *overrides, *LEAN, f"paths.output_dir={run}",
-                                      f"paths.cache_dir={_shared_dir(tmp_path_factory, 'cache')}"]))
+            with warnings.catch_warnings():  # Lightning's notices about tiny data loaders and folders
+                warnings.simplefilter("ignore")
+                results = train(_compose([*DATA, *overrides, *LEAN, f"paths.output_dir={run}",
+                                          f"paths.cache_dir={_shared_dir(tmp_path_factory, 'cache')}"]))
             marker.write_text(results["best_checkpoint"])
         out[name] = Path(marker.read_text())
     return out

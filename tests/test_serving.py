@@ -259,12 +259,25 @@ def test_http_bad_requests_get_4xx_and_the_service_keeps_serving(server, method,
     assert server.request("POST", "/recommend", {"history": []})[0] == 200
 
 
+def test_http_stdlib_refusals_are_json_too(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request("FOO", "/recommend")  # no do_FOO: the stdlib's own 501
+    response = conn.getresponse()
+    assert response.status == 501
+    assert json.loads(response.read()) == {"error": "Unsupported method ('FOO')", "status": 501}
+    conn.close()
+    assert server.request("GET", "/healthz")[0] == 200
+
+
 def test_http_missing_content_length_is_411(server):
     import socket
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\n\r\n")
-        reply = sock.recv(4096).decode()
+        reply = b""
+        while chunk := sock.recv(4096):  # the server closes the connection after this answer
+            reply += chunk
+        reply = reply.decode()
     assert reply.startswith("HTTP/1.1 411") and "Content-Length required" in reply
 
 

@@ -115,8 +115,23 @@ def write_user_vocab_sidecar(datamodule: Any, directory: Path) -> str:
     return digest
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, test and report one run; returns ``{"valid": {...}, "test": {...}, ...}``."""
+def record_failure(cfg: DictConfig, exc: BaseException, overrides: list[str] | None = None) -> None:
+    """Write a failed run's ``results.json`` (status and reason) so a sweep summary lists it."""
+    try:
+        output_dir = Path(cfg.paths.output_dir)
+    except Exception:  # no run directory resolvable: nothing to record
+        return
+    write_json_atomic(output_dir / "results.json", {
+        "status": "failed", "reason": f"{type(exc).__name__}: {exc}", "overrides": overrides or [],
+        "run": str(output_dir), "valid": {}, "test": {},
+    })
+
+
+def train(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit, test and report one run; returns ``{"valid": {...}, "test": {...}, ...}``.
+
+    ``extra`` is merged into the results (train.py adds the run's command-line overrides).
+    """
     started = time.perf_counter()
     pl.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("torch_threads"):
@@ -157,6 +172,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         test_metrics = dict(task.final_metrics.get("test", {}))
 
     results = {
+        "status": "completed",
         "run": str(output_dir),
         "model": type(task.net).__name__,
         "protocol": data.protocol_label(),
@@ -167,6 +183,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "data_fingerprint": data.fingerprint,
         "valid": {k.removeprefix("val/"): v for k, v in valid_metrics.items()},
         "test": {k.removeprefix("test/"): v for k, v in test_metrics.items()},
+        **(extra or {}),
     }
     if trainer.global_rank == 0:
         write_json_atomic(output_dir / "results.json", results)

@@ -97,8 +97,16 @@ class RankingTask(pl.LightningModule):
     def _evaluate_rows(self, stage: str, rows: torch.Tensor) -> None:
         queries = self.trainer.datamodule.queries(stage).subset(rows.cpu().numpy())
         popularity = self.trainer.datamodule.item_popularity(stage)
-        result = evaluate_ranking(self.score_queries, queries, self.ks, popularity,
-                                  self.trainer.datamodule.data.n_users, self.eval_memory_mb, self.device)
+        try:
+            result = evaluate_ranking(self.score_queries, queries, self.ks, popularity,
+                                      self.trainer.datamodule.data.n_users, self.eval_memory_mb, self.device)
+        except ValueError as exc:
+            if "NaN" not in str(exc):
+                raise
+            # the weights diverged between two loss checks: same failure, same message
+            raise FloatingPointError(
+                f"training loss is not finite: the model scores NaN at epoch {self.current_epoch}, step "
+                f"{self.global_step}; lower model.optimizer.lr or check the data") from exc
         self._eval_results.append(result)
 
     def _finish_evaluation(self, stage: str) -> dict[str, float]:
