@@ -25,7 +25,6 @@ import contextlib
 import io
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time

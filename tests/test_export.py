@@ -17,11 +17,9 @@ from rectrain.export.onnx_export import check_symbolic
 from rectrain.models.ncf import GMF, MF, MLP, NeuMF
 from rectrain.models.two_tower import TwoTower
 from rectrain.utils.io import stable_hash
-from tests.test_export_fixtures import (  # noqa: F401 - session fixtures
+from tests.test_export_fixtures import (
     ROOT,
     assert_same_topk,
-    checkpoints,
-    exports,
     json_meta,
     load_net,
     onnx_metadata,
@@ -29,6 +27,9 @@ from tests.test_export_fixtures import (  # noqa: F401 - session fixtures
     torch_topk,
     validation_queries,
 )
+
+# the session fixtures `checkpoints` and `exports` (tiny trained models and their exports)
+pytest_plugins = ["tests.test_export_fixtures"]
 
 
 def _session(path: Path) -> ort.InferenceSession:

@@ -18,16 +18,17 @@ import pytest
 import torch
 
 from rectrain.serving import ModelLoadError, RequestError, Scorer, make_server
-from tests.test_export_fixtures import (  # noqa: F401 - session fixtures
+from tests.test_export_fixtures import (
     ROOT,
     assert_same_topk,
-    checkpoints,
-    exports,
     item_ids,
     load_net,
     torch_topk,
     validation_queries,
 )
+
+# the session fixtures `checkpoints` and `exports` (tiny trained models and their exports)
+pytest_plugins = ["tests.test_export_fixtures"]
 
 PYTHON = sys.executable
 

@@ -27,7 +27,7 @@ EXCLUSION = ("'exclude' lists item indices per row, -1 padded; they score -inf a
 K_RULE = "0-d int64 input 'k', clamped in the graph to 1..n_items"
 
 
-def _json(value: Any) -> str:
+def to_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -65,24 +65,24 @@ def common_metadata(facts: dict[str, Any], kind: str, *, opset: int, validation:
         "format": FORMAT_VERSION,
         "model_kind": kind,
         "model_class": facts.get("model_class", ""),
-        "model_config": _json(model_config),
+        "model_config": to_json(model_config),
         "opset": str(opset),
         "n_items": str(n_items),
         "n_users": str(int(facts.get("n_users") or model_config.get("n_users") or 0)),
-        "item_vocab": _json(item_vocab),
-        "item_titles": _json([str(t) for t in facts.get("item_titles") or []]),
-        "item_popularity": _json([int(p) for p in facts.get("item_popularity") or [0] * n_items]),
-        "user_vocab": _json(user_vocab if user_vocab is not None else
+        "item_vocab": to_json(item_vocab),
+        "item_titles": to_json([str(t) for t in facts.get("item_titles") or []]),
+        "item_popularity": to_json([int(p) for p in facts.get("item_popularity") or [0] * n_items]),
+        "user_vocab": to_json(user_vocab if user_vocab is not None else
                             {"file": None, "reason": "two-tower queries are item histories; the model uses no user ids"}),
         "k": K_RULE,
         "exclusion": EXCLUSION,
         "tie_rule": TIE_RULE,
         "split": str(facts.get("split", "")),
-        "mask_seen": _json(bool(facts.get("mask_seen", True))),
+        "mask_seen": to_json(bool(facts.get("mask_seen", True))),
         "config_hash": stable_hash(config) if config else "",
         "model_config_hash": stable_hash(config["model"]) if "model" in config else "",
         "data_fingerprint": str(facts.get("data_fingerprint", "")),
-        "validation_metrics": _json(validation),
+        "validation_metrics": to_json(validation),
         "version": str(facts.get("rectrain_version", "")),
         "export_version": rectrain.__version__,
         "checkpoint_sha256": checkpoint_sha256 or "",
@@ -97,10 +97,10 @@ def common_metadata(facts: dict[str, Any], kind: str, *, opset: int, validation:
 
 def graph_metadata(spec: GraphSpec, parity: dict[str, Any] | None) -> dict[str, str]:
     """The keys that differ per graph: which graph, its inputs/outputs, its parity figures."""
-    meta = {"graph": spec.name, "inputs": _json([t.as_dict() for t in spec.inputs]),
-            "outputs": _json([t.as_dict() for t in spec.outputs])}
+    meta = {"graph": spec.name, "inputs": to_json([t.as_dict() for t in spec.inputs]),
+            "outputs": to_json([t.as_dict() for t in spec.outputs])}
     if parity is not None:
-        meta["parity"] = _json(parity)
+        meta["parity"] = to_json(parity)
     return meta
 
 

@@ -16,6 +16,7 @@ names in the destination folder and renamed at the end: a failed export leaves n
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -156,8 +157,6 @@ def locate_user_vocab(facts: dict[str, Any], ckpt_path: Path | None, user_vocab:
         raise ExportError(f"user vocabulary sidecar not found at {path}: an NCF model cannot map raw user ids "
                           "without it. Pass user_vocab=<path to the run's checkpoints/user_vocab.json>")
     blob = path.read_bytes()
-    import hashlib
-
     digest = hashlib.sha256(blob).hexdigest()
     expected = facts.get("user_vocab_sha256")
     if expected and digest != expected:
@@ -242,22 +241,23 @@ def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLik
     # metadata: companions first, so the main file can pin them by sha256
     main, companions = specs[0], specs[1:]
     refs: dict[str, Any] = {}
+    checked = {name: _copy(model) for name, model in models.items()}
     for spec in companions:
         _finish(models[spec.name], {**common, **md.graph_metadata(spec, report.parity[spec.name])}, spec)
         staged_bytes[spec.name] = models[spec.name].SerializeToString()
+        _same_answers(checked[spec.name], staged_bytes[spec.name], spec)
         refs[spec.name] = {"file": paths[spec.name].name, "sha256": _sha256(staged_bytes[spec.name])}
-    main_meta = {**common, **md.graph_metadata(main, report.parity[main.name]), "companions": md._json(refs)}
-    float_model = onnx.ModelProto()
-    float_model.CopyFrom(models[main.name])
+    main_meta = {**common, **md.graph_metadata(main, report.parity[main.name]), "companions": md.to_json(refs)}
     _finish(models[main.name], main_meta, main)
     staged_bytes[main.name] = models[main.name].SerializeToString()
+    _same_answers(checked[main.name], staged_bytes[main.name], main)
     report.metadata = main_meta
 
     if quantize:
-        int8_model, report.quantization = _quantize(float_model, facts, kind, max_length, len(staged_bytes[main.name]))
-        _finish(int8_model, {**main_meta, "graph": "recommend", "quantization": md._json(report.quantization),
-                             "parity": md._json({"note": "int8: compared by validation metrics, not by tolerance"})},
-                main, check_dims=False)
+        int8_model, report.quantization = _quantize(checked[main.name], facts, kind, max_length, len(staged_bytes[main.name]))
+        _finish(int8_model, {**main_meta, "graph": "recommend", "quantization": md.to_json(report.quantization),
+                             "parity": md.to_json({"note": "int8: compared by validation metrics, not by tolerance"})},
+                main)
         staged_bytes["int8"] = int8_model.SerializeToString()
 
     _write_all({role: (paths[role], blob) for role, blob in staged_bytes.items()}, last=paths["recommend"])
@@ -269,20 +269,34 @@ def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLik
 
 
 def _sha256(blob: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(blob).hexdigest()
 
 
-def _finish(model: onnx.ModelProto, meta: dict[str, str], spec: GraphSpec, check_dims: bool = True) -> None:
+def _same_answers(before: onnx.ModelProto, final: bytes, spec: GraphSpec) -> None:
+    """The bytes about to be written run and answer exactly like the graph that passed parity."""
+    import onnxruntime as ort
+
+    feed = {t.name: x.numpy() for t, x in zip(spec.inputs, spec.example)}
+    want = _session(before).run(None, feed)
+    got = ort.InferenceSession(final, providers=["CPUExecutionProvider"]).run(None, feed)
+    if any(not np.array_equal(a, b) for a, b in zip(want, got)):
+        raise ExportError(f"graph {spec.name}: the final file answers differently from the checked graph")
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _finish(model: onnx.ModelProto, meta: dict[str, str], spec: GraphSpec) -> None:
     """Attach metadata, then ``onnx.checker`` (full, with shape inference) on the final model."""
     md.attach(model, meta, doc=f"rectrain {meta['model_kind']} '{spec.name}' graph; see metadata_props rectrain.*")
     try:
         onnx.checker.check_model(model, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"graph {spec.name}: onnx.checker rejected the model: {exc}") from exc
-    if check_dims:
-        check_symbolic(model, spec)
+    check_symbolic(model, spec)
 
 
 def _quantize(model: onnx.ModelProto, facts: dict[str, Any], kind: str, max_length: int | None,
