@@ -68,10 +68,16 @@ def test_two_tower_export_matches_torch_on_unseen_shapes(checkpoints, exports):
         np.testing.assert_allclose(scores[row], full[row].numpy()[items[row]], rtol=1e-5, atol=1e-5)
         assert_same_topk(items[row].tolist(), want[row], full[row].numpy())
 
-    # the embeddings graph: query . item_vectors is the recommend graph's score
-    query, vectors = _session(path.with_name("two_tower.embeddings.onnx")).run(
-        None, {"history": history, "lengths": lengths})
+    # the ANN graphs: query . item_vectors is the recommend graph's score
+    (query,) = _session(path.with_name("two_tower.query.onnx")).run(None, {"history": history, "lengths": lengths})
+    (vectors,) = _session(path.with_name("two_tower.item_vectors.onnx")).run(None, {"items": np.arange(n_items)})
     np.testing.assert_allclose(query @ vectors.T, full.numpy(), rtol=1e-5, atol=1e-5)
+    some = np.array([5, 0, 5])
+    (picked,) = _session(path.with_name("two_tower.item_vectors.onnx")).run(None, {"items": some})
+    np.testing.assert_array_equal(picked, vectors[some])
+    for name, dims in (("query", {"history": ["batch", "history_length"], "lengths": ["batch"]}),
+                       ("item_vectors", {"items": ["n"]})):
+        assert _dims(onnx.load(path.with_name(f"two_tower.{name}.onnx")).graph.input) == dims
 
 
 def test_two_tower_metadata_is_self_describing(checkpoints, exports):
@@ -92,8 +98,10 @@ def test_two_tower_metadata_is_self_describing(checkpoints, exports):
     assert json_meta(meta, "validation_metrics") == {"source": "results.json", "metrics": results["valid"]}
     assert meta["version"] == facts["rectrain_version"] and meta["data_fingerprint"] == facts["data_fingerprint"]
     assert json_meta(meta, "user_vocab")["file"] is None  # no user ids in a two-tower model
-    companion = json_meta(meta, "companions")["embeddings"]
-    assert sha256(exports["two_tower"].parent / companion["file"]) == companion["sha256"]
+    companions = json_meta(meta, "companions")
+    assert set(companions) == {"query", "item_vectors"}
+    for companion in companions.values():
+        assert sha256(exports["two_tower"].parent / companion["file"]) == companion["sha256"]
     parity = json_meta(meta, "parity")
     assert parity["cases"] == 9 and parity["max_abs_diff"] <= 1e-5 and parity["topk_positions_compared"] > 0
 

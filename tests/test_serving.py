@@ -187,6 +187,21 @@ def test_ncf_users_known_unknown_and_without_sidecar(ncf, exports, tmp_path):
         Scorer.load(path)
 
 
+def test_companion_graphs_missing_or_mismatched(exports, tmp_path):
+    path = _copy_export(exports["two_tower"], tmp_path / "partial")
+    (path.parent / "two_tower.query.onnx").unlink()
+    partial = Scorer.load(path)  # recommending needs only the main file
+    assert any("/score is unavailable" in w for w in partial.model.warnings)
+    assert partial.recommend(history=partial.model.item_vocab[:2], k=3)["cold_start"] is False
+    with pytest.raises(RequestError, match="without its score graph") as info:
+        partial.score(history=partial.model.item_vocab[:2], items=partial.model.item_vocab[:2])
+    assert info.value.status == 501
+    # a companion from another export is refused outright: the files must belong together
+    shutil.copy(exports["two_tower"].with_name("two_tower.int8.onnx"), path.parent / "two_tower.query.onnx")
+    with pytest.raises(ModelLoadError, match="different exports"):
+        Scorer.load(path)
+
+
 def test_broken_or_foreign_files_are_refused(exports, tmp_path):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a model")
@@ -194,7 +209,7 @@ def test_broken_or_foreign_files_are_refused(exports, tmp_path):
         Scorer.load(garbage)
     with pytest.raises(ModelLoadError, match="cannot read"):
         Scorer.load(tmp_path / "missing.onnx")
-    companion = exports["two_tower"].with_name("two_tower.embeddings.onnx")
+    companion = exports["two_tower"].with_name("two_tower.query.onnx")
     with pytest.raises(ModelLoadError, match="serve the main"):
         Scorer.load(companion)
 
@@ -395,10 +410,13 @@ def test_end_to_end_train_export_serve_matches_torch(checkpoints, exports, tmp_p
             got = [int(np.flatnonzero(np.array(facts["item_vocab"]) == raw)[0]) for raw in answer["items"]]
             assert_same_topk(got, want[0], full[0].numpy())
             np.testing.assert_allclose(answer["scores"], full[0].numpy()[got], rtol=1e-5, atol=1e-5)
-        # SIGHUP reloads (here: the same file again), SIGTERM stops cleanly
+        # SIGHUP reloads (here: the same file again, so only the load time changes), SIGTERM stops cleanly
+        loaded_at = client.request("GET", "/healthz")[1]["loaded_at"]
         os.kill(proc.pid, signal.SIGHUP)
-        time.sleep(0.5)
-        assert client.request("GET", "/healthz")[0] == 200
+        deadline = time.monotonic() + 30
+        while client.request("GET", "/healthz")[1]["loaded_at"] == loaded_at:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the model"
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)

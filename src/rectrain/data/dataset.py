@@ -29,7 +29,7 @@ from rectrain.utils.io import atomic_dir, stable_hash
 log = logging.getLogger(__name__)
 
 #: bump when the cached arrays change meaning, so old caches are not reused
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 SPLIT_KINDS = ("leave_one_out", "time", "session")
 
 
@@ -171,7 +171,11 @@ class PreparedData:
 
     # --- persistence --------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
-        """Write arrays (npz, no pickle) and metadata (json) into ``directory``."""
+        """Write one ``.npy`` per array (no pickle) and metadata (json) into ``directory``.
+
+        Separate ``.npy`` files, unlike one ``.npz``, can be memory-mapped on load: a dataset larger
+        than memory is paged in as the batch builders touch it.
+        """
         arrays = {
             f"{name}_{col}": getattr(getattr(self, name), col)
             for name in ("train", "valid", "test")
@@ -180,16 +184,18 @@ class PreparedData:
         for name in ("user_vocab", "item_vocab", "item_titles", "category_vocab",
                      "item_category_indptr", "item_category_index", "cold_items"):
             arrays[name] = getattr(self, name)
-        np.savez(directory / "arrays.npz", **arrays)
+        for name, value in arrays.items():
+            np.save(directory / f"{name}.npy", np.asarray(value), allow_pickle=False)
         meta = {"split": self.split, "mask_seen": self.mask_seen, "stats": self.stats,
-                "fingerprint": self.fingerprint, "format": CACHE_FORMAT_VERSION}
+                "fingerprint": self.fingerprint, "format": CACHE_FORMAT_VERSION, "arrays": sorted(arrays)}
+        # meta.json last: its presence marks a complete cache (the directory is renamed into place anyway)
         (directory / "meta.json").write_text(json.dumps(meta, indent=2, default=_to_builtin))
 
     @classmethod
     def load(cls, directory: Path) -> "PreparedData":
+        """Load a cached dataset; arrays are memory-mapped copy-on-write (``mmap_mode="c"``)."""
         meta = json.loads((directory / "meta.json").read_text())
-        with np.load(directory / "arrays.npz", allow_pickle=False) as npz:
-            arr = {k: npz[k] for k in npz.files}
+        arr = {name: np.load(directory / f"{name}.npy", mmap_mode="c", allow_pickle=False) for name in meta["arrays"]}
         parts = {
             name: Interactions(arr[f"{name}_user"], arr[f"{name}_item"], arr[f"{name}_timestamp"])
             for name in ("train", "valid", "test")

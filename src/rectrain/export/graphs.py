@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rectrain.export.wrappers import NCFRecommend, NCFScore, TwoTowerEmbeddings, TwoTowerRecommend
+from rectrain.export.wrappers import NCFRecommend, NCFScore, TwoTowerItemVectors, TwoTowerQuery, TwoTowerRecommend
 
 TWO_TOWER, NCF = "two_tower", "ncf"
 
@@ -45,7 +45,7 @@ class TensorSpec:
 class GraphSpec:
     """One exported graph: the module to trace, its contract and a trace example."""
 
-    name: str  # "recommend" | "score" | "embeddings"
+    name: str  # "recommend" | "score" | "query" | "item_vectors"
     module: nn.Module
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -67,7 +67,8 @@ def model_kind(net: nn.Module) -> str:
 
 
 def graph_specs(net: nn.Module) -> list[GraphSpec]:
-    """The graphs of ``net``: the first is the main (``recommend``) graph."""
+    """The graphs of ``net``: the first is the main (``recommend``) graph, then its companions
+    (two-tower: ``query`` and ``item_vectors``; NCF: ``score``)."""
     if model_kind(net) == TWO_TOWER:
         return _two_tower_specs(net)
     return _ncf_specs(net)
@@ -94,13 +95,17 @@ def _two_tower_specs(net: nn.Module) -> list[GraphSpec]:
         (TensorSpec("items", "int64", ("batch", "k"), ITEMS_MEANING),
          TensorSpec("scores", "float32", ("batch", "k"), SCORES_MEANING)),
         (history_ex, lengths_ex, _example_exclude(n_items), torch.tensor(5)))
-    embeddings = GraphSpec(
-        "embeddings", TwoTowerEmbeddings(net), (history, lengths),
+    query = GraphSpec(
+        "query", TwoTowerQuery(net), (history, lengths),
         (TensorSpec("query", "float32", ("batch", dim),
-                    "query vector, already divided by the temperature: score = query . item_vectors[i]"),
-         TensorSpec("item_vectors", "float32", (n_items, dim), "the catalog's item vectors (constant), row i = item i")),
+                    "query vector, already divided by the temperature: score = query . item_vectors[i]"),),
         (history_ex, lengths_ex))
-    return [recommend, embeddings]
+    item_vectors = GraphSpec(
+        "item_vectors", TwoTowerItemVectors(net),
+        (TensorSpec("items", "int64", ("n",), "item indices (0..n_items-1 for the whole catalog)"),),
+        (TensorSpec("item_vectors", "float32", ("n", dim), "the items' vectors, row j = item items[j]"),),
+        (torch.arange(3) % n_items,))
+    return [recommend, query, item_vectors]
 
 
 def _ncf_specs(net: nn.Module) -> list[GraphSpec]:

@@ -2,8 +2,9 @@
 
 What is written next to ``output`` (``model.onnx`` here):
 
-* two-tower: ``model.onnx`` (``recommend``: history, lengths, exclude, k -> items, scores) and
-  ``model.embeddings.onnx`` (history, lengths -> query, item_vectors) for services with their own ANN index;
+* two-tower: ``model.onnx`` (``recommend``: history, lengths, exclude, k -> items, scores), and for
+  services with their own ANN index ``model.query.onnx`` (history, lengths -> query) and
+  ``model.item_vectors.onnx`` (items -> item_vectors);
 * NCF family: ``model.onnx`` (``recommend``: user, exclude, k -> items, scores), ``model.score.onnx``
   (user, item -> scores) and ``model.user_vocab.json`` (raw user ids: personal data, never inside a
   model file; the ONNX metadata pins it by sha256);
@@ -54,7 +55,7 @@ class ExportReport:
 
     Attributes:
         kind: ``two_tower`` or ``ncf``.
-        files: role (``recommend``, ``embeddings``, ``score``, ``user_vocab``, ``int8``) -> path written.
+        files: role (``recommend``, ``query``, ``item_vectors``, ``score``, ``user_vocab``, ``int8``) -> path written.
         sha256: role -> sha256 of the file written.
         opset: ONNX opset of every graph.
         parity: graph -> parity figures (cases, max abs/rel difference, top-K positions compared).
@@ -96,7 +97,8 @@ def output_paths(output: str | os.PathLike[str], kind: str) -> dict[str, Path]:
     folder = main.parent
     paths = {"recommend": main, "int8": folder / f"{stem}.int8.onnx"}
     if kind == TWO_TOWER:
-        paths["embeddings"] = folder / f"{stem}.embeddings.onnx"
+        paths["query"] = folder / f"{stem}.query.onnx"
+        paths["item_vectors"] = folder / f"{stem}.item_vectors.onnx"
     else:
         paths["score"] = folder / f"{stem}.score.onnx"
         paths["user_vocab"] = folder / f"{stem}.user_vocab.json"

@@ -61,16 +61,23 @@ class TwoTowerRecommend(nn.Module):
         return exclude_and_topk(scores, exclude, k)
 
 
-class TwoTowerEmbeddings(TwoTowerRecommend):
-    """history (B, L), lengths (B,) -> query (B, d), item_vectors (I, d), for services with their own ANN index.
+class TwoTowerQuery(TwoTowerRecommend):
+    """history (B, L), lengths (B,) -> query (B, d): the query tower alone, for services with their own ANN index.
 
-    The query comes out divided by the model's temperature, so ``query @ item_vectors.T`` is exactly
+    The query comes out divided by the model's temperature, so ``query . item_vector`` is exactly
     the recommend graph's score (an inner-product index needs nothing else).
     """
 
-    def forward(self, history: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        query = self.query(history, lengths) / self.net.temperature  # (B, d)
-        return query, self.item_vectors.clone()
+    def forward(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.query(history, lengths) / self.net.temperature  # (B, d)
+
+
+class TwoTowerItemVectors(TwoTowerRecommend):
+    """items (N,) int64 -> item_vectors (N, d): rows of the precomputed catalog table (build an index
+    from ``items = 0..n_items-1`` once). A separate graph, so a query call never copies the table."""
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.item_vectors[items]  # (N, d)
 
 
 class NCFScore(nn.Module):

@@ -2,7 +2,7 @@
 
 :meth:`OnnxModel.load` reads the file once (the sha256 is of exactly the bytes loaded), checks its
 ``rectrain.*`` metadata and graph signature, maps the vocabularies, opens the companion graphs it
-pins by sha256 (``score`` for NCF, ``embeddings`` for two-tower) and the NCF user vocabulary
+pins by sha256 (``score`` for NCF, ``query`` and ``item_vectors`` for two-tower) and the NCF user vocabulary
 sidecar, and runs a self-check. A file that fails any of these raises :class:`ModelLoadError`; a
 service that is reloading keeps its old model.
 
@@ -75,8 +75,8 @@ class OnnxModel:
         user_index: NCF raw user id -> index, or None when the sidecar is absent.
         max_length: two-tower: the most recent items a query reads.
         mask_seen: the training protocol's default for excluding history items.
-        score_session: NCF ``score`` graph or two-tower ``embeddings`` graph (None if absent).
-        item_vectors: two-tower (I, d) item vectors from the embeddings graph (None if absent).
+        score_session: NCF ``score`` graph or two-tower ``query`` graph (None if absent).
+        item_vectors: two-tower (I, d) item vectors from the ``item_vectors`` graph (None if absent).
     """
 
     path: Path
@@ -156,22 +156,23 @@ class OnnxModel:
 
     def _load_companions(self, threads: int) -> None:
         companions = _json_meta(self.meta, "companions", self.path) if "companions" in self.meta else {}
-        wanted = "embeddings" if self.kind == "two_tower" else "score"
-        if wanted not in companions:
-            self.warnings.append(f"no {wanted} companion graph recorded: /score is unavailable")
+        wanted = ("query", "item_vectors") if self.kind == "two_tower" else ("score",)
+        missing = [w for w in wanted if w not in companions]
+        if missing:
+            self.warnings.append(f"no {' or '.join(missing)} companion graph recorded: /score is unavailable")
             return
-        blob = self._companion_bytes(wanted, companions[wanted])
-        if blob is None:
+        blobs = {name: self._companion_bytes(name, companions[name]) for name in wanted}
+        if any(blob is None for blob in blobs.values()):
             return
-        self.score_session = _open_session(blob, threads, f"{wanted} companion of {self.path}")
-        if self.kind == "two_tower":
-            # the item vectors are a constant output: read them once
-            _, vectors = self.score_session.run(["query", "item_vectors"], {
-                "history": np.zeros((1, 1), np.int64), "lengths": np.ones(1, np.int64)})
-            if vectors.shape[0] != self.n_items:
-                raise ModelLoadError(f"{self.path}: embeddings companion has {vectors.shape[0]} item vectors, "
-                                     f"the catalog {self.n_items} items")
-            self.item_vectors = vectors
+        sessions = {name: _open_session(blob, threads, f"{name} companion of {self.path}")
+                    for name, blob in blobs.items()}
+        if self.kind == "ncf":
+            self.score_session = sessions["score"]
+            return
+        self.score_session = sessions["query"]
+        # the catalog's vectors, read once: a score request is then one query call and a dot product
+        (vectors,) = sessions["item_vectors"].run(["item_vectors"], {"items": np.arange(self.n_items, dtype=np.int64)})
+        self.item_vectors = vectors
 
     def _load_user_vocab(self) -> None:
         ref = _json_meta(self.meta, "user_vocab", self.path) or {}
