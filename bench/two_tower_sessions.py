@@ -21,8 +21,10 @@ evaluated on test.tsv. Table: mean ± sample sd over seeds.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import io
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -116,6 +118,12 @@ def baselines(args: argparse.Namespace, tmp: Path) -> tuple[dict, dict]:
     return rows, seconds
 
 
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    quiet_lightning()
+    patch_missing_item_features()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -125,6 +133,8 @@ def main() -> None:
     parser.add_argument("--sample-recent", type=int, default=500, help="session-kNN: recent sessions considered")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra Hydra overrides for the two-tower runs")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel processes (seconds per "
+                        "epoch then count shared cores)")
     parser.add_argument("--skip-model", action="store_true", help="baselines only")
     args = parser.parse_args()
     args.data = args.data.resolve()
@@ -137,11 +147,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         base, base_seconds = baselines(args, tmp)
-        runs = [] if args.skip_model else [run_one(s, args, tmp) for s in seeds]
+        if args.skip_model:
+            runs = []
+        elif args.jobs > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_worker_init,
+                                                        initargs=(args.threads,)) as pool:
+                runs = list(pool.map(run_one, seeds, [args] * len(seeds), [tmp] * len(seeds)))
+        else:
+            runs = [run_one(s, args, tmp) for s in seeds]
 
     print(f"Test (test.tsv), full ranking, session next-item, no masking; score ties -> lower item index "
           f"(stricter than the reference's rule, see the docstring); mean ± sd over seeds {seeds}; "
-          f"torch.set_num_threads({args.threads}), CPU\n")
+          f"torch.set_num_threads({args.threads}), {args.jobs} parallel job(s), CPU\n")
     print("| method | Recall@20 | MRR@20 | Recall@10 | coverage@20 | valid MRR@20 | epochs (best) | train s/epoch "
           "| seconds |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ from rectrain.evaluation.ranking import format_table
 from rectrain.utils.io import stable_hash, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
+
+# The user-vocabulary sidecar is written into the checkpoint directory before fit() (so even a
+# crashed run's checkpoints can be exported); Lightning's "directory not empty" warning is expected.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 #: top-level model keys that are shorthands interpolated into ``model.net`` (so ``model.dim=64`` and
 #: ``model.encoder.cell=lstm`` work from the command line); they are not arguments of the task.

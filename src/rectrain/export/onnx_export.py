@@ -77,11 +77,13 @@ class ExportReport:
         """A few lines for the console."""
         lines = [f"exported {self.kind} model (opset {self.opset}) in {self.seconds:.1f} s:"]
         for role, path in self.files.items():
-            lines.append(f"  {role:<11} {path}  sha256 {self.sha256[role][:12]}")
+            lines.append(f"  {role:<12} {path}  sha256 {self.sha256[role][:12]}")
         for graph, p in self.parity.items():
-            lines.append(f"  parity {graph}: {p['cases']} cases, max |onnx - torch| {p['max_abs_diff']:.2e}, "
-                         f"{p['topk_positions_compared']} top-k positions identical "
-                         f"({p['tied_positions_skipped']} tied skipped)")
+            line = f"  parity {graph}: {p['cases']} cases, max |onnx - torch| {p['max_abs_diff']:.2e}"
+            if p["topk_positions_compared"] or p["tied_positions_skipped"]:
+                line += (f", {p['topk_positions_compared']} top-k positions identical "
+                         f"({p['tied_positions_skipped']} within the tolerance of a neighbour, not compared)")
+            lines.append(line)
         if self.quantization:
             q = self.quantization
             lines.append(f"  int8: validation ndcg@{q['k']} {q['float']['ndcg@' + str(q['k'])]:.4f} -> "

@@ -125,7 +125,7 @@ def _mask(scores: torch.Tensor, exclude: np.ndarray) -> torch.Tensor:
     return masked
 
 
-def _batches(n_items: int, per_row_floats: int) -> list[int]:
+def _batches(per_row_floats: int) -> list[int]:
     cap = max(1, PARITY_MEMORY_BYTES // max(1, 4 * per_row_floats))
     return sorted({min(b, cap) for b in BATCH_SIZES})
 
@@ -169,7 +169,7 @@ class TorchReference:
 
 def _two_tower_cases(n_items: int, max_length: int, seed: int) -> Iterator[tuple[tuple[int, int, int], np.ndarray, np.ndarray]]:
     """(key, history (B, L), lengths (B,)) for batch sizes x history lengths; the same for every graph."""
-    for batch in _batches(n_items, n_items):
+    for batch in _batches(n_items):
         for length in sorted({1, 5, max_length}):
             rng = np.random.default_rng([seed, batch, length])
             history = rng.integers(0, n_items, size=(batch, length)).astype(np.int64)
@@ -219,7 +219,7 @@ def check_graph(spec: GraphSpec, net: nn.Module, session: Any, kind: str, *, max
         else:
             n_users = int(net.config["n_users"])
             hidden = int(max(net.config.get("layers") or [1]))
-            for batch in _batches(n_items, n_items * hidden):
+            for batch in _batches(n_items * hidden):
                 users = rng.integers(0, n_users, size=batch).astype(np.int64)
                 u = torch.from_numpy(users)
                 if spec.name == "score":

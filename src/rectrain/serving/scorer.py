@@ -8,6 +8,11 @@ Requests are plain dicts (the JSON bodies of the HTTP service and the lines of t
   ``{"user": ..., "items": [...]}``.
 * any request may carry an ``"id"`` (string or integer), echoed in its answer.
 
+Answers: ``items`` (raw ids, best first) and ``scores``, ``cold_start``, ``score_kind`` (``model``
+or ``popularity``), ``model`` (sha256 prefix of the serving file), the request's ``id``; recommend
+answers add ``unknown_items``, ``ignored_exclude`` (unknown ids in ``exclude``) and, two-tower,
+``truncated``; score answers list unknown candidates in ``unknown_items`` (and ``unknown_history``).
+
 Rules: ids are strings or integers (an integer is matched as its decimal string). Unknown history
 items are skipped and listed in ``unknown_items``. Of the known history items the most recent
 ``max_length`` are read (``truncated`` says how many older ones were dropped). ``exclude_seen``
@@ -273,7 +278,7 @@ class Scorer:
             row_items, row_scores = items[r, :q.k], scores[r, :q.k]
             keep = row_items >= 0  # -1 marks "fewer allowed items than k"
             answers.append({"items": [model.item_vocab[i] for i in row_items[keep].tolist()],
-                            "scores": row_scores[keep].tolist(), "cold_start": False})
+                            "scores": row_scores[keep].tolist(), "cold_start": False, "score_kind": "model"})
         return answers
 
     def _cold_start(self, q: Query, model: OnnxModel) -> dict[str, Any]:

@@ -13,9 +13,9 @@ Endpoints (JSON in and out; errors are ``{"error": reason, "status": code}``):
   that does not expose ``/admin``.
 
 Bad requests get a 4xx with the reason and never stop the service: malformed JSON or wrong types
-400, body over the limit 413 (the body is not read), no Content-Length 411, unknown path 404,
-wrong method 405. Anything unexpected is a 500 with the exception's message; the next request is
-served normally.
+400, body over the limit 413 (read and dropped up to 8x the limit, never parsed), no Content-Length
+or a chunked body 411, unknown path 404, wrong method 405, a batch over ``max_batch`` 413. Anything
+unexpected is a 500 with the exception's message; the next request is served normally.
 """
 from __future__ import annotations
 
@@ -190,8 +190,8 @@ class Handler(BaseHTTPRequestHandler):
         return 200, self.server.scorer.describe()
 
     def route_admin_reload(self) -> tuple[int, Any]:
-        if int(self.headers.get("Content-Length") or 0):
-            self._read_json()  # drain the body so the connection stays usable; its content is not used
+        if self.headers.get("Content-Length", "0").strip() != "0":
+            self._read_json()  # drain (and check) the body so the connection stays usable; it is not used
         try:
             return 200, self.server.scorer.reload()
         except ModelLoadError as exc:

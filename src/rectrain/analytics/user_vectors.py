@@ -1,0 +1,123 @@
+"""One vector per user from a trained model, the input of customer segmentation.
+
+* NCF family: the learned user embedding (the row of the user table), as the model uses it:
+  ``MF``/``MLP``: ``user.weight[u]``; ``GMF``: ``user.weight[u] * out.weight`` (the vector that is
+  dot-multiplied with item embeddings); ``NeuMF``: ``[gmf.user.weight[u] * out.weight[:d],
+  mlp.user.weight[u]]``.
+* Two-tower: the query vector ``TwoTower.query`` of the user's whole known history (train, valid
+  and test events, oldest first; the model reads the most recent ``max_length``): exactly what the
+  serving query graph computes for a request whose ``history`` is that list.
+
+:func:`vector_definition` states this in a JSON-able dict stored beside the centroids, so a scorer
+can compute the same vector (and apply the same normalisation) before picking the nearest centroid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from rectrain.errors import RectrainError
+
+NCF = "ncf"
+TWO_TOWER = "two_tower"
+
+
+@dataclass
+class UserVectors:
+    """(n_users, d) float32 vectors, row = user index (the training vocabulary's order)."""
+
+    vectors: np.ndarray
+    kind: str
+    definition: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+def model_kind(net: nn.Module) -> str:
+    """``ncf`` or ``two_tower`` (RectrainError for anything else)."""
+    from rectrain.models.ncf import GMF, MF, MLP, NeuMF
+    from rectrain.models.two_tower import TwoTower
+
+    if isinstance(net, TwoTower):
+        return TWO_TOWER
+    if isinstance(net, (MF, GMF, MLP, NeuMF)):
+        return NCF
+    raise RectrainError(f"cannot compute user vectors for a {type(net).__name__} model (NCF family or two-tower)")
+
+
+@torch.no_grad()
+def ncf_user_vectors(net: nn.Module) -> UserVectors:
+    """The user embedding table of an NCF-family model (see the module docstring)."""
+    from rectrain.models.ncf import GMF, MF, MLP, NeuMF
+
+    if isinstance(net, (MF, MLP)):
+        vectors, source = net.user.weight, "user.weight"
+    elif isinstance(net, GMF):
+        vectors, source = net.user.weight * net.out.weight[0], "user.weight * out.weight"
+    elif isinstance(net, NeuMF):
+        d = net.gmf.user.embedding_dim
+        vectors = torch.cat([net.gmf.user.weight * net.out.weight[0, :d], net.mlp.user.weight], dim=1)
+        source = "concat(gmf.user.weight * out.weight[:dim], mlp.user.weight)"
+    else:
+        raise RectrainError(f"{type(net).__name__} is not an NCF-family model")
+    definition = {"kind": NCF, "vector": "user_embedding", "model_class": type(net).__name__, "source": source,
+                  "input": "user index (the training user vocabulary)", "dim": int(vectors.shape[1])}
+    return UserVectors(vectors.detach().cpu().numpy().astype(np.float32), NCF, definition)
+
+
+def full_histories(data: Any) -> tuple[np.ndarray, np.ndarray]:
+    """CSR ``(indptr, items)`` of every user's whole log (train + valid + test), oldest first."""
+    from rectrain.data.dataset import Interactions
+    from rectrain.evaluation.queries import csr_from_groups
+
+    everything = Interactions.concat(Interactions.concat(data.train, data.valid), data.test)
+    return csr_from_groups(everything.user, everything.item, data.n_users)
+
+
+@torch.no_grad()
+def two_tower_user_vectors(net: nn.Module, indptr: np.ndarray, items: np.ndarray,
+                           batch_size: int = 2048) -> UserVectors:
+    """Query vectors of the histories in CSR ``(indptr, items)`` (one row per user), in batches."""
+    from rectrain.evaluation.queries import RankingQueries
+    from rectrain.tasks.two_tower import padded_histories
+
+    n = indptr.shape[0] - 1
+    empty = np.zeros(n + 1, np.int64)
+    queries = RankingQueries(users=np.arange(n, dtype=np.int64), target_indptr=empty,
+                             target_items=np.zeros(0, np.int64), exclude_indptr=empty,
+                             exclude_items=np.zeros(0, np.int64), history_indptr=np.asarray(indptr, np.int64),
+                             history_items=np.asarray(items, np.int64), n_items=net.n_items)
+    net.eval()
+    out = np.zeros((n, net.config["dim"]), dtype=np.float32)
+    for start in range(0, n, batch_size):
+        rows = np.arange(start, min(n, start + batch_size))
+        padded, lengths = padded_histories(queries, rows, net.max_length)
+        out[rows] = net.query(padded, lengths).cpu().numpy()
+    definition = {"kind": TWO_TOWER, "vector": "query", "model_class": type(net).__name__,
+                  "source": "TwoTower.query(history, lengths)",
+                  "input": "the user's item history, oldest first (train + valid + test events when segmenting); "
+                           "the most recent max_length items are read",
+                  "max_length": int(net.max_length), "dim": int(out.shape[1]),
+                  "model_normalizes_queries": bool(net.normalize)}
+    return UserVectors(out, TWO_TOWER, definition)
+
+
+def user_vectors(net: nn.Module, data: Any = None, batch_size: int = 2048) -> UserVectors:
+    """One vector per user of ``data`` (a PreparedData; needed for two-tower only)."""
+    kind = model_kind(net)
+    if kind == NCF:
+        vectors = ncf_user_vectors(net)
+        if data is not None and vectors.n_users != data.n_users:
+            raise RectrainError(f"the model has {vectors.n_users} users but the data has {data.n_users}: "
+                                "not the data the checkpoint was trained on")
+        return vectors
+    if data is None:
+        raise RectrainError("two-tower user vectors need the users' histories (data)")
+    indptr, items = full_histories(data)
+    return two_tower_user_vectors(net, indptr, items, batch_size)
