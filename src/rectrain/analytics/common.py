@@ -35,7 +35,6 @@ def load_model_and_data(ckpt_path: str | Path, data_overrides: Sequence[str] = (
     from omegaconf.errors import OmegaConfBaseException
 
     from rectrain.checkpoints import load_checkpoint, rebuild_model
-    from rectrain.training import build
     from rectrain.utils.io import file_sha256
 
     path = Path(ckpt_path)
@@ -52,9 +51,7 @@ def load_model_and_data(ckpt_path: str | Path, data_overrides: Sequence[str] = (
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(data_overrides)))
         except OmegaConfBaseException as exc:
             raise RectrainError(f"bad data override: {exc}") from None
-    datamodule = build(cfg.data)
-    datamodule.setup()
-    data = datamodule.data
+    data = prepared_data(cfg.data)
     check_same_data(path, facts, data)
     net = rebuild_model(ckpt)
     return Loaded(path=path, sha256=file_sha256(path), ckpt=ckpt, facts=facts, net=net, data=data, config=cfg)
@@ -76,3 +73,34 @@ def check_same_data(path: Path, facts: dict[str, Any], data: Any) -> None:
         raise RectrainError(f"{path}: the data rebuilt from the checkpoint's config is not the data it was trained "
                             f"on (different {'items' if not same_items else 'users'}); point data.source.* at the "
                             "same files")
+
+
+DATAMODULE = "rectrain.tasks.datamodule.RecDataModule"
+
+
+def prepared_data(data_cfg: Any) -> Any:
+    """The PreparedData of a ``data`` config section, as ``RecDataModule.setup`` builds it.
+
+    For rectrain's own data module this calls the same ``load_or_prepare`` directly (same cache),
+    without importing Lightning (which alone costs seconds); any other target is instantiated.
+    """
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(data_cfg, resolve=True)
+    if values.get("_target_") != DATAMODULE:
+        from rectrain.training import build
+
+        datamodule = build(data_cfg)
+        datamodule.setup()
+        return datamodule.data
+    from hydra.utils import instantiate
+
+    from rectrain.data.dataset import PreprocessConfig, SplitConfig, load_or_prepare
+
+    source = instantiate(data_cfg.source)
+    try:
+        pre = PreprocessConfig(**(values.get("preprocess") or {}))
+        split = SplitConfig(**(values.get("split") or {}))
+    except TypeError as exc:
+        raise RectrainError(f"the checkpoint's data config does not fit this rectrain version: {exc}") from None
+    return load_or_prepare(source, pre, split, values.get("cache_dir"))

@@ -71,6 +71,23 @@ def ncf_user_vectors(net: nn.Module) -> UserVectors:
     return UserVectors(vectors.detach().cpu().numpy().astype(np.float32), NCF, definition)
 
 
+def pad_histories(indptr: np.ndarray, items: np.ndarray, rows: np.ndarray, max_length: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``max_length`` items of CSR rows ``rows``, right-padded with 0, and lengths >= 1.
+
+    The same rule as ``rectrain.tasks.two_tower.padded_histories`` (training and evaluation), here
+    without importing Lightning: (B, max_length) int64, (B,) int64.
+    """
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lengths = np.minimum(ends - starts, max_length)
+    first = ends - lengths
+    offsets = np.arange(max_length)
+    valid = offsets[None, :] < lengths[:, None]
+    pos = np.where(valid, first[:, None] + offsets[None, :], 0)
+    padded = np.where(valid, items[np.minimum(pos, max(items.size - 1, 0))], 0) if items.size else np.zeros_like(pos)
+    return padded.astype(np.int64), np.maximum(lengths, 1).astype(np.int64)
+
+
 def full_histories(data: Any) -> tuple[np.ndarray, np.ndarray]:
     """CSR ``(indptr, items)`` of every user's whole log (train + valid + test), oldest first."""
     from rectrain.data.dataset import Interactions
@@ -84,21 +101,13 @@ def full_histories(data: Any) -> tuple[np.ndarray, np.ndarray]:
 def two_tower_user_vectors(net: nn.Module, indptr: np.ndarray, items: np.ndarray,
                            batch_size: int = 2048) -> UserVectors:
     """Query vectors of the histories in CSR ``(indptr, items)`` (one row per user), in batches."""
-    from rectrain.evaluation.queries import RankingQueries
-    from rectrain.tasks.two_tower import padded_histories
-
     n = indptr.shape[0] - 1
-    empty = np.zeros(n + 1, np.int64)
-    queries = RankingQueries(users=np.arange(n, dtype=np.int64), target_indptr=empty,
-                             target_items=np.zeros(0, np.int64), exclude_indptr=empty,
-                             exclude_items=np.zeros(0, np.int64), history_indptr=np.asarray(indptr, np.int64),
-                             history_items=np.asarray(items, np.int64), n_items=net.n_items)
     net.eval()
     out = np.zeros((n, net.config["dim"]), dtype=np.float32)
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(n, start + batch_size))
-        padded, lengths = padded_histories(queries, rows, net.max_length)
-        out[rows] = net.query(padded, lengths).cpu().numpy()
+        padded, lengths = pad_histories(indptr, items, rows, net.max_length)
+        out[rows] = net.query(torch.from_numpy(padded), torch.from_numpy(lengths)).cpu().numpy()
     definition = {"kind": TWO_TOWER, "vector": "query", "model_class": type(net).__name__,
                   "source": "TwoTower.query(history, lengths)",
                   "input": "the user's item history, oldest first (train + valid + test events when segmenting); "

@@ -1,0 +1,89 @@
+"""Offline A/B comparison of two exported models: `python compare.py a=<a.onnx> b=<b.onnx|popularity> ...`.
+
+Same `key=value` style as export.py. Keys:
+  a, b          ONNX recommend files; `popularity` for the popularity list of the other model
+  replay        JSON-lines replay log (raw ids: {"history": [...], "target": id}, NCF also "user")
+  ckpt_path     instead of `replay`: build the replay of a checkpoint's held-out split
+  stage         with ckpt_path: test (default) or valid
+  k             cut-off (default 10)
+  bootstrap     bootstrap resamples (default 2000); permutations: same number
+  seed          seed of the bootstrap and permutation test (default 0)
+  output        directory for comparison.md / comparison.json (default: compare/)
+  threads       onnxruntime intra-op threads (default 1)
+Prints the markdown report; exit 2 with one line on bad input.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+KEYS: dict[str, Any] = {"a": None, "b": None, "replay": None, "ckpt_path": None, "stage": "test", "k": 10,
+                        "bootstrap": 2000, "seed": 0, "output": "compare", "threads": 1}
+
+
+def parse(argv: list[str]) -> dict[str, Any]:
+    values = dict(KEYS)
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        if not sep or key not in KEYS:
+            raise ValueError(f"expected key=value with a key in {', '.join(KEYS)}, got {arg!r}")
+        values[key] = type(KEYS[key])(raw) if isinstance(KEYS[key], int) else raw
+    if not values["a"] or not values["b"]:
+        raise ValueError("give both a=<model.onnx|popularity> and b=<model.onnx|popularity>")
+    if bool(values["replay"]) == bool(values["ckpt_path"]):
+        raise ValueError("give exactly one of replay=<log.jsonl> or ckpt_path=<checkpoint>")
+    return values
+
+
+def replay_from_checkpoint(ckpt_path: str, stage: str, needs_users: bool) -> list[dict[str, Any]]:
+    """Held-out requests of a checkpoint's data (imports the training stack, unlike the comparison)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from rectrain.ab_compare import replay_requests_from_queries
+    from rectrain.checkpoints import load_checkpoint
+    from rectrain.training import build
+
+    ckpt = load_checkpoint(ckpt_path)
+    dm = build(OmegaConf.create(ckpt["rectrain"]["config"]).data)
+    dm.setup()
+    users = None
+    if needs_users:
+        sidecar = Path(ckpt_path).parent / "user_vocab.json"
+        users = json.loads(sidecar.read_text())["user_vocab"]
+    return list(replay_requests_from_queries(dm.data.ranking_queries(stage), list(dm.data.item_vocab), users))
+
+
+def main(argv: list[str]) -> int:
+    from rectrain.ab_compare import PopularityRecommender, compare, read_replay, to_markdown, write_report
+    from rectrain.errors import RectrainError
+    from rectrain.serving import ModelLoadError, Scorer
+
+    try:
+        args = parse(argv)
+        models: dict[str, Any] = {}
+        for name in ("a", "b"):
+            if args[name] != "popularity":
+                models[name] = Scorer.load(args[name], threads=args["threads"])
+        if not models:
+            raise ValueError("at least one of a, b must be an ONNX file")
+        ref = next(iter(models.values())).model
+        for name in ("a", "b"):
+            models.setdefault(name, PopularityRecommender.from_model(ref))
+        requests = (read_replay(args["replay"]) if args["replay"]
+                    else replay_from_checkpoint(args["ckpt_path"], args["stage"], ref.kind == "ncf"))
+        report = compare(models["a"], models["b"], requests, k=args["k"], n_boot=args["bootstrap"],
+                         n_perm=args["bootstrap"], seed=args["seed"])
+    except (ValueError, OSError, ModelLoadError, RectrainError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    labels = {"A": str(args["a"]), "B": str(args["b"])}
+    write_report(report, args["output"], labels)
+    print(to_markdown(report, labels))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
