@@ -70,13 +70,16 @@ class NegativeSampler:
         neg = self.sample((users.shape[0], n_per_user), generator)
         if self.positive_keys is None or self.positive_keys.numel() == 0:
             return neg
-        users_2d = users.view(-1, 1).expand_as(neg)
+        # only redrawn entries can become new hits: re-test those, not the whole epoch's array
+        # (the same draws in the same order as re-testing everything, at a fraction of the cost)
+        flat_users = users.view(-1, 1).expand_as(neg).reshape(-1)
+        flat_neg = neg.view(-1)
+        todo = torch.arange(flat_neg.numel())
         for _ in range(self.max_rounds):
-            hit = self._is_positive(users_2d, neg)
-            n_hit = int(hit.sum())
-            if n_hit == 0:
+            todo = todo[self._is_positive(flat_users[todo], flat_neg[todo])]
+            if todo.numel() == 0:
                 break
-            neg[hit] = self.sample((n_hit,), generator)
+            flat_neg[todo] = self.sample((todo.numel(),), generator)
         return neg
 
     def _is_positive(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

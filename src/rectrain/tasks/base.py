@@ -77,6 +77,25 @@ class RankingTask(pl.LightningModule):
         # (seed, epoch) in the data module, dropout by this.
         torch.manual_seed(self.seed * 1000 + self.current_epoch)
         self.trainer.datamodule.train_batches().set_epoch(self.current_epoch)
+        self._loss_sum, self._loss_count = torch.zeros((), device=self.device), 0
+
+    def track_loss(self, loss: torch.Tensor, n: int) -> None:
+        """Accumulate the epoch loss on the device; check and log it only on logging steps.
+
+        Reading a loss value forces a host-device sync, so a per-step ``self.log`` and finiteness
+        check cost GPU throughput. A diverged run still stops within ``log_every_n_steps`` steps
+        (and evaluation refuses NaN scores).
+        """
+        self._loss_sum += loss.detach() * n
+        self._loss_count += n
+        if (self.global_step + 1) % max(int(self.trainer.log_every_n_steps), 1) == 0:
+            self.check_finite(loss)
+            self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self) -> None:
+        mean = self._loss_sum / max(self._loss_count, 1)
+        self.check_finite(mean)
+        self.log("train/loss_epoch", mean, prog_bar=True, on_step=False, on_epoch=True)
 
     def check_finite(self, loss: torch.Tensor) -> torch.Tensor:
         """Stop a diverged run with a clear message instead of training on NaN."""

@@ -78,8 +78,7 @@ class NCFTask(RankingTask):
         else:
             logits = self.net(batch["user"], batch["item"])
             loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
-        self.check_finite(loss)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["user"].numel())
+        self.track_loss(loss, batch["user"].numel())
         return loss
 
     def score_queries(self, queries: RankingQueries, rows: np.ndarray) -> torch.Tensor:

@@ -113,8 +113,7 @@ class TwoTowerTask(RankingTask):
             loss = full_softmax_loss(q, t, self.net.item_vectors(), self.net.temperature)
         else:
             loss = self._sampled_loss(q, t)
-        self.check_finite(loss)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=int(t.numel()))
+        self.track_loss(loss, int(t.numel()))
         return loss
 
     def _sampled_loss(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

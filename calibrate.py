@@ -1,0 +1,104 @@
+"""Calibrated interaction probabilities: `python calibrate.py ckpt_path=<.ckpt> [key=value ...]`.
+
+Same `key=value` style as train.py and export.py. Fits p = sigmoid(a * score + b) (Platt scaling) on
+the validation split, with the training's negative-sampling rate as the prior correction, and reports
+ECE (15 bins) and log loss before/after on the test split. Keys:
+  ckpt_path        checkpoint written by train.py, NCF family or two-tower (required)
+  method           platt (a and b, default) | temperature (a only; b = the prior correction)
+  negatives        never-consumed items sampled per user to stand for all of them (default 100)
+  max_users        calibrate on at most this many users per split (default: all)
+  seed             negative sampling (default 0)
+  output           calibration file (default: calibration.json beside the checkpoint); the entry is
+                   keyed by the checkpoint's sha256, other checkpoints' entries are kept
+  report           directory for reliability.png and calibration.md (default: <stem>-calibration beside it)
+  into_checkpoint  true: also write <stem>.calibrated.ckpt carrying ckpt["rectrain"]["calibration"]
+  threads          torch intra-op threads (default 1)
+  data.<key>       overrides of the checkpoint's data config, e.g. data.source.root=/moved/ml-100k
+
+Needs the `analytics` extra (matplotlib). A thin entry point: rectrain.analytics.calibration.
+calibrate_checkpoint does the work. Bad input ends with a one-line message and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+KEYS: dict[str, Any] = {"ckpt_path": None, "method": "platt", "negatives": 100, "max_users": None, "seed": 0,
+                        "output": None, "report": None, "into_checkpoint": False, "threads": 1}
+INTS = {"negatives", "max_users", "seed", "threads"}
+
+
+class UsageError(ValueError):
+    """A bad command line (printed as one line, exit code 2)."""
+
+
+def parse(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``key=value`` arguments -> (settings, data overrides)."""
+    values, overrides = dict(KEYS), []
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        if not sep:
+            raise UsageError(f"expected key=value, got {arg!r} (keys: {', '.join(KEYS)}, data.<key>)")
+        if key.startswith("data."):
+            overrides.append(arg)
+            continue
+        if key not in KEYS:
+            raise UsageError(f"unknown key {key!r} (keys: {', '.join(KEYS)}, data.<key>)")
+        try:
+            if raw.lower() in ("", "null", "none") and KEYS[key] is None:
+                values[key] = None
+            elif key == "into_checkpoint":
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                values[key] = raw.lower() == "true"
+            elif key in INTS:
+                values[key] = int(raw)
+            else:
+                values[key] = raw
+        except ValueError as exc:
+            raise UsageError(f"{key}={raw!r}: {exc}") from None
+    if not values["ckpt_path"]:
+        raise UsageError("ckpt_path=<checkpoint> is required, e.g. "
+                         "python calibrate.py ckpt_path=outputs/mf/<date>/checkpoints/last.ckpt")
+    if values["method"] not in ("platt", "temperature"):
+        raise UsageError(f"method must be platt or temperature, got {values['method']!r}")
+    if values["negatives"] < 1 or values["threads"] < 1 or (values["max_users"] is not None and values["max_users"] < 1):
+        raise UsageError("negatives, threads and max_users must be >= 1")
+    return values, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        settings, overrides = parse(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print('error: calibrate.py needs the analytics extra: pip install -e ".[analytics]"', file=sys.stderr)
+        return 2
+    import torch
+
+    from rectrain.analytics.calibration import calibrate_checkpoint
+    from rectrain.errors import RectrainError
+
+    torch.set_num_threads(settings["threads"])
+    try:
+        report = calibrate_checkpoint(settings["ckpt_path"], negatives=settings["negatives"], method=settings["method"],
+                                      seed=settings["seed"], max_users=settings["max_users"], output=settings["output"],
+                                      report_dir=settings["report"], into_checkpoint=settings["into_checkpoint"],
+                                      data_overrides=overrides)
+    except RectrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Customer segments from a checkpoint: `python segment.py ckpt_path=<.ckpt> [k=8 | k=null k_range=2-12] [key=value ...]`.
+
+Same `key=value` style as train.py and export.py. Keys:
+  ckpt_path    checkpoint written by train.py, NCF family or two-tower (required)
+  k            number of segments (default 8); k=null chooses k over k_range by silhouette score
+  k_range      lo-hi, both included, for k=null (default 2-12)
+  output       report directory (default: <checkpoint stem>-segments beside the checkpoint)
+  seed         k-means initialisation and the silhouette sample (default 0)
+  normalize    L2-normalise user vectors before clustering (default true)
+  sample_size  users sampled for silhouette scores (default 5000)
+  threads      torch intra-op threads (default 1)
+  data.<key>   overrides of the checkpoint's data config, e.g. data.source.root=/moved/ml-100k
+
+User vectors: NCF user embeddings, or the two-tower query vector of each user's whole history.
+Writes segments.md/.csv/.png, segment_categories.csv, segment_items.csv, segments.json/.npz (centroids
+and the vector definition, for export) and user_segments.csv (user index -> segment, for the data
+owner; no raw user ids anywhere). Needs the `analytics` extra (scikit-learn, matplotlib).
+A thin entry point: rectrain.analytics.reports.segment_checkpoint does the work. Bad input ends with
+a one-line message and exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+KEYS: dict[str, Any] = {"ckpt_path": None, "k": 8, "k_range": "2-12", "output": None, "seed": 0, "normalize": True,
+                        "sample_size": 5000, "threads": 1}
+NULLABLE = {"k", "output"}
+
+
+class UsageError(ValueError):
+    """A bad command line (printed as one line, exit code 2)."""
+
+
+def parse(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``key=value`` arguments -> (settings, data overrides)."""
+    values, overrides = dict(KEYS), []
+    for arg in argv:
+        key, sep, raw = arg.partition("=")
+        if not sep:
+            raise UsageError(f"expected key=value, got {arg!r} (keys: {', '.join(KEYS)}, data.<key>)")
+        if key.startswith("data."):
+            overrides.append(arg)
+            continue
+        if key not in KEYS:
+            raise UsageError(f"unknown key {key!r} (keys: {', '.join(KEYS)}, data.<key>)")
+        default = KEYS[key]
+        try:
+            if key in NULLABLE and raw.lower() in ("", "null", "none"):
+                values[key] = None
+            elif isinstance(default, bool):
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                values[key] = raw.lower() == "true"
+            elif isinstance(default, int):
+                values[key] = int(raw)
+            else:
+                values[key] = raw
+        except ValueError as exc:
+            raise UsageError(f"{key}={raw!r}: {exc}") from None
+    if not values["ckpt_path"]:
+        raise UsageError("ckpt_path=<checkpoint> is required, e.g. "
+                         "python segment.py ckpt_path=outputs/mf/<date>/checkpoints/last.ckpt k=8")
+    if values["k"] is not None and values["k"] < 2:
+        raise UsageError(f"k must be >= 2 (or null to choose over k_range), got {values['k']}")
+    if values["threads"] < 1 or values["sample_size"] < 2:
+        raise UsageError("threads must be >= 1 and sample_size >= 2")
+    return values, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        settings, overrides = parse(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import sklearn  # noqa: F401
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print('error: segment.py needs the analytics extra: pip install -e ".[analytics]"', file=sys.stderr)
+        return 2
+    import torch
+
+    from rectrain.analytics.reports import segment_checkpoint
+    from rectrain.errors import RectrainError
+
+    torch.set_num_threads(settings["threads"])
+    try:
+        report = segment_checkpoint(settings["ckpt_path"], k=settings["k"], k_range=settings["k_range"],
+                                    output=settings["output"], seed=settings["seed"], normalize=settings["normalize"],
+                                    sample_size=settings["sample_size"], data_overrides=overrides)
+    except RectrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
