@@ -8,6 +8,8 @@ Same `key=value` style as train.py. Keys:
   tolerance   parity tolerance, |onnx - torch| <= tolerance * max(1, |torch|) (default 1e-5)
   user_vocab  NCF: user vocabulary sidecar (default: user_vocab.json beside the checkpoint)
   threads     torch intra-op threads while checking parity (default 1)
+  segments    segments.json from segment.py (default: <ckpt stem>-segments/segments.json when present);
+              a calibration.json from calibrate.py beside the checkpoint is embedded automatically
 
 A thin entry point: rectrain.export.export_checkpoint does the work. Bad input ends with a one-line
 message and exit code 2; a failed parity check writes nothing.
@@ -18,7 +20,7 @@ import sys
 from typing import Any
 
 KEYS: dict[str, Any] = {"ckpt_path": None, "output": None, "quantize": False, "opset": 17, "tolerance": 1e-5,
-                        "user_vocab": None, "threads": 1}
+                        "user_vocab": None, "threads": 1, "segments": None}
 
 
 class UsageError(ValueError):
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = export_checkpoint(settings["ckpt_path"], settings["output"], opset=settings["opset"],
                                    tolerance=settings["tolerance"], quantize=settings["quantize"],
-                                   user_vocab=settings["user_vocab"])
+                                   user_vocab=settings["user_vocab"], segments=settings["segments"])
     except RectrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

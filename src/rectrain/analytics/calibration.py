@@ -42,6 +42,8 @@ N_BINS = 15
 FORMAT_VERSION = 1
 METHODS = ("platt", "temperature")
 CALIBRATION_FILE = "calibration.json"
+#: reliability diagrams leave out equal-width bins holding fewer pairs (their frequency is noise)
+MIN_PLOTTED = 20
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -76,10 +78,12 @@ def reliability_bins(p: np.ndarray, y: np.ndarray, weights: np.ndarray | None = 
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     index = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)  # p == 1 goes to the last bin
     weight = np.bincount(index, weights=w, minlength=n_bins)
+    count = np.bincount(index, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_p = np.bincount(index, weights=w * p, minlength=n_bins) / weight
         mean_y = np.bincount(index, weights=w * y, minlength=n_bins) / weight
-    return {"lower": edges[:-1], "upper": edges[1:], "weight": weight, "mean_p": mean_p, "mean_y": mean_y}
+    return {"lower": edges[:-1], "upper": edges[1:], "weight": weight, "count": count, "mean_p": mean_p,
+            "mean_y": mean_y}
 
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None,
@@ -355,7 +359,7 @@ def calibrate_checkpoint(ckpt_path: str | Path, *, negatives: int = 100, method:
     from rectrain.analytics.user_vectors import NCF, model_kind
 
     loaded = loaded or load_model_and_data(ckpt_path, data_overrides)
-    data, net, facts = loaded.data, loaded.net, loaded.facts
+    data, net = loaded.data, loaded.net
     kind = model_kind(net)
     model_cfg = (loaded.config.get("model") or {}) if loaded.config is not None else {}
     rate = None
@@ -494,9 +498,9 @@ def plot_reliability(predictions: dict[str, np.ndarray], labels: np.ndarray, wei
     lows, highs = [], []
     for name, p in predictions.items():
         bins = reliability_bins(p, labels, weights)
-        filled = bins["weight"] > 0
+        filled = bins["count"] >= MIN_PLOTTED
         ece = expected_calibration_error(p, labels, weights)
-        label = f"{VARIANT_NAMES.get(name, name)} (ECE {ece:.4f})"
+        label = f"{VARIANT_NAMES.get(name, name)} (ECE {ece:.3g})"
         ax_lin.plot(bins["mean_p"][filled], bins["mean_y"][filled], marker="o", color=colors.get(name), label=label)
         # equal-weight bins (20), log-log
         order = np.argsort(p, kind="stable")
@@ -515,7 +519,7 @@ def plot_reliability(predictions: dict[str, np.ndarray], labels: np.ndarray, wei
             lows.append(min(mp_a[keep].min(), my_a[keep].min()))
             highs.append(max(mp_a[keep].max(), my_a[keep].max()))
     ax_lin.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability (bin)", ylabel="observed frequency (weighted)",
-               title="reliability, 15 equal-width bins (test)")
+               title=f"reliability, 15 equal-width bins (test; bins of >= {MIN_PLOTTED} pairs)")
     ax_lin.legend(fontsize=8, loc="upper left")
     if lows:
         lo, hi = min(lows) / 2, min(1.0, max(highs) * 2)

@@ -226,13 +226,13 @@ def write_segment_report(output: str | Path, fit: Any, profiles: SegmentProfiles
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    scores = "\n".join(f"| {k} | {v:.4f} |{' <- chosen' if k == fit.k else ''}" for k, v in sorted(fit.silhouette.items()))
+    scores = "\n".join(f"| {k} | {v:.4f} | {'chosen' if k == fit.k else ''} |" for k, v in sorted(fit.silhouette.items()))
     vector = payload.get("vector", {})
     md = [f"# Customer segments{': ' + title if title else ''}", "",
           f"{fit.k} segments of {profiles.population['users']} users, k-means ({fit.algorithm}, seed {fit.seed}) on "
           f"{'L2-normalised ' if fit.normalize else ''}{vector.get('kind', '')} user vectors "
           f"({vector.get('vector', '')}: {vector.get('source', '')}); k {fit.chosen_by}.", "",
-          "| k | silhouette |", "|---:|---:|", scores, "",
+          "| k | silhouette | |", "|---:|---:|---|", scores, "",
           profiles_markdown(profiles), "",
           "Lift = share of the segment's events in the category (item) / share of all events in it; items need "
           "at least 5 events in the segment. Popularity = users whose history holds the item, averaged over the "

@@ -87,6 +87,10 @@ def common_metadata(facts: dict[str, Any], kind: str, *, opset: int, validation:
         "export_version": rectrain.__version__,
         "checkpoint_sha256": checkpoint_sha256 or "",
     }
+    if facts.get("segments"):
+        meta["segments"] = to_json(facts["segments"])
+    if facts.get("calibration"):
+        meta["calibration"] = to_json(facts["calibration"])
     if kind == "two_tower":
         meta["max_length"] = str(int(model_config.get("max_length", 50)))
         meta["score"] = "dot(query, item vector) / temperature"

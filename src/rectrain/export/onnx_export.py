@@ -178,7 +178,8 @@ def locate_user_vocab(facts: dict[str, Any], ckpt_path: Path | None, user_vocab:
 
 def export_checkpoint(ckpt_path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *,
                       opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE, quantize: bool = False,
-                      user_vocab: str | os.PathLike[str] | None = None, seed: int = 0) -> ExportReport:
+                      user_vocab: str | os.PathLike[str] | None = None, seed: int = 0,
+                      segments: str | os.PathLike[str] | None = None) -> ExportReport:
     """Export a rectrain checkpoint to ONNX (see the module docstring for the files written).
 
     Args:
@@ -190,6 +191,11 @@ def export_checkpoint(ckpt_path: str | os.PathLike[str], output: str | os.PathLi
             against the float graph (needs the training data, rebuilt from the checkpoint's config).
         user_vocab: NCF only: the user vocabulary sidecar (default: ``user_vocab.json`` beside the checkpoint).
         seed: seed of the generated parity inputs.
+        segments: ``segments.json`` written by ``segment.py`` for this checkpoint (default: the
+            ``<checkpoint stem>-segments/segments.json`` beside it, when present). Its centroids go
+            into the metadata so the scorer answers a history's segment; for NCF the segment of
+            every user index is precomputed. A ``calibration.json`` beside the checkpoint (from
+            ``calibrate.py``) is embedded the same way.
 
     Raises:
         ExportError: parity fails, an axis froze, the user vocabulary is missing or does not match.
@@ -198,12 +204,49 @@ def export_checkpoint(ckpt_path: str | os.PathLike[str], output: str | os.PathLi
 
     ckpt_path = Path(ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
-    facts = ckpt.get("rectrain") or {}
+    facts = dict(ckpt.get("rectrain") or {})
     net = rebuild_model(ckpt)
+    facts.update(_analytics_facts(ckpt_path, ckpt, net, segments))
     output = Path(output) if output else ckpt_path.with_suffix(".onnx")
     return export_model(net, facts, output, opset=opset, tolerance=tolerance, quantize=quantize,
                         validation=md.validation_metrics(ckpt, ckpt_path), ckpt_path=ckpt_path,
                         user_vocab=user_vocab, seed=seed)
+
+
+def _analytics_facts(ckpt_path: Path, ckpt: dict[str, Any], net: nn.Module,
+                     segments: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Segments and calibration fitted for this checkpoint, checked against its sha256."""
+    import numpy as np
+
+    from rectrain.analytics.calibration import load_calibration
+    from rectrain.analytics.segments import assign_segments, load_segments
+    from rectrain.utils.io import file_sha256
+
+    out: dict[str, Any] = {}
+    digest = file_sha256(ckpt_path)
+    calibration = load_calibration(ckpt_path)
+    if calibration is not None:
+        out["calibration"] = calibration.metadata()
+    elif (ckpt.get("rectrain") or {}).get("calibration"):
+        out["calibration"] = ckpt["rectrain"]["calibration"]
+    path = Path(segments) if segments else ckpt_path.parent / f"{ckpt_path.stem}-segments" / "segments.json"
+    if segments is None and not path.is_file():
+        return out
+    payload = load_segments(path)
+    if payload.get("checkpoint_sha256") not in (None, "", digest):
+        raise ExportError(f"{path} was fitted on another checkpoint (sha256 {payload['checkpoint_sha256'][:12]}, "
+                          f"this one {digest[:12]}); run segment.py on {ckpt_path}")
+    centroids = np.asarray(payload["centroids"], dtype=np.float32)
+    seg: dict[str, Any] = {"k": int(centroids.shape[0]), "centroids": centroids.tolist(),
+                           "normalize": payload.get("normalize", "l2"), "vector": payload.get("vector", {}),
+                           "distance": "squared_euclidean"}
+    if payload.get("kind") == "ncf":
+        from rectrain.analytics.user_vectors import ncf_user_vectors
+
+        vectors = ncf_user_vectors(net).vectors
+        seg["user_segments"] = assign_segments(vectors, centroids, seg["normalize"] == "l2").astype(int).tolist()
+    out["segments"] = seg
+    return out
 
 
 def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLike[str], *,

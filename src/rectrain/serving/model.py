@@ -95,6 +95,10 @@ class OnnxModel:
     item_vectors: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
     loaded_at: float = field(default_factory=time.time)
+    segment_centroids: np.ndarray | None = None  # (k, d), unit-norm space when segments_normalize
+    segments_normalize: bool = True
+    user_segments: np.ndarray | None = None  # NCF: (n_users,) segment per user index
+    calibration: dict[str, Any] | None = None  # {"a", "b", ...}: p = sigmoid(a * score + b)
 
     @property
     def n_items(self) -> int:
@@ -139,8 +143,38 @@ class OnnxModel:
         model._load_companions(threads)
         if kind == "ncf":
             model._load_user_vocab()
+        model._load_analytics()
         model.self_check()
         return model
+
+    def _load_analytics(self) -> None:
+        """Optional customer segments and probability calibration carried in the metadata."""
+        if "segments" in self.meta:
+            seg = _json_meta(self.meta, "segments", self.path)
+            self.segment_centroids = np.asarray(seg["centroids"], dtype=np.float32)
+            self.segments_normalize = seg.get("normalize", "l2") == "l2"
+            if self.kind == "ncf":
+                self.user_segments = np.asarray(seg.get("user_segments", []), dtype=np.int64)
+        if "calibration" in self.meta:
+            cal = _json_meta(self.meta, "calibration", self.path)
+            if not {"a", "b"} <= set(cal):
+                raise ModelLoadError(f"{self.path}: calibration metadata needs 'a' and 'b'")
+            self.calibration = cal
+
+    def segment_of_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        """Nearest centroid (squared Euclidean, after L2 normalisation when the segments used it)."""
+        assert self.segment_centroids is not None
+        v = np.asarray(vectors, dtype=np.float32)
+        if self.segments_normalize:
+            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        d = (v * v).sum(1)[:, None] - 2 * v @ self.segment_centroids.T + (self.segment_centroids ** 2).sum(1)[None, :]
+        return d.argmin(1)
+
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities of the graph's scores: sigmoid(a * score + b)."""
+        assert self.calibration is not None
+        z = float(self.calibration["a"]) * np.asarray(scores, dtype=np.float64) + float(self.calibration["b"])
+        return 1.0 / (1.0 + np.exp(-z))
 
     # --- companions -------------------------------------------------------------------------
     def _companion_bytes(self, name: str, ref: dict[str, Any]) -> bytes | None:

@@ -45,8 +45,8 @@ DEFAULT_MAX_SCORE_ITEMS = 10_000
 FIELDS = {
     ("recommend", "two_tower"): ({"history"}, {"id", "history", "k", "exclude", "exclude_seen"}),
     ("recommend", "ncf"): ({"user"}, {"id", "user", "k", "exclude"}),
-    ("score", "two_tower"): ({"history", "items"}, {"id", "history", "items"}),
-    ("score", "ncf"): ({"user", "items"}, {"id", "user", "items"}),
+    ("score", "two_tower"): ({"history", "items"}, {"id", "history", "items", "calibrated"}),
+    ("score", "ncf"): ({"user", "items"}, {"id", "user", "items", "calibrated"}),
 }
 
 
@@ -84,6 +84,7 @@ class Query:
     item_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     answer: dict[str, Any] = field(default_factory=dict)  # fields known before running (unknowns, flags)
     cold_start_reason: str | None = None
+    calibrated: bool = False  # score: also answer calibrated probabilities
 
 
 class Scorer:
@@ -200,6 +201,12 @@ class Scorer:
             known_exclude = [model.item_index[e] for e in exclude if e in model.item_index]
             query.answer["ignored_exclude"] = [e for e in exclude if e not in model.item_index]
         else:
+            calibrated = payload.get("calibrated", False)
+            if not isinstance(calibrated, bool):
+                raise RequestError(f"'calibrated' must be true or false, got {calibrated!r:.40}")
+            if calibrated and model.calibration is None:
+                raise RequestError("this model carries no calibration (run calibrate.py, then export again)")
+            query.calibrated = calibrated
             items = _id_list(payload, "items")
             if len(items) > self.max_score_items:
                 raise RequestError(f"'items' holds {len(items)} ids; the limit is {self.max_score_items}", 413)
@@ -256,7 +263,46 @@ class Scorer:
         for q, answer in zip(queries, answers):
             answer.update(q.answer)
             answer["model"] = model.sha256[:12]
+        if model.segment_centroids is not None:
+            for q, answer, segment in zip(queries, answers, self._segments(queries, model)):
+                if q.endpoint == "recommend":
+                    answer["segment"] = segment
+        for q, answer in zip(queries, answers):
+            if q.calibrated and answer.get("score_kind") == "model":
+                answer["probabilities"] = model.probabilities(np.asarray(answer["scores"])).tolist()
         return answers  # type: ignore[return-value]
+
+    def segment(self, request: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+        """The customer segment of a history (two-tower) or a known user (NCF); None on cold start."""
+        model = self._model
+        if model.segment_centroids is None:
+            raise RequestError("this model carries no segments (run segment.py, then export again)", 404)
+        payload = {k: v for k, v in {**(request or {}), **fields}.items() if k in ("id", "history", "user")}
+        query = self.parse(payload, "recommend", model)
+        return {"segment": self._segments([query], model)[0], "k": int(model.segment_centroids.shape[0]),
+                "cold_start": query.cold_start_reason is not None}
+
+    def _segments(self, queries: list[Query], model: OnnxModel) -> list[int | None]:
+        """Segment per query: nearest centroid of the two-tower query vector, or the NCF user's segment."""
+        out: list[int | None] = [None] * len(queries)
+        warm = [i for i, q in enumerate(queries) if q.cold_start_reason is None]
+        if not warm:
+            return out
+        if model.kind == "two_tower":
+            if model.score_session is None:
+                return out
+            length = max(len(queries[i].history) for i in warm)
+            history = np.zeros((len(warm), length), dtype=np.int64)
+            for r, i in enumerate(warm):
+                history[r, :len(queries[i].history)] = queries[i].history
+            lengths = np.array([len(queries[i].history) for i in warm], np.int64)
+            (vectors,) = model.score_session.run(["query"], {"history": history, "lengths": lengths})
+            for i, s in zip(warm, model.segment_of_vectors(vectors).tolist()):
+                out[i] = int(s)
+        elif model.user_segments is not None and model.user_segments.size:
+            for i in warm:
+                out[i] = int(model.user_segments[queries[i].user])
+        return out
 
     def _recommend_rows(self, queries: list[Query], model: OnnxModel) -> list[dict[str, Any]]:
         width = max(len(q.exclude) for q in queries)
