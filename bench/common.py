@@ -123,23 +123,3 @@ class TrainEpochTimer(_lightning_callback_base()):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._close_train()
-
-
-def patch_missing_item_features() -> None:
-    """Until /tmp/two_tower_patch.diff is in src: ``PreparedData.item_category_matrix`` fails on data
-    without item features (session clicks). Returns (n_items, 0) there; a no-op once src is fixed."""
-    import numpy as np
-
-    from rectrain.data.dataset import PreparedData
-
-    original = PreparedData.item_category_matrix
-    if getattr(original, "_bench_patched", False):
-        return
-
-    def item_category_matrix(self):
-        if self.n_categories == 0:
-            return np.zeros((self.n_items, 0), dtype=np.float32)
-        return original(self)
-
-    item_category_matrix._bench_patched = True
-    PreparedData.item_category_matrix = item_category_matrix

@@ -38,7 +38,6 @@ from common import (  # noqa: E402
     TrainEpochTimer,
     compose_train_config,
     mean_std,
-    patch_missing_item_features,
     quiet_lightning,
     require_dataset,
 )
@@ -121,7 +120,6 @@ def baselines(args: argparse.Namespace, tmp: Path) -> tuple[dict, dict]:
 def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
     quiet_lightning()
-    patch_missing_item_features()
 
 
 def main() -> None:
@@ -141,7 +139,6 @@ def main() -> None:
     require_dataset(args.data / "train_full.tsv", "yoochoose-clicks-100k")
     torch.set_num_threads(args.threads)
     quiet_lightning()
-    patch_missing_item_features()
     seeds = [int(s) for s in args.seeds.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -121,6 +121,8 @@ class PreparedData:
 
     def item_category_matrix(self) -> np.ndarray:
         """(n_items, n_categories) float32 multi-hot matrix of item categories/genres."""
+        if self.n_categories == 0:  # a log without item features (e.g. session clicks): (n_items, 0)
+            return np.zeros((self.n_items, 0), dtype=np.float32)
         mat = np.zeros((self.n_items, max(self.n_categories, 1)), dtype=np.float32)
         rows = np.repeat(np.arange(self.n_items), np.diff(self.item_category_indptr))
         mat[rows, self.item_category_index] = 1.0
