@@ -23,40 +23,16 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from rectrain.cli import UsageError, parse_key_values
+
 KEYS: dict[str, Any] = {"ckpt_path": None, "method": "platt", "negatives": 100, "max_users": None, "seed": 0,
                         "output": None, "report": None, "into_checkpoint": False, "threads": 1}
-INTS = {"negatives", "max_users", "seed", "threads"}
-
-
-class UsageError(ValueError):
-    """A bad command line (printed as one line, exit code 2)."""
 
 
 def parse(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     """``key=value`` arguments -> (settings, data overrides)."""
-    values, overrides = dict(KEYS), []
-    for arg in argv:
-        key, sep, raw = arg.partition("=")
-        if not sep:
-            raise UsageError(f"expected key=value, got {arg!r} (keys: {', '.join(KEYS)}, data.<key>)")
-        if key.startswith("data."):
-            overrides.append(arg)
-            continue
-        if key not in KEYS:
-            raise UsageError(f"unknown key {key!r} (keys: {', '.join(KEYS)}, data.<key>)")
-        try:
-            if raw.lower() in ("", "null", "none") and KEYS[key] is None:
-                values[key] = None
-            elif key == "into_checkpoint":
-                if raw.lower() not in ("true", "false"):
-                    raise ValueError("expected true or false")
-                values[key] = raw.lower() == "true"
-            elif key in INTS:
-                values[key] = int(raw)
-            else:
-                values[key] = raw
-        except ValueError as exc:
-            raise UsageError(f"{key}={raw!r}: {exc}") from None
+    values, overrides = parse_key_values(argv, KEYS, types={"max_users": int, "output": str, "report": str},
+                                         passthrough_prefix="data.")
     if not values["ckpt_path"]:
         raise UsageError("ckpt_path=<checkpoint> is required, e.g. "
                          "python calibrate.py ckpt_path=outputs/mf/<date>/checkpoints/last.ckpt")

@@ -18,21 +18,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rectrain.cli import UsageError, parse_key_values
+
 KEYS: dict[str, Any] = {"a": None, "b": None, "replay": None, "ckpt_path": None, "stage": "test", "k": 10,
                         "bootstrap": 2000, "seed": 0, "output": "compare", "threads": 1}
 
 
 def parse(argv: list[str]) -> dict[str, Any]:
-    values = dict(KEYS)
-    for arg in argv:
-        key, sep, raw = arg.partition("=")
-        if not sep or key not in KEYS:
-            raise ValueError(f"expected key=value with a key in {', '.join(KEYS)}, got {arg!r}")
-        values[key] = type(KEYS[key])(raw) if isinstance(KEYS[key], int) else raw
+    """``key=value`` arguments -> settings (see the module docstring)."""
+    values, _ = parse_key_values(argv, KEYS, types={"a": str, "b": str, "replay": str, "ckpt_path": str})
     if not values["a"] or not values["b"]:
-        raise ValueError("give both a=<model.onnx|popularity> and b=<model.onnx|popularity>")
+        raise UsageError("give both a=<model.onnx|popularity> and b=<model.onnx|popularity>")
     if bool(values["replay"]) == bool(values["ckpt_path"]):
-        raise ValueError("give exactly one of replay=<log.jsonl> or ckpt_path=<checkpoint>")
+        raise UsageError("give exactly one of replay=<log.jsonl> or ckpt_path=<checkpoint>")
     return values
 
 

@@ -19,37 +19,15 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from rectrain.cli import UsageError, parse_key_values
+
 KEYS: dict[str, Any] = {"ckpt_path": None, "output": None, "quantize": False, "opset": 17, "tolerance": 1e-5,
                         "user_vocab": None, "threads": 1, "segments": None}
 
 
-class UsageError(ValueError):
-    """A bad command line (printed as one line, exit code 2)."""
-
-
 def parse(argv: list[str]) -> dict[str, Any]:
-    """``key=value`` arguments -> settings (bools: true/false; ints and floats parsed)."""
-    values = dict(KEYS)
-    for arg in argv:
-        key, sep, raw = arg.partition("=")
-        if not sep:
-            raise UsageError(f"expected key=value, got {arg!r} (keys: {', '.join(KEYS)})")
-        if key not in KEYS:
-            raise UsageError(f"unknown key {key!r} (keys: {', '.join(KEYS)})")
-        default = KEYS[key]
-        try:
-            if isinstance(default, bool):
-                if raw.lower() not in ("true", "false"):
-                    raise ValueError("expected true or false")
-                values[key] = raw.lower() == "true"
-            elif isinstance(default, int):
-                values[key] = int(raw)
-            elif isinstance(default, float):
-                values[key] = float(raw)
-            else:
-                values[key] = None if raw.lower() in ("", "null", "none") else raw
-        except ValueError as exc:
-            raise UsageError(f"{key}={raw!r}: {exc}") from None
+    """``key=value`` arguments -> settings (see the module docstring)."""
+    values, _ = parse_key_values(argv, KEYS, types={"output": str, "user_vocab": str, "segments": str})
     if not values["ckpt_path"]:
         raise UsageError("ckpt_path=<checkpoint> is required, e.g. "
                          "python export.py ckpt_path=outputs/two_tower/<date>/checkpoints/last.ckpt")

@@ -23,41 +23,15 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from rectrain.cli import UsageError, parse_key_values
+
 KEYS: dict[str, Any] = {"ckpt_path": None, "k": 8, "k_range": "2-12", "output": None, "seed": 0, "normalize": True,
                         "sample_size": 5000, "threads": 1}
-NULLABLE = {"k", "output"}
-
-
-class UsageError(ValueError):
-    """A bad command line (printed as one line, exit code 2)."""
 
 
 def parse(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     """``key=value`` arguments -> (settings, data overrides)."""
-    values, overrides = dict(KEYS), []
-    for arg in argv:
-        key, sep, raw = arg.partition("=")
-        if not sep:
-            raise UsageError(f"expected key=value, got {arg!r} (keys: {', '.join(KEYS)}, data.<key>)")
-        if key.startswith("data."):
-            overrides.append(arg)
-            continue
-        if key not in KEYS:
-            raise UsageError(f"unknown key {key!r} (keys: {', '.join(KEYS)}, data.<key>)")
-        default = KEYS[key]
-        try:
-            if key in NULLABLE and raw.lower() in ("", "null", "none"):
-                values[key] = None
-            elif isinstance(default, bool):
-                if raw.lower() not in ("true", "false"):
-                    raise ValueError("expected true or false")
-                values[key] = raw.lower() == "true"
-            elif isinstance(default, int):
-                values[key] = int(raw)
-            else:
-                values[key] = raw
-        except ValueError as exc:
-            raise UsageError(f"{key}={raw!r}: {exc}") from None
+    values, overrides = parse_key_values(argv, KEYS, types={"k": int, "output": str}, passthrough_prefix="data.")
     if not values["ckpt_path"]:
         raise UsageError("ckpt_path=<checkpoint> is required, e.g. "
                          "python segment.py ckpt_path=outputs/mf/<date>/checkpoints/last.ckpt k=8")

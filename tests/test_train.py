@@ -95,3 +95,21 @@ def test_nan_loss_stops_with_a_clear_message(compose_cfg):
                       "model.loss=bpr")
     with pytest.raises(FloatingPointError, match="training loss is"):
         train(cfg)
+
+
+def test_neumf_starts_from_trained_gmf_and_mlp(compose_cfg, tmp_path):
+    common = [*TINY_DATA, "trainer.max_epochs=1", "logger=none", "test=false", "model.dim=8"]
+    gmf = train(compose_cfg("model=gmf", *common, f"paths.output_dir={tmp_path / 'gmf'}"))
+    mlp = train(compose_cfg("model=mlp", *common, "model.net.layers=[16,8]", f"paths.output_dir={tmp_path / 'mlp'}"))
+    from rectrain.training import build, build_net_and_task
+
+    cfg = compose_cfg("model=neumf", *common, "model.net.layers=[16,8]",
+                      f"model.pretrained.gmf={gmf['best_checkpoint']}", f"model.pretrained.mlp={mlp['best_checkpoint']}")
+    dm = build(cfg.data)
+    dm.setup()
+    neumf = build_net_and_task(cfg, dm).net
+    gmf_net = rebuild_model(load_checkpoint(gmf["best_checkpoint"]))
+    mlp_net = rebuild_model(load_checkpoint(mlp["best_checkpoint"]))
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+    with torch.no_grad():
+        torch.testing.assert_close(neumf(users, items), 0.5 * gmf_net(users, items) + 0.5 * mlp_net(users, items))

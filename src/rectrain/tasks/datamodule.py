@@ -47,6 +47,11 @@ def dataclass_from_config(cls: type, values: Mapping[str, Any] | None, key: str)
     return cls(**values)
 
 
+def _as_is(batch: Any) -> Any:
+    """Batches are built whole by the batch builders: nothing to collate or convert."""
+    return batch
+
+
 class _Batches(IterableDataset):
     """Hands a batch builder to a DataLoader (``batch_size=None``: batches are already whole)."""
 
@@ -147,12 +152,12 @@ class RecDataModule(pl.LightningDataModule):
         return self._train_batches
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Batches(self.train_batches()), batch_size=None)
+        return DataLoader(_Batches(self.train_batches()), batch_size=None, collate_fn=_as_is)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         rank, world = self._rank_world()
         return DataLoader(_Batches(_RowChunks(len(self.queries(stage)), self.eval_batch_size, rank, world)),
-                          batch_size=None)
+                          batch_size=None, collate_fn=_as_is)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("valid")

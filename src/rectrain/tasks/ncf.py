@@ -70,7 +70,7 @@ class NCFTask(RankingTask):
             states[part] = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         self.net.load_pretrained(states["gmf"], states["mlp"], float(pretrained.get("alpha", 0.5)))
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         if self._spec.pairwise:
             pos = self.net(batch["user"], batch["pos_item"])
             neg = self.net(batch["user"], batch["neg_item"])
@@ -78,8 +78,7 @@ class NCFTask(RankingTask):
         else:
             logits = self.net(batch["user"], batch["item"])
             loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
-        self.track_loss(loss, batch["user"].numel())
-        return loss
+        return loss, batch["user"].numel()
 
     def score_queries(self, queries: RankingQueries, rows: np.ndarray) -> torch.Tensor:
         users = torch.as_tensor(queries.users[rows], device=self.device)

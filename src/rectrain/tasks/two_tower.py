@@ -100,7 +100,7 @@ class TwoTowerTask(RankingTask):
         super().on_train_epoch_start()
         self._generator = torch.Generator().manual_seed(self.seed * 7919 + self.current_epoch)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         items, lengths, targets = batch["items"], batch["lengths"], batch["targets"]  # (B, L), (B,), (B, L)
         queries = self.net.query_all_positions(items)  # (B, L, d)
         if self.positions == "last":
@@ -113,8 +113,7 @@ class TwoTowerTask(RankingTask):
             loss = full_softmax_loss(q, t, self.net.item_vectors(), self.net.temperature)
         else:
             loss = self._sampled_loss(q, t)
-        self.track_loss(loss, int(t.numel()))
-        return loss
+        return loss, int(t.numel())
 
     def _sampled_loss(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         candidates = t
