@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from rectrain.cli import UsageError, parse_key_values
+from rectrain.cli import UsageError, parse_key_values, require_extra, run_command
 
 KEYS: dict[str, Any] = {"ckpt_path": None, "method": "platt", "negatives": 100, "max_users": None, "seed": 0,
                         "output": None, "report": None, "into_checkpoint": False, "threads": 1}
@@ -43,38 +43,23 @@ def parse(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     return values, overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        settings, overrides = parse(argv)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print('error: calibrate.py needs the analytics extra: pip install -e ".[analytics]"', file=sys.stderr)
-        return 2
+def calibrate(parsed: tuple[dict[str, Any], list[str]]) -> str:
+    settings, overrides = parsed
+    require_extra(("matplotlib",), "calibrate.py", "analytics")
     import torch
 
     from rectrain.analytics.calibration import calibrate_checkpoint
-    from rectrain.errors import RectrainError
 
     torch.set_num_threads(settings["threads"])
-    try:
-        report = calibrate_checkpoint(settings["ckpt_path"], negatives=settings["negatives"], method=settings["method"],
-                                      seed=settings["seed"], max_users=settings["max_users"], output=settings["output"],
-                                      report_dir=settings["report"], into_checkpoint=settings["into_checkpoint"],
-                                      data_overrides=overrides)
-    except RectrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    return 0
+    report = calibrate_checkpoint(settings["ckpt_path"], negatives=settings["negatives"], method=settings["method"],
+                                  seed=settings["seed"], max_users=settings["max_users"], output=settings["output"],
+                                  report_dir=settings["report"], into_checkpoint=settings["into_checkpoint"],
+                                  data_overrides=overrides)
+    return report.summary()
 
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(sys.argv[1:] if argv is None else argv, __doc__, parse, calibrate)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from rectrain.cli import UsageError, parse_key_values
+from rectrain.cli import UsageError, parse_key_values, run_command
 
 KEYS: dict[str, Any] = {"ckpt_path": None, "output": None, "quantize": False, "opset": 17, "tolerance": 1e-5,
                         "user_vocab": None, "threads": 1, "segments": None}
@@ -34,32 +34,20 @@ def parse(argv: list[str]) -> dict[str, Any]:
     return values
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        settings = parse(argv)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def export(settings: dict[str, Any]) -> str:
     import torch
 
-    from rectrain.errors import RectrainError
     from rectrain.export import export_checkpoint
 
     torch.set_num_threads(settings["threads"])
-    try:
-        report = export_checkpoint(settings["ckpt_path"], settings["output"], opset=settings["opset"],
-                                   tolerance=settings["tolerance"], quantize=settings["quantize"],
-                                   user_vocab=settings["user_vocab"], segments=settings["segments"])
-    except RectrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    return 0
+    report = export_checkpoint(settings["ckpt_path"], settings["output"], opset=settings["opset"],
+                               tolerance=settings["tolerance"], quantize=settings["quantize"],
+                               user_vocab=settings["user_vocab"], segments=settings["segments"])
+    return report.summary()
 
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(sys.argv[1:] if argv is None else argv, __doc__, parse, export)
 
 if __name__ == "__main__":
     sys.exit(main())

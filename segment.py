@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from rectrain.cli import UsageError, parse_key_values
+from rectrain.cli import UsageError, parse_key_values, require_extra, run_command
 
 KEYS: dict[str, Any] = {"ckpt_path": None, "k": 8, "k_range": "2-12", "output": None, "seed": 0, "normalize": True,
                         "sample_size": 5000, "threads": 1}
@@ -42,38 +42,22 @@ def parse(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     return values, overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    try:
-        settings, overrides = parse(argv)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        import sklearn  # noqa: F401
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print('error: segment.py needs the analytics extra: pip install -e ".[analytics]"', file=sys.stderr)
-        return 2
+def segment(parsed: tuple[dict[str, Any], list[str]]) -> str:
+    settings, overrides = parsed
+    require_extra(("sklearn", "matplotlib"), "segment.py", "analytics")
     import torch
 
     from rectrain.analytics.reports import segment_checkpoint
-    from rectrain.errors import RectrainError
 
     torch.set_num_threads(settings["threads"])
-    try:
-        report = segment_checkpoint(settings["ckpt_path"], k=settings["k"], k_range=settings["k_range"],
-                                    output=settings["output"], seed=settings["seed"], normalize=settings["normalize"],
-                                    sample_size=settings["sample_size"], data_overrides=overrides)
-    except RectrainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(report.summary())
-    return 0
+    report = segment_checkpoint(settings["ckpt_path"], k=settings["k"], k_range=settings["k_range"],
+                                output=settings["output"], seed=settings["seed"], normalize=settings["normalize"],
+                                sample_size=settings["sample_size"], data_overrides=overrides)
+    return report.summary()
 
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(sys.argv[1:] if argv is None else argv, __doc__, parse, segment)
 
 if __name__ == "__main__":
     sys.exit(main())

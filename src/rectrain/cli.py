@@ -6,7 +6,8 @@ start-up cost. One parser for all of them: typed by the defaults, ``null`` for o
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import sys
+from typing import Any, Callable, Mapping
 
 
 class UsageError(ValueError):
@@ -55,3 +56,33 @@ def parse_key_values(argv: list[str], defaults: Mapping[str, Any], *, types: Map
         except ValueError as exc:
             raise UsageError(f"{key}={raw!r}: {exc}") from None
     return values, passthrough
+
+
+def run_command(argv: list[str], doc: str | None, parse: Callable[[list[str]], Any],
+                work: Callable[[Any], str]) -> int:
+    """The shape every ``key=value`` entry point shares: help, parse, work, one-line errors.
+
+    ``parse`` turns argv into settings (raising UsageError); ``work`` does the job and returns the
+    summary to print. A UsageError or RectrainError becomes ``error: ...`` on stderr and exit 2.
+    """
+    from rectrain.errors import RectrainError
+
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc or "")
+        return 0
+    try:
+        print(work(parse(argv)))
+    except (UsageError, RectrainError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def require_extra(module_names: tuple[str, ...], command: str, extra: str) -> None:
+    """Fail with the install command when an optional dependency is missing."""
+    import importlib.util
+
+    missing = [m for m in module_names if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f'{command} needs the {extra} extra ({", ".join(missing)} missing): '
+                         f'pip install -e ".[{extra}]"')
