@@ -26,13 +26,12 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LEAN_OVERRIDES, compose_train_config, mean_std, quiet_lightning  # noqa: E402
+from common import LEAN_OVERRIDES, compose_train_config, mean_std, quiet_lightning, trained_net  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import rectrain.training as training  # noqa: E402
-from rectrain.checkpoints import load_checkpoint, rebuild_model  # noqa: E402
 from rectrain.evaluation.baselines import MostPopular  # noqa: E402
 from rectrain.evaluation.ranking import evaluate_ranking  # noqa: E402
 from rectrain.tasks.two_tower import padded_histories  # noqa: E402
@@ -88,13 +87,7 @@ def run_one(seed: int, args: argparse.Namespace, tmp: Path, id_only: bool) -> di
     cfg = compose_train_config(overrides, tmp / f"seed{seed}-{'id' if id_only else 'full'}")
     with contextlib.redirect_stdout(io.StringIO()), (id_only_items() if id_only else contextlib.nullcontext()):
         results = training.train(cfg)
-    datamodule = training.build(cfg.data)
-    datamodule.setup()
-    data = datamodule.data
-    ckpt = load_checkpoint(results["best_checkpoint"])
-    if ckpt["rectrain"]["data_fingerprint"] != data.fingerprint:
-        raise RuntimeError("checkpoint and prepared data disagree (data fingerprint)")
-    net = rebuild_model(ckpt)
+    net, data = trained_net(cfg, results)
     queries = data.ranking_queries("test")
     cold = np.isin(queries.target_items, data.cold_items)  # one target per query (leave-one-out)
     cold_q, warm_q = queries.subset(np.flatnonzero(cold)), queries.subset(np.flatnonzero(~cold))

@@ -123,3 +123,24 @@ class TrainEpochTimer(_lightning_callback_base()):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._close_train()
+
+
+def ready_datamodule(cfg):
+    """The data module of a composed config, prepared (from the cache when it exists) and set up."""
+    from rectrain.training import build
+
+    datamodule = build(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup()
+    return datamodule
+
+
+def trained_net(cfg, results: dict):
+    """(net, prepared data) of a finished run: the best checkpoint rebuilt, checked to be trained on this data."""
+    from rectrain.checkpoints import load_checkpoint, rebuild_model
+
+    data = ready_datamodule(cfg).data
+    ckpt = load_checkpoint(results["best_checkpoint"])
+    if ckpt["rectrain"]["data_fingerprint"] != data.fingerprint:
+        raise RuntimeError("checkpoint and prepared data disagree (data fingerprint)")
+    return rebuild_model(ckpt), data

@@ -24,15 +24,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, LEAN_OVERRIDES, compose_train_config, quiet_lightning, require_dataset  # noqa: E402
+from common import DEFAULT_DATA, LEAN_OVERRIDES, compose_train_config, quiet_lightning, ready_datamodule, require_dataset, trained_net  # noqa: E402
 
 import torch  # noqa: E402
 
-from rectrain.checkpoints import load_checkpoint, rebuild_model  # noqa: E402
 from rectrain.evaluation.baselines import ItemKNN, MostPopular  # noqa: E402
 from rectrain.evaluation.ranking import evaluate_ranking  # noqa: E402
 from rectrain.evaluation.sampled import evaluate_sampled  # noqa: E402
-from rectrain.training import build, train  # noqa: E402
+from rectrain.training import train  # noqa: E402
 
 METRICS = ("hr@10", "ndcg@10", "mrr@10", "coverage@10")
 SAMPLED_METRICS = ("hr@10", "ndcg@10", "mrr@10")
@@ -64,13 +63,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict:
     seconds = time.perf_counter() - start
 
     # the same prepared data as the run (same data config, cached), for the sampled protocol
-    datamodule = build(cfg.data)
-    datamodule.setup()
-    data = datamodule.data
-    ckpt = load_checkpoint(results["best_checkpoint"])
-    if ckpt["rectrain"]["data_fingerprint"] != data.fingerprint:
-        raise RuntimeError("checkpoint and prepared data disagree (data fingerprint)")
-    net = rebuild_model(ckpt)
+    net, data = trained_net(cfg, results)
     queries = data.ranking_queries("test")
     sampled = evaluate_sampled(net_score_fn(net), queries, n_negatives=99, ks=(10,), seed=0).summary()
     return {"test": results["test"], "valid": results["valid"], "sampled": sampled, "seconds": seconds,
@@ -87,9 +80,7 @@ def baselines(args: argparse.Namespace, tmp: Path) -> tuple[dict, dict]:
     """Most popular and item-kNN through the same data and evaluator (as bench/baselines_ml100k.py)."""
     cfg = compose_train_config([*LEAN_OVERRIDES, "experiment=ml100k_mf", f"data.source.root={args.data}",
                                 f"paths.cache_dir={tmp / 'cache'}"], tmp / "baselines")
-    datamodule = build(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup()
+    datamodule = ready_datamodule(cfg)
     data = datamodule.data
     hist = data.history("test")
     queries = data.ranking_queries("test")

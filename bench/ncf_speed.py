@@ -33,14 +33,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, LEAN_OVERRIDES, compose_train_config, quiet_lightning  # noqa: E402
+from common import DEFAULT_DATA, LEAN_OVERRIDES, compose_train_config, quiet_lightning, ready_datamodule  # noqa: E402
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from rectrain.training import build, build_net_and_task  # noqa: E402
+from rectrain.training import build_net_and_task  # noqa: E402
 
 DATASETS = {
     "synthetic": ["data=synthetic"],
@@ -147,9 +147,7 @@ def measure(dataset: str, model: str, args: argparse.Namespace, extra: dict) -> 
         overrides.append(f"data.batch_size={args.batch_size}")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_train_config(overrides, tmp)
-        datamodule = build(cfg.data)
-        datamodule.prepare_data()
-        datamodule.setup()
+        datamodule = ready_datamodule(cfg)
         template = build_net_and_task(cfg, datamodule)
         datamodule.train_spec = template.train_spec
         batches = datamodule.train_batches()  # the builder Lightning iterates, reused by the plain loop

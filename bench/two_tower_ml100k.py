@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    ready_datamodule,
     CONF_DIR,
     DEFAULT_DATA,
     LEAN_OVERRIDES,
@@ -40,7 +41,7 @@ import torch  # noqa: E402
 
 from rectrain.evaluation.baselines import ItemKNN, MostPopular  # noqa: E402
 from rectrain.evaluation.ranking import evaluate_ranking  # noqa: E402
-from rectrain.training import build, train  # noqa: E402
+from rectrain.training import train  # noqa: E402
 
 METRICS = ("hr@10", "ndcg@10", "mrr@10", "coverage@10")
 REFERENCE = {  # ../shared/data/README.md: RecBole 1.2.1, same protocol, 2 CPU threads, seed 2020
@@ -71,9 +72,7 @@ def baselines(args: argparse.Namespace, tmp: Path) -> dict:
     """Most popular and item-kNN on the same prepared data and evaluator."""
     cfg = compose_train_config([*LEAN_OVERRIDES, f"experiment={args.experiment}", f"data.source.root={args.data}",
                                 f"paths.cache_dir={tmp / 'cache'}"], tmp / "baselines")
-    datamodule = build(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup()
+    datamodule = ready_datamodule(cfg)
     data = datamodule.data
     hist = data.history("test")
     queries = data.ranking_queries("test")

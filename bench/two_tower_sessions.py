@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    ready_datamodule,
     DEFAULT_DATA,
     LEAN_OVERRIDES,
     TrainEpochTimer,
@@ -47,7 +48,7 @@ import torch  # noqa: E402
 
 from rectrain.evaluation.baselines import ItemKNN, MostPopular, SessionKNN  # noqa: E402
 from rectrain.evaluation.ranking import evaluate_ranking  # noqa: E402
-from rectrain.training import build, train  # noqa: E402
+from rectrain.training import train  # noqa: E402
 
 METRICS = ("hr@20", "mrr@20", "hr@10", "coverage@20")
 REFERENCE = {  # ../shared/data/README.md, rank = 1 + #strictly greater scores
@@ -83,9 +84,7 @@ def baselines(args: argparse.Namespace, tmp: Path) -> tuple[dict, dict]:
     """Popularity, item-kNN and session-kNN fitted on train + valid sessions (all of train_full)."""
     cfg = compose_train_config([*LEAN_OVERRIDES, f"experiment={args.experiment}", *data_overrides(args, tmp)],
                                tmp / "baselines")
-    datamodule = build(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup()
+    datamodule = ready_datamodule(cfg)
     data = datamodule.data
     hist = data.history("test")
     queries = data.ranking_queries("test")

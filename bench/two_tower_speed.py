@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    ready_datamodule,
     DEFAULT_DATA,
     LEAN_OVERRIDES,
     TrainEpochTimer,
@@ -43,7 +44,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from rectrain.training import build, build_net_and_task  # noqa: E402
+from rectrain.training import build_net_and_task  # noqa: E402
 
 
 def build_epoch(batches, epoch: int) -> float:
@@ -68,9 +69,7 @@ def measure(threads: int, args: argparse.Namespace, tmp: Path) -> dict:
                                 f"paths.cache_dir={tmp / 'cache'}", f"torch_threads={threads}", *args.set],
                                tmp / f"threads{threads}")
     pl.seed_everything(int(cfg.seed), workers=True)
-    datamodule = build(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup()
+    datamodule = ready_datamodule(cfg)
     task = build_net_and_task(cfg, datamodule)
     timer = TrainEpochTimer()
     trainer = instantiate(cfg.trainer, callbacks=[timer], logger=False, enable_checkpointing=False,

@@ -485,13 +485,9 @@ def plot_reliability(predictions: dict[str, np.ndarray], labels: np.ndarray, wei
                      path: str | Path, *, title: str = "") -> None:
     """Reliability diagram: 15 equal-width bins (the ECE's), and equal-weight bins on log axes
     (where almost all the mass of a rare event lies)."""
-    import matplotlib
+    from rectrain.analytics.common import pyplot, save_figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from rectrain.utils.io import atomic_path
-
+    plt = pyplot()
     colors = {"raw": "#c44e52", "prior": "#dd8452", "calibrated": "#4c72b0"}
     fig, (ax_lin, ax_log) = plt.subplots(1, 2, figsize=(12, 5))
     ax_lin.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
@@ -529,9 +525,4 @@ def plot_reliability(predictions: dict[str, np.ndarray], labels: np.ndarray, wei
     ax_log.set(xlabel="mean predicted probability", ylabel="observed frequency",
                title="20 equal-weight bins, log scale (test)")
     ax_log.legend(fontsize=8, loc="upper left")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)

@@ -104,3 +104,25 @@ def prepared_data(data_cfg: Any) -> Any:
     except TypeError as exc:
         raise RectrainError(f"the checkpoint's data config does not fit this rectrain version: {exc}") from None
     return load_or_prepare(source, pre, split, values.get("cache_dir"))
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (reports are drawn on machines with no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, title: str = "") -> None:
+    """Title, tight layout and an atomic PNG write (no half-written picture), then free the figure."""
+    from rectrain.utils.io import atomic_path
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    pyplot().close(fig)

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from rectrain.utils.io import atomic_path, write_text_atomic
+from rectrain.utils.io import write_text_atomic
 
 REPORT_FILES = ("segments.md", "segments.csv", "segment_categories.csv", "segment_items.csv", "segments.png",
                 "segments.json", "segments.npz", "user_segments.csv")
@@ -147,11 +147,10 @@ def _md(text: str) -> str:
 
 def plot_segments(profiles: SegmentProfiles, path: str | Path, *, title: str = "", max_categories: int = 15) -> None:
     """One PNG, two panels: segment sizes, and the lift of the top categories per segment (heatmap)."""
-    import matplotlib
+    from rectrain.analytics.common import pyplot, save_figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import TwoSlopeNorm
+    plt = pyplot()
+    from matplotlib.colors import TwoSlopeNorm  # after pyplot(): the backend is chosen first
 
     summary, cats = profiles.summary, profiles.categories
     k = len(summary)
@@ -187,12 +186,7 @@ def plot_segments(profiles: SegmentProfiles, path: str | Path, *, title: str = "
     else:
         ax_lift.text(0.5, 0.5, "no item categories in this dataset", ha="center", va="center")
         ax_lift.set_axis_off()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
