@@ -68,10 +68,17 @@ def test_two_tower_export_matches_torch_on_unseen_shapes(checkpoints, exports):
         np.testing.assert_allclose(scores[row], full[row].numpy()[items[row]], rtol=1e-5, atol=1e-5)
         assert_same_topk(items[row].tolist(), want[row], full[row].numpy())
 
-    # the ANN graphs: query . item_vectors is the recommend graph's score
+    # the ANN graphs: query . item_vectors + the metadata's repeat bonus is the recommend graph's score
     (query,) = _session(path.with_name("two_tower.query.onnx")).run(None, {"history": history, "lengths": lengths})
     (vectors,) = _session(path.with_name("two_tower.item_vectors.onnx")).run(None, {"items": np.arange(n_items)})
-    np.testing.assert_allclose(query @ vectors.T, full.numpy(), rtol=1e-5, atol=1e-5)
+    bonus = np.array(json_meta(onnx_metadata(path), "repeat_bonus"), dtype=np.float32)
+    assert bonus.shape == (3,) and np.abs(bonus).max() > 0  # trained away from its zero start
+    with_bonus = query @ vectors.T
+    for row in range(5):
+        for back, item in enumerate(history[row, :lengths[row]][::-1]):
+            with_bonus[row, item] += bonus[min(back, 2)]
+    np.testing.assert_allclose(with_bonus, full.numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(query @ vectors.T, full.numpy(), rtol=1e-5, atol=1e-5)
     some = np.array([5, 0, 5])
     (picked,) = _session(path.with_name("two_tower.item_vectors.onnx")).run(None, {"items": some})
     np.testing.assert_array_equal(picked, vectors[some])
@@ -191,10 +198,14 @@ def test_exclusion_k_clamp_and_tie_rule(tmp_path):
     lambda: NeuMF(5, 9, dim=4, layers=[8, 4]),
     lambda: TwoTower(n_items=9, n_categories=0, dim=4, cell="lstm", hidden=6, layers=2, normalize=True,
                      temperature=0.1, max_length=7),
-], ids=["mf", "gmf", "mlp", "neumf", "two_tower_lstm_normalized"])
+    lambda: TwoTower(n_items=9, n_categories=0, dim=4, hidden=6, max_length=7, repeat_slots=2),
+], ids=["mf", "gmf", "mlp", "neumf", "two_tower_lstm_normalized", "two_tower_repeat_bonus"])
 def test_every_model_class_exports_with_parity(tmp_path, make):
     torch.manual_seed(0)
     net = make().eval()
+    if getattr(net, "repeat_bonus", None) is not None:
+        with torch.no_grad():
+            net.repeat_bonus.copy_(torch.tensor([2.0, -1.0]))  # large enough to reorder the top-K
     facts = {"model_class": f"{type(net).__module__}.{type(net).__name__}", "model_config": net.config,
              "n_users": net.config.get("n_users", 0), "n_items": 9}
     vocab = tmp_path / "users.json"

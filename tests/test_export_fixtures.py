@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: 300 generated users x 150 items -> 266 users, 128 items after the 5-core filter
 DATA = ["data.source.n_users=300", "data.source.n_items=150", "data.source.mean_length=20", "data.batch_size=256"]
 MODELS = {
-    "two_tower": ["model=two_tower", "model.dim=16", "model.encoder.hidden=32", "model.net.max_length=20"],
+    # with a repeat bonus, so export, parity and both scorer paths are checked with it
+    "two_tower": ["model=two_tower", "model.dim=16", "model.encoder.hidden=32", "model.net.max_length=20",
+                  "model.net.repeat_slots=3"],
     "neumf": ["model=neumf", "model.optimizer.lr=0.01"],
 }
 LEAN = ["logger=none", "callbacks.item_embeddings=null", "callbacks.lr_monitor=null", "callbacks.progress_bar=null",

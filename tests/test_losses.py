@@ -103,3 +103,13 @@ def test_full_softmax_is_cross_entropy_over_the_catalog():
     items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     expected = -torch.log_softmax(torch.tensor([1.0, 2.0, 3.0]) / 2.0, 0)[1]
     torch.testing.assert_close(full_softmax_loss(q, torch.tensor([1]), items, temperature=2.0), expected)
+
+
+def test_history_bonus_reaches_every_column_holding_the_item():
+    from rectrain.losses import history_bonus_columns
+
+    candidates = torch.tensor([4, 2, 4, 9])  # item 4 fills columns 0 and 2
+    history = torch.tensor([[4, 4, 7], [2, 0, 0]])
+    values = torch.tensor([[1.0, 0.5, 3.0], [2.0, 0.0, 0.0]])
+    out = history_bonus_columns(candidates, history, values)
+    assert out.tolist() == [[1.5, 0.0, 1.5, 0.0], [0.0, 2.0, 0.0, 0.0]]  # item 7 is no candidate: dropped

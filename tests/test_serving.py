@@ -164,6 +164,16 @@ def test_score_agrees_with_recommend(tt, ncf):
     scored = tt.score(history=vocab[2:5], items=top["items"] + ["unknown"])
     assert scored["items"] == top["items"] and scored["unknown_items"] == ["unknown"]
     np.testing.assert_allclose(scored["scores"], top["scores"], rtol=1e-5, atol=1e-5)
+    # history items too: /score adds the same repeat bonus the recommend graph does (run here whole)
+    assert tt.model.repeat_bonus is not None
+    history = vocab[2:5] + [vocab[3]]
+    scored = tt.score(history=history, items=vocab)
+    idx = np.array([tt.model.item_index[h] for h in history], dtype=np.int64)
+    items, scores = tt.model.session.run(None, {"history": idx[None], "lengths": np.array([len(idx)]),
+                                                "exclude": np.zeros((1, 0), np.int64), "k": np.array(len(vocab))})
+    graph = np.empty(len(vocab), np.float32)
+    graph[items[0]] = scores[0]
+    np.testing.assert_allclose(scored["scores"], graph, rtol=1e-5, atol=1e-5)
     user = next(iter(ncf.model.user_index))
     top = ncf.recommend(user=user, k=5)
     scored = ncf.score(user=user, items=top["items"])

@@ -119,3 +119,54 @@ def test_two_tower_trains_on_session_logs_without_item_features(compose_cfg, tmp
     results = train(cfg)
     assert "session next-item" in results["protocol"] and "no masking" in results["protocol"]
     assert results["valid"]["hr@10"] > 0.3  # the successor rule is learnable
+
+
+def test_repeat_bonus_adds_the_recency_slot_value_per_occurrence():
+    torch.manual_seed(0)
+    net = TwoTower(n_items=20, dim=8, hidden=8, repeat_slots=3).eval()
+    with torch.no_grad():
+        net.repeat_bonus.copy_(torch.tensor([1.0, 0.5, 0.25]))
+    items = torch.tensor([[3, 4, 3, 5, 9], [7, 9, 9, 9, 9]])  # 9s are padding beyond the lengths
+    lengths = torch.tensor([4, 1])
+    with torch.no_grad():
+        extra = net(items, lengths) - net.score(net.query(items, lengths), net.item_vectors())
+    # row 0: item 5 is the last (slot 0), 3 is 1 back (0.5) and 3 back (slot 2: 0.25), 4 is 2 back
+    torch.testing.assert_close(extra[0, [5, 3, 4, 9]], torch.tensor([1.0, 0.75, 0.25, 0.0]))
+    torch.testing.assert_close(extra[1, [7, 9]], torch.tensor([1.0, 0.0]))
+    assert int((extra.abs() > 1e-6).sum()) == 4  # nothing else moved
+    # training rows: the query at position p sees items 0..p only
+    table = net.history_bonus_all_positions(4)
+    assert table.tolist() == [[1.0, 0, 0, 0], [0.5, 1.0, 0, 0], [0.25, 0.5, 1.0, 0], [0.25, 0.25, 0.5, 1.0]]
+    assert TwoTower(n_items=5, dim=4).history_bonus(items, lengths) is None
+
+
+@pytest.mark.parametrize("loss", ["full", "sampled"])
+def test_training_loss_with_repeat_bonus_equals_scoring_each_prefix(loss):
+    """The batched all-positions loss gives every example exactly the score evaluation gives its prefix."""
+    from rectrain.losses import candidate_logits
+    from rectrain.tasks.two_tower import TwoTowerTask
+
+    torch.manual_seed(0)
+    net = TwoTower(n_items=12, dim=6, hidden=8, embedding_dropout=0.0, dropout=0.0, repeat_slots=2)
+    with torch.no_grad():
+        net.repeat_bonus.copy_(torch.tensor([0.7, -0.3]))
+    task = TwoTowerTask(net, loss=loss, logq_correction=False)
+    items = torch.tensor([[1, 2, 1, 3], [4, 4, 0, 0], [5, 0, 0, 0]])
+    targets = torch.tensor([[2, 1, 3, 1], [4, 6, -1, -1], [7, -1, -1, -1]])
+    loss_value, n = task.compute_loss({"items": items, "lengths": torch.tensor([4, 2, 1]), "targets": targets})
+    assert n == 7
+    expected = []
+    for b, p in (targets >= 0).nonzero().tolist():
+        scores = net(items[b:b + 1, :p + 1], torch.tensor([p + 1]))[0]  # what evaluation scores
+        expected.append((scores, targets[b, p]))
+    if loss == "full":
+        want = torch.stack([torch.nn.functional.cross_entropy(s[None], t[None]) for s, t in expected]).mean()
+    else:  # candidates are the batch's targets: gather the prefix scores at them, mask accidental hits
+        t = torch.stack([t for _, t in expected])
+        logits = torch.stack([s[t] for s, _ in expected])
+        plain = candidate_logits(torch.eye(7), t, t, torch.zeros(7, 7))  # only the accidental-hit mask
+        logits = logits.masked_fill(plain < -1, -1e9)
+        want = torch.nn.functional.cross_entropy(logits, torch.arange(7))
+    torch.testing.assert_close(loss_value, want, atol=1e-5, rtol=1e-5)
+    loss_value.backward()
+    assert net.repeat_bonus.grad is not None and net.repeat_bonus.grad.abs().sum() > 0

@@ -22,7 +22,8 @@ NEG_INF = -1e9  # finite, so a row whose negatives are all masked gives a define
 
 def candidate_logits(queries: torch.Tensor, targets: torch.Tensor, candidate_items: torch.Tensor,
                      candidate_vectors: torch.Tensor, log_q: torch.Tensor | None = None,
-                     temperature: float = 1.0) -> torch.Tensor:
+                     temperature: float = 1.0, history: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> torch.Tensor:
     """Logits of every query against a shared candidate set, corrected and masked.
 
     Args:
@@ -34,12 +35,16 @@ def candidate_logits(queries: torch.Tensor, targets: torch.Tensor, candidate_ite
         log_q: (C,) log of each candidate's expected count in the candidate set; subtracted
             from its logit (logQ correction). None: no correction.
         temperature: logits are divided by this before the correction.
+        history: optional ((N, H) item indices, (N, H) score bonus) per row: each candidate column
+            whose item is in row n's history gets that bonus added (the two-tower repeat bonus).
 
     Returns:
         (N, C) logits; column i is row i's positive; any other column holding row i's target
         item is set to a large negative value (accidental hit).
     """
     logits = queries @ candidate_vectors.T / temperature  # (N, C)
+    if history is not None:
+        logits = logits + history_bonus_columns(candidate_items, *history)
     if log_q is not None:
         logits = logits - log_q[None, :]
     n = targets.shape[0]
@@ -84,11 +89,34 @@ def expected_count_log_q(candidate_items: torch.Tensor, n_in_batch: int, unigram
     return torch.log(expected.clamp_min(1e-12))
 
 
+def history_bonus_columns(candidate_items: torch.Tensor, history_items: torch.Tensor,
+                          history_values: torch.Tensor) -> torch.Tensor:
+    """(C,) candidate items, (N, H) history items and their bonus -> (N, C) bonus per candidate column.
+
+    A candidate item can fill several columns (in-batch targets repeat), so the bonus is summed per
+    distinct item (N, U) and spread back to the columns: memory N x C, never N x H x C.
+    """
+    unique, inverse = torch.unique(candidate_items, return_inverse=True)  # sorted (U,), (C,)
+    where = torch.searchsorted(unique, history_items).clamp(max=unique.numel() - 1)  # (N, H)
+    found = unique[where] == history_items
+    per_item = torch.zeros(history_items.shape[0], unique.numel(), dtype=history_values.dtype,
+                           device=history_values.device)
+    per_item = per_item.scatter_add(1, where, history_values * found.to(history_values.dtype))  # (N, U)
+    return per_item[:, inverse]  # (N, C)
+
+
 def full_softmax_loss(queries: torch.Tensor, targets: torch.Tensor, item_vectors: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """Cross-entropy over the whole catalog: exact, and affordable for catalogs up to ~10^5 items."""
-    return F.cross_entropy(queries @ item_vectors.T / temperature, targets)
+                      temperature: float = 1.0, history: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
+    """Cross-entropy over the whole catalog: exact, and affordable for catalogs up to ~10^5 items.
+
+    ``history``: optional ((N, H) item indices, (N, H) bonus) added to those items' logits.
+    """
+    logits = queries @ item_vectors.T / temperature  # (N, I)
+    if history is not None:
+        logits = logits.scatter_add(1, *history)
+    return F.cross_entropy(logits, targets)
 
 
-__all__ = ["candidate_logits", "sampled_softmax_loss", "bpr_max_loss", "expected_count_log_q",
+__all__ = ["candidate_logits", "history_bonus_columns", "sampled_softmax_loss", "bpr_max_loss", "expected_count_log_q",
            "full_softmax_loss", "NEG_INF"]

@@ -214,7 +214,8 @@ def check_graph(spec: GraphSpec, net: nn.Module, session: Any, kind: str, *, max
                 items, scores = session.run(["items", "scores"], {"history": history, "lengths": lengths,
                                                                   "exclude": exclude, "k": np.array(k, np.int64)})
                 _check_k(stats, case, items, k, n_items)
-                full = net.score(query, reference.item_vectors())  # (B, I), as TwoTower.forward
+                h, n = torch.from_numpy(history), torch.from_numpy(lengths)
+                full = net.score_histories(query, reference.item_vectors(), h, n)  # (B, I), as TwoTower.forward
                 _check_topk(stats, f"{case}, k {k}", _mask(full, exclude), items, scores, tol)
         else:
             n_users = int(net.config["n_users"])

@@ -50,14 +50,19 @@ class TwoTowerRecommend(nn.Module):
         with torch.no_grad():
             self.register_buffer("item_vectors", net.item_vectors().detach().clone())  # (I, d)
 
-    def query(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def clamp_lengths(history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         width = torch.full_like(lengths, history.shape[1])
-        lengths = torch.minimum(lengths.clamp(min=1), width)  # (B,) in 1..L
-        return self.net.query(history, lengths)  # (B, d)
+        return torch.minimum(lengths.clamp(min=1), width)  # (B,) in 1..L
+
+    def query(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.net.query(history, self.clamp_lengths(history, lengths))  # (B, d)
 
     def forward(self, history: torch.Tensor, lengths: torch.Tensor, exclude: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.net.score(self.query(history, lengths), self.item_vectors)  # (B, I)
+        lengths = self.clamp_lengths(history, lengths)
+        query = self.net.query(history, lengths)  # (B, d)
+        scores = self.net.score_histories(query, self.item_vectors, history, lengths)  # (B, I), repeat bonus included
         return exclude_and_topk(scores, exclude, k)
 
 
@@ -65,7 +70,9 @@ class TwoTowerQuery(TwoTowerRecommend):
     """history (B, L), lengths (B,) -> query (B, d): the query tower alone, for services with their own ANN index.
 
     The query comes out divided by the model's temperature, so ``query . item_vector`` is exactly
-    the recommend graph's score (an inner-product index needs nothing else).
+    the recommend graph's score (an inner-product index needs nothing else) - except for a model
+    trained with a repeat bonus: then items in the history also get ``rectrain.repeat_bonus[slot]``
+    added (slot = positions back from the last item, capped), which the metadata carries.
     """
 
     def forward(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

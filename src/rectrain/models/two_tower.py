@@ -9,6 +9,13 @@ Shapes: B batch, L history length, d output dim, H RNN hidden size, I catalog si
 Histories are right-padded; ``lengths`` says how many leading positions are real. The RNN is
 causal, so padding *after* the last real position cannot change the state there, and taking the
 state at ``lengths - 1`` needs no packed sequences (which do not export to ONNX).
+
+Repeat bonus (``repeat_slots > 0``): in click sessions the next item is often one already clicked
+(the reference item-kNN gets much of its MRR from recommending the last item itself). A dot product
+has no natural way to say "the item I just saw"; a learned score bonus per recency slot does:
+an item ``r`` positions back from the query position gets ``bonus[min(r, repeat_slots - 1)]`` added
+to its score, summed over its occurrences. It is part of training, evaluation and the exported
+recommend graph alike.
 """
 from __future__ import annotations
 
@@ -111,25 +118,32 @@ class TwoTower(nn.Module):
         normalize: L2-normalise query and item vectors (cosine scores).
         temperature: scores are divided by this (matters with ``normalize``).
         max_length: the most recent items a query reads; longer histories are cut to their tail.
+        repeat_slots: learned score bonus for items already in the history, one value per recency
+            slot (0: the last item, 1: the one before, ...; older items share the last slot).
+            0 disables it (scores are then a pure dot product, as an ANN index needs).
     """
 
     def __init__(self, n_items: int, n_categories: int = 0, dim: int = 64, cell: str = "gru", hidden: int = 128,
                  layers: int = 1, embedding_dropout: float = 0.2, dropout: float = 0.2,
                  item_hidden: Sequence[int] = (64,), id_dropout: float = 0.0, tie_embeddings: bool = True,
-                 normalize: bool = False, temperature: float = 1.0, max_length: int = 50) -> None:
+                 normalize: bool = False, temperature: float = 1.0, max_length: int = 50,
+                 repeat_slots: int = 0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError("model.net.temperature must be > 0")
+        if repeat_slots < 0:
+            raise ValueError("model.net.repeat_slots must be >= 0")
         self.config = {"n_items": n_items, "n_categories": n_categories, "dim": dim, "cell": cell, "hidden": hidden,
                        "layers": layers, "embedding_dropout": embedding_dropout, "dropout": dropout,
                        "item_hidden": [int(h) for h in item_hidden], "id_dropout": id_dropout,
                        "tie_embeddings": tie_embeddings, "normalize": normalize, "temperature": temperature,
-                       "max_length": max_length}
+                       "max_length": max_length, "repeat_slots": repeat_slots}
         self.n_items, self.max_length = n_items, max_length
         self.normalize, self.temperature = normalize, temperature
         self.item_tower = ItemTower(n_items, dim, n_categories, item_hidden, id_dropout)
         input_embedding = self.item_tower.id_embedding if tie_embeddings else nn.Embedding(n_items, dim)
         self.query_tower = SessionEncoder(input_embedding, dim, cell, hidden, layers, embedding_dropout, dropout)
+        self.repeat_bonus = nn.Parameter(torch.zeros(repeat_slots)) if repeat_slots else None
 
     def set_item_features(self, categories: torch.Tensor) -> None:
         """Copy the (I, C) category multi-hot matrix into the item tower."""
@@ -154,9 +168,36 @@ class TwoTower(nn.Module):
         """(..., d) queries x (N, d) items -> (..., N) scores."""
         return queries @ item_vectors.T / self.temperature
 
+    def history_bonus(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+        """(B, L) histories, (B,) lengths -> (B, L) bonus of each history position for the query at
+        the last real position (0 on padding); None without a repeat bonus."""
+        if self.repeat_bonus is None:
+            return None
+        positions = torch.arange(items.shape[1], device=items.device)  # (L,)
+        back = lengths.view(-1, 1) - 1 - positions.view(1, -1)  # (B, L): 0 at the last real item
+        slot = back.clamp(0, self.repeat_bonus.shape[0] - 1)
+        return self.repeat_bonus[slot] * (back >= 0).to(self.repeat_bonus.dtype)
+
+    def history_bonus_all_positions(self, length: int) -> torch.Tensor | None:
+        """(L, L): row p = bonus of history positions 0..L-1 for the query at position p (training on
+        every position; the same for every sequence, so computed once per batch)."""
+        if self.repeat_bonus is None:
+            return None
+        positions = torch.arange(length, device=self.repeat_bonus.device)
+        back = positions.view(-1, 1) - positions.view(1, -1)  # (L, L): p - j
+        slot = back.clamp(0, self.repeat_bonus.shape[0] - 1)
+        return self.repeat_bonus[slot] * (back >= 0).to(self.repeat_bonus.dtype)
+
+    def score_histories(self, queries: torch.Tensor, item_vectors: torch.Tensor, items: torch.Tensor,
+                        lengths: torch.Tensor) -> torch.Tensor:
+        """(B, d) queries of the (B, L) histories x (I, d) catalog -> (B, I) scores, repeat bonus included."""
+        scores = self.score(queries, item_vectors)
+        bonus = self.history_bonus(items, lengths)
+        return scores if bonus is None else scores.scatter_add(1, items, bonus)
+
     def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, L), (B,) -> (B, I) scores over the whole catalog."""
-        return self.score(self.query(items, lengths), self.item_vectors())
+        return self.score_histories(self.query(items, lengths), self.item_vectors(), items, lengths)
 
     def item_embeddings(self) -> torch.Tensor:
         return self.item_vectors()

@@ -77,6 +77,8 @@ class OnnxModel:
         mask_seen: the training protocol's default for excluding history items.
         score_session: NCF ``score`` graph or two-tower ``query`` graph (None if absent).
         item_vectors: two-tower (I, d) item vectors from the ``item_vectors`` graph (None if absent).
+        repeat_bonus: two-tower score bonus per recency slot for items already in the history
+            (None: the model has none); the recommend graph applies it, ``/score`` adds it here.
     """
 
     path: Path
@@ -93,6 +95,7 @@ class OnnxModel:
     user_index: dict[str, int] | None = None
     score_session: ort.InferenceSession | None = None
     item_vectors: np.ndarray | None = None
+    repeat_bonus: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
     loaded_at: float = field(default_factory=time.time)
     segment_centroids: np.ndarray | None = None  # (k, d), unit-norm space when segments_normalize
@@ -103,6 +106,14 @@ class OnnxModel:
     @property
     def n_items(self) -> int:
         return len(self.item_vocab)
+
+    def history_bonus(self, history: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """(n,) repeat bonus of ``items`` given the (L,) history, as the recommend graph adds it."""
+        if self.repeat_bonus is None or not len(self.repeat_bonus) or not len(history):
+            return np.zeros(len(items), dtype=np.float32)
+        back = np.arange(len(history))[::-1]  # positions back from the last item
+        per_position = self.repeat_bonus[np.minimum(back, len(self.repeat_bonus) - 1)]  # (L,)
+        return (items[:, None] == history[None, :]).astype(np.float32) @ per_position  # (n,)
 
     @classmethod
     def load(cls, path: str | Path, threads: int = 1) -> "OnnxModel":
@@ -138,6 +149,8 @@ class OnnxModel:
                     popularity=popularity, popularity_order=np.lexsort((np.arange(n_items), -popularity)),
                     mask_seen=bool(_json_meta(meta, "mask_seen", path)),
                     max_length=int(meta["max_length"]) if kind == "two_tower" else None)
+        if "repeat_bonus" in meta:
+            model.repeat_bonus = np.asarray(_json_meta(meta, "repeat_bonus", path), dtype=np.float32).reshape(-1)
         if len(model.item_index) != n_items:
             raise ModelLoadError(f"{path}: the item vocabulary holds duplicate raw ids")
         model._load_companions(threads)

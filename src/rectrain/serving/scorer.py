@@ -347,7 +347,8 @@ class Scorer:
             (query,) = model.score_session.run(["query"], {"history": q.history[None, :],
                                                           "lengths": np.array([len(q.history)], np.int64)})
             assert model.item_vectors is not None
-            scores = model.item_vectors[q.item_idx] @ query[0]  # (n,): the recommend graph's score
+            scores = model.item_vectors[q.item_idx] @ query[0]  # (n,)
+            scores = scores + model.history_bonus(q.history, q.item_idx)  # now the recommend graph's score
         else:
             (scores,) = model.score_session.run(["scores"], {"user": np.full(len(q.items), q.user, np.int64),
                                                             "item": q.item_idx})

@@ -109,13 +109,25 @@ class TwoTowerTask(RankingTask):
         else:
             mask = targets >= 0
         q, t = queries[mask], targets[mask]  # (N, d), (N,)
+        history = self._history_bonus(items, mask)
         if self.loss_name == "full":
-            loss = full_softmax_loss(q, t, self.net.item_vectors(), self.net.temperature)
+            loss = full_softmax_loss(q, t, self.net.item_vectors(), self.net.temperature, history)
         else:
-            loss = self._sampled_loss(q, t)
+            loss = self._sampled_loss(q, t, history)
         return loss, int(t.numel())
 
-    def _sampled_loss(self, q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _history_bonus(self, items: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """((N, L) history items, (N, L) repeat bonus) of the N selected positions, or None.
+
+        The example at (b, p) has read items[b, :p+1]; later positions get bonus 0."""
+        per_position = self.net.history_bonus_all_positions(items.shape[1])  # (L, L) or None
+        if per_position is None:
+            return None
+        rows, positions = mask.nonzero(as_tuple=True)  # (N,), (N,) in the same order as queries[mask]
+        return items[rows], per_position[positions]
+
+    def _sampled_loss(self, q: torch.Tensor, t: torch.Tensor,
+                      history: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         candidates = t
         if self.extra_negatives and self._sampler is not None:
             gen = self._generator or torch.Generator().manual_seed(self.seed)
@@ -126,7 +138,8 @@ class TwoTowerTask(RankingTask):
             extra_p = self._sampler.probabilities.to(q.device, q.dtype) if self._sampler is not None else None
             log_q = expected_count_log_q(candidates, t.numel(), self.unigram.to(q.dtype),
                                          candidates.numel() - t.numel(), extra_p)
-        logits = candidate_logits(q, t, candidates, self.net.item_vectors(candidates), log_q, self.net.temperature)
+        logits = candidate_logits(q, t, candidates, self.net.item_vectors(candidates), log_q, self.net.temperature,
+                                  history)
         if self.loss_name == "bpr_max":
             return bpr_max_loss(logits, self.bpr_max_regularization)
         return sampled_softmax_loss(logits)
@@ -145,5 +158,6 @@ class TwoTowerTask(RankingTask):
 
     def score_queries(self, queries: RankingQueries, rows: np.ndarray) -> torch.Tensor:
         items, lengths = padded_histories(queries, rows, self.net.max_length)
-        q = self.net.query(items.to(self.device), lengths.to(self.device))  # (B, d)
-        return self.net.score(q, self._item_vectors_for_eval())  # (B, I)
+        items, lengths = items.to(self.device), lengths.to(self.device)
+        q = self.net.query(items, lengths)  # (B, d)
+        return self.net.score_histories(q, self._item_vectors_for_eval(), items, lengths)  # (B, I)
