@@ -155,7 +155,9 @@ def measure(dataset: str, model: str, args: argparse.Namespace, extra: dict) -> 
         samples = batches.users.numel() * (1 + k)
         lr = float(cfg.model.optimizer.lr)
         init_state = copy.deepcopy(template.net.state_dict())
-        rows: dict[str, list] = {"plain": [], "lightning": [], "build": [], "lightning_fit_wall": []}
+        rows: dict[str, list] = {"plain": [], "lightning": [], "lightning_inline": [], "build": [],
+                                 "lightning_fit_wall": []}
+        prefetch = datamodule.prefetch
         for _ in range(args.rounds):
             # plain loop
             net = copy.deepcopy(template.net)
@@ -168,6 +170,13 @@ def measure(dataset: str, model: str, args: argparse.Namespace, extra: dict) -> 
             times, wall = lightning_fit(task, datamodule, cfg.trainer, args.epochs, extra)
             rows["lightning"].append(rate(samples, times))
             rows["lightning_fit_wall"].append(samples * len(times) / wall)
+            # the same, with batches built inline between steps (data.prefetch=0), as the plain loop does
+            task = build_net_and_task(cfg, datamodule)
+            task.net.load_state_dict(init_state)
+            datamodule.prefetch = 0
+            times, _ = lightning_fit(task, datamodule, cfg.trainer, args.epochs, extra)
+            datamodule.prefetch = prefetch
+            rows["lightning_inline"].append(rate(samples, times))
             # the builder alone
             rows["build"].append(build_only(batches, 1))
         profile = None
@@ -182,6 +191,7 @@ def measure(dataset: str, model: str, args: argparse.Namespace, extra: dict) -> 
             profile = buf.getvalue()
     plain = statistics.median(r[0] for r in rows["plain"])
     light = statistics.median(r[0] for r in rows["lightning"])
+    inline = statistics.median(r[0] for r in rows["lightning_inline"])
     plain_cpu = statistics.median(r[1] for r in rows["plain"])
     light_cpu = statistics.median(r[1] for r in rows["lightning"])
     build_s = statistics.median(r[0] for r in rows["build"])
@@ -190,6 +200,7 @@ def measure(dataset: str, model: str, args: argparse.Namespace, extra: dict) -> 
         "dataset": dataset, "model": model, "batch_size": int(cfg.data.batch_size), "negatives": k,
         "steps": len(batches), "samples": samples, "plain": plain, "lightning": light,
         "fit_wall": statistics.median(rows["lightning_fit_wall"]), "ratio": light / plain,
+        "prefetch": prefetch, "inline": inline, "ratio_inline": inline / plain,
         "ratio_cpu": light_cpu / plain_cpu,
         "ratios": [lr[0] / pr[0] for pr, lr in zip(rows["plain"], rows["lightning"])],
         "build_s": build_s, "build_cpu": build_cpu,
@@ -232,13 +243,15 @@ def main() -> None:
           f"(first epoch of each fit untimed), medians; extra Trainer args: {extra or 'none'}\n")
     print("| data | model | batch (pos) | neg/pos | steps/epoch | plain loop samples/s | Lightning samples/s "
           "| Lightning / plain (wall) | per round | Lightning / plain (CPU time) | Lightning incl. fit setup, samples/s "
-          "| batch building, CPU s/epoch | batch building share of step time (plain / Lightning) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+          "| Lightning, batches inline (prefetch 0) / plain | batch building, CPU s/epoch "
+          "| batch building share of step time (plain / Lightning) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['dataset']} | {r['model']} | {r['batch_size']} | {r['negatives']} | {r['steps']} "
               f"| {r['plain']:,.0f} | {r['lightning']:,.0f} | {r['ratio']:.3f} "
               f"| {' '.join(f'{x:.2f}' for x in r['ratios'])} | {r['ratio_cpu']:.3f} | {r['fit_wall']:,.0f} "
-              f"| {r['build_cpu']:.3f} | {r['build_share']:.1%} / {r['build_share_lightning']:.1%} |")
+              f"| {r['ratio_inline']:.3f} | {r['build_cpu']:.3f} "
+              f"| {r['build_share']:.1%} / {r['build_share_lightning']:.1%} |")
     print("\nsamples = positives + negatives; samples/s are medians over rounds of wall-clock throughput of the "
           "timed epochs; the CPU-time ratio uses this process's CPU seconds instead (robust to other jobs on a "
           "shared machine). Lightning epoch time includes its per-step hooks, DataLoader and logging; 'incl. fit "

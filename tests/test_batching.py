@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from rectrain.data.batching import (
@@ -76,11 +77,14 @@ def test_bpr_triples():
 def test_sequence_windows_every_event_a_target_once():
     group = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3, 3])
     items = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
-    windows, lengths, first = sequence_windows(group, items, max_length=2)
+    windows, lengths, first, owner = sequence_windows(group, items, max_length=2)
     assert windows.tolist() == [[1, 2, 3], [4, 5, 0], [7, 8, 9], [9, 10, 11]]
     assert lengths.tolist() == [3, 2, 3, 3]  # group 2 (one event) has no target and is skipped
     assert first.tolist() == [0, 0, 0, 0]
-    batch = next(iter(SequenceBatches(windows, lengths, batch_size=4, shuffle=False, first_target=first)))
+    assert owner.tolist() == [0, 1, 3, 3]
+    batch = next(iter(SequenceBatches(windows, lengths, batch_size=4, shuffle=False, first_target=first,
+                                      groups=owner)))
+    assert batch["users"].tolist() == [0, 1, 3, 3]
     assert batch["items"].tolist() == [[1, 2], [4, 5], [7, 8], [9, 10]]
     assert batch["lengths"].tolist() == [2, 1, 2, 2]
     assert batch["targets"].tolist() == [[2, 3], [5, -1], [8, 9], [10, 11]]
@@ -91,10 +95,43 @@ def test_sequence_windows_every_event_a_target_once():
 def test_overlapping_windows_add_context_not_duplicate_targets():
     group = np.zeros(9, dtype=int)
     items = np.arange(1, 10)  # one sequence 1..9
-    windows, lengths, first = sequence_windows(group, items, max_length=4, stride=2)
+    windows, lengths, first, owner = sequence_windows(group, items, max_length=4, stride=2)
     assert windows.tolist() == [[1, 2, 3, 4, 5], [3, 4, 5, 6, 7], [5, 6, 7, 8, 9]]
     assert first.tolist() == [0, 2, 2]
     batch = next(iter(SequenceBatches(windows, lengths, batch_size=8, shuffle=False, first_target=first)))
     assert batch["targets"].tolist() == [[2, 3, 4, 5], [-1, -1, 6, 7], [-1, -1, 8, 9]]
     trained = batch["targets"][batch["targets"] >= 0]
     assert sorted(trained.tolist()) == list(range(2, 10))  # each event after the first exactly once
+
+
+def test_prefetcher_yields_the_same_batches_and_surfaces_errors():
+    from rectrain.data.batching import Prefetcher
+
+    users = np.repeat(np.arange(20), 5)
+    items = np.tile(np.arange(5), 20)
+    sampler = NegativeSampler(30, positive_keys=positive_keys(users, items, 30))
+    batches = PointwiseBatches(users, items, 30, PointwiseSpec(n_negatives=3), batch_size=16, sampler=sampler, seed=4)
+    batches.set_epoch(2)
+    inline = list(batches)
+    for depth in (0, 1, 3):
+        ahead = list(Prefetcher(batches, depth))
+        assert len(ahead) == len(inline) == len(Prefetcher(batches, depth))
+        for a, b in zip(ahead, inline):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def broken():
+        yield {"x": torch.zeros(1)}
+        raise RuntimeError("builder failed")
+
+    got = []
+    with pytest.raises(RuntimeError, match="builder failed"):
+        for batch in Prefetcher(broken(), 2):
+            got.append(batch)
+    assert len(got) == 1
+    # a consumer that stops early stops the thread (no thread left blocked on a full queue)
+    import threading
+    endless = Prefetcher(iter(lambda: {"x": torch.ones(1)}, None), 2)
+    for i, _ in enumerate(endless):
+        if i == 5:
+            break
+    assert not [t for t in threading.enumerate() if t.name == "rectrain-batches"]

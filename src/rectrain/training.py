@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from rectrain.config_checks import check_constructor_args, resolve_target
-from rectrain.errors import RectrainError
+from rectrain.errors import ConfigError, RectrainError
 from rectrain.evaluation.ranking import format_table
 from rectrain.utils.io import stable_hash, write_json_atomic, write_text_atomic
 
@@ -64,8 +64,12 @@ def build_net_and_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
     # sizes learned from the data, passed to the nets that declare them (the two-tower model has no
     # n_users: its query is the item history, so it never sees a user id)
     accepted = inspect.signature(resolve_target(net_values["_target_"])).parameters
-    sized = {k: v for k, v in {"n_users": data.n_users, "n_items": data.n_items,
-                               "n_categories": data.n_categories}.items() if k in accepted}
+    sizes = {"n_users": data.n_users, "n_items": data.n_items, "n_categories": data.n_categories,
+             "n_user_features": datamodule.user_encoder.width if hasattr(datamodule, "user_encoder") else 0}
+    if sizes["n_user_features"] and "n_user_features" not in accepted:
+        raise ConfigError("data.user_features", f"{net_values['_target_'].rsplit('.', 1)[-1]} does not read user "
+                          "features (it learns a vector per user id); only the two-tower query tower does")
+    sized = {k: v for k, v in sizes.items() if k in accepted and (v or k != "n_user_features")}
     check_constructor_args(net_values["_target_"], net_values, "model.net", supplied=tuple(sized))
     net = build(cfg.model.net, **sized)
     if hasattr(net, "set_item_features"):

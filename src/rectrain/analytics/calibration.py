@@ -266,8 +266,10 @@ def calibration_pairs(data: Any, stage: str, negatives: int = 100, seed: int = 0
                    weights=np.concatenate([np.ones(pos_items.size), neg_weights]), queries=queries)
 
 
-def score_pairs(net: Any, pairs: PairSet, batch_size: int = 65536) -> np.ndarray:
-    """The raw score the scorer computes for every pair (NCF logit; two-tower query . item / temperature)."""
+def score_pairs(net: Any, pairs: PairSet, batch_size: int = 65536, user_features: np.ndarray | None = None
+                ) -> np.ndarray:
+    """The raw score the scorer computes for every pair (NCF logit; two-tower query . item / temperature
+    plus the repeat bonus of a history item). ``user_features``: (n_users, F), for a query tower reading them."""
     import torch
 
     from rectrain.analytics.user_vectors import NCF, model_kind, pad_histories
@@ -288,11 +290,17 @@ def score_pairs(net: Any, pairs: PairSet, batch_size: int = 65536) -> np.ndarray
         for start in range(0, n_rows, 2048):
             rows = np.arange(start, min(n_rows, start + 2048))
             padded, lengths = pad_histories(q.history_indptr, q.history_items, rows, net.max_length)
-            queries[rows] = net.query(torch.from_numpy(padded), torch.from_numpy(lengths)).numpy()
+            features = None if user_features is None else torch.from_numpy(user_features[q.users[rows]])
+            queries[rows] = net.query(torch.from_numpy(padded), torch.from_numpy(lengths), features).numpy()
         item_vectors = net.item_vectors().numpy()
         for start in range(0, len(pairs), batch_size):
             sl = slice(start, start + batch_size)
             out[sl] = (queries[pairs.rows[sl]] * item_vectors[pairs.items[sl]]).sum(1) / net.temperature
+            if getattr(net, "repeat_bonus", None) is not None:
+                padded, lengths = pad_histories(q.history_indptr, q.history_items, pairs.rows[sl], net.max_length)
+                h, n = torch.from_numpy(padded), torch.from_numpy(lengths)
+                bonus = net.history_bonus(h, n) * (h == torch.from_numpy(pairs.items[sl])[:, None])  # (n, L)
+                out[sl] += bonus.sum(1).double().numpy()
         return out
 
 
@@ -374,7 +382,8 @@ def calibrate_checkpoint(ckpt_path: str | Path, *, negatives: int = 100, method:
         training.update({"loss": model_cfg.get("loss"), "extra_negatives": model_cfg.get("extra_negatives")})
     valid = calibration_pairs(data, "valid", negatives, seed, max_users)
     test = calibration_pairs(data, "test", negatives, seed + 1, max_users)
-    s_valid, s_test = score_pairs(net, valid), score_pairs(net, test)
+    features = loaded.user_features
+    s_valid, s_test = score_pairs(net, valid, user_features=features), score_pairs(net, test, user_features=features)
     calibration = fit_calibration(s_valid, valid.labels, valid.weights, method=method,
                                   score="ncf_logit" if kind == NCF else "two_tower_score", sampling_rate=rate)
 

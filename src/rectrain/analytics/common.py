@@ -23,6 +23,13 @@ class Loaded:
     data: Any  # PreparedData
     config: Any  # the resolved run config (DictConfig), with the overrides applied
 
+    @property
+    def user_features(self) -> Any:
+        """(n_users, F) encoded user features for a two-tower model trained on them, else None."""
+        from rectrain.features import user_feature_matrix
+
+        return user_feature_matrix(self.facts.get("user_features"), self.data.user_attributes, self.data.n_users)
+
 
 def load_model_and_data(ckpt_path: str | Path, data_overrides: Sequence[str] = ()) -> Loaded:
     """Checkpoint -> net (eval mode), facts, and the PreparedData it was trained on.

@@ -264,7 +264,7 @@ def segment_checkpoint(ckpt_path: str | Path, *, k: int | None = 8, k_range: str
     from rectrain.analytics.user_vectors import user_vectors
 
     loaded = loaded or load_model_and_data(ckpt_path, data_overrides)
-    vectors = user_vectors(loaded.net, loaded.data)
+    vectors = user_vectors(loaded.net, loaded.data, user_features=loaded.user_features)
     fit = fit_segments(vectors.vectors, k, k_range, seed=seed, normalize=normalize, sample_size=sample_size)
     profiles = segment_profiles(loaded.data, fit.labels)
     payload = segments_payload(fit, vectors.definition, checkpoint_sha256=loaded.sha256,

@@ -99,15 +99,17 @@ def full_histories(data: Any) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def two_tower_user_vectors(net: nn.Module, indptr: np.ndarray, items: np.ndarray,
-                           batch_size: int = 2048) -> UserVectors:
-    """Query vectors of the histories in CSR ``(indptr, items)`` (one row per user), in batches."""
+                           batch_size: int = 2048, user_features: np.ndarray | None = None) -> UserVectors:
+    """Query vectors of the histories in CSR ``(indptr, items)`` (one row per user), in batches;
+    ``user_features`` (one row per user) for a query tower that reads them."""
     n = indptr.shape[0] - 1
     net.eval()
     out = np.zeros((n, net.config["dim"]), dtype=np.float32)
     for start in range(0, n, batch_size):
         rows = np.arange(start, min(n, start + batch_size))
         padded, lengths = pad_histories(indptr, items, rows, net.max_length)
-        out[rows] = net.query(torch.from_numpy(padded), torch.from_numpy(lengths)).cpu().numpy()
+        features = None if user_features is None else torch.from_numpy(user_features[rows])
+        out[rows] = net.query(torch.from_numpy(padded), torch.from_numpy(lengths), features).cpu().numpy()
     definition = {"kind": TWO_TOWER, "vector": "query", "model_class": type(net).__name__,
                   "source": "TwoTower.query(history, lengths)",
                   "input": "the user's item history, oldest first (train + valid + test events when segmenting); "
@@ -117,7 +119,8 @@ def two_tower_user_vectors(net: nn.Module, indptr: np.ndarray, items: np.ndarray
     return UserVectors(out, TWO_TOWER, definition)
 
 
-def user_vectors(net: nn.Module, data: Any = None, batch_size: int = 2048) -> UserVectors:
+def user_vectors(net: nn.Module, data: Any = None, batch_size: int = 2048,
+                 user_features: np.ndarray | None = None) -> UserVectors:
     """One vector per user of ``data`` (a PreparedData; needed for two-tower only)."""
     kind = model_kind(net)
     if kind == NCF:
@@ -129,4 +132,4 @@ def user_vectors(net: nn.Module, data: Any = None, batch_size: int = 2048) -> Us
     if data is None:
         raise RectrainError("two-tower user vectors need the users' histories (data)")
     indptr, items = full_histories(data)
-    return two_tower_user_vectors(net, indptr, items, batch_size)
+    return two_tower_user_vectors(net, indptr, items, batch_size, user_features)

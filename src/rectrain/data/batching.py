@@ -6,6 +6,9 @@
 * :class:`PointwiseBatches` yields (user, item, label) batches for BCE, or (user, pos, neg) for BPR.
 * :class:`SequenceBatches` yields padded item sequences with lengths and next-item targets.
 
+* :class:`Prefetcher` runs any of them in a background thread a few batches ahead, so building
+  the next batch overlaps the current training step instead of adding to it.
+
 All are plain iterables of dicts of tensors; ``rectrain.tasks.datamodule`` wraps them for Lightning.
 Each epoch's randomness comes from ``seed + epoch`` (and the rank), so a resumed run replays
 exactly the batches an uninterrupted run would have seen.
@@ -13,8 +16,10 @@ exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -179,7 +184,7 @@ class SequenceSpec:
 
 
 def sequence_windows(group: np.ndarray, items: np.ndarray, max_length: int, stride: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Cut each group's item sequence into windows of ``max_length + 1`` events for next-item training.
 
     Windows start every ``stride`` events (default ``max_length``: no overlap beyond the one event
@@ -190,8 +195,9 @@ def sequence_windows(group: np.ndarray, items: np.ndarray, max_length: int, stri
     ``group`` must be sorted, items in time order.
 
     Returns:
-        (windows, lengths, first_target): (N, max_length + 1) int64 right-padded with 0; (N,) valid
-        lengths >= 2; (N,) index of the first input position whose target is trained.
+        (windows, lengths, first_target, window_group): (N, max_length + 1) int64 right-padded with
+        0; (N,) valid lengths >= 2; (N,) index of the first input position whose target is trained;
+        (N,) the group (user) each window belongs to.
     """
     stride = int(stride or max_length)
     if not 1 <= stride <= max_length:
@@ -215,11 +221,13 @@ def sequence_windows(group: np.ndarray, items: np.ndarray, max_length: int, stri
     pos = win_start[:, None] + offsets[None, :]
     valid = offsets[None, :] < lengths[:, None]
     windows = np.where(valid, items[np.minimum(pos, n - 1)], 0).astype(np.int64)
-    return windows, lengths.astype(np.int64), first_target
+    window_group = np.asarray(group)[win_group_start].astype(np.int64) if n else np.zeros(0, np.int64)
+    return windows, lengths.astype(np.int64), first_target, window_group
 
 
 class SequenceBatches:
-    """Padded next-item batches: ``items`` (B, L), ``lengths`` (B,), ``targets`` (B, L) with -1 as padding.
+    """Padded next-item batches: ``items`` (B, L), ``lengths`` (B,), ``targets`` (B, L) with -1 as padding,
+    and ``users`` (B,) when ``groups`` is given (the row's user, for user-side features).
 
     Input position t predicts target t (the event after it); context-only positions of overlapping
     windows (see :func:`sequence_windows`) have target -1 too. Windows are shuffled per epoch.
@@ -227,8 +235,9 @@ class SequenceBatches:
 
     def __init__(self, windows: np.ndarray, lengths: np.ndarray, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 first_target: np.ndarray | None = None) -> None:
+                 first_target: np.ndarray | None = None, groups: np.ndarray | None = None) -> None:
         windows_t = torch.as_tensor(windows)
+        self.groups = None if groups is None else torch.as_tensor(np.asarray(groups, np.int64))
         lengths_t = torch.as_tensor(lengths)
         self.inputs = windows_t[:, :-1].contiguous()
         positions = torch.arange(windows_t.shape[1] - 1)[None, :]
@@ -254,4 +263,78 @@ class SequenceBatches:
             rows = perm[start:start + self.batch_size]
             lengths = self.lengths[rows]
             width = int(lengths.max())  # trim padding columns this batch does not need
-            yield {"items": self.inputs[rows, :width], "lengths": lengths, "targets": self.targets[rows, :width]}
+            batch = {"items": self.inputs[rows, :width], "lengths": lengths, "targets": self.targets[rows, :width]}
+            if self.groups is not None:
+                batch["users"] = self.groups[rows]
+            yield batch
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+class Prefetcher:
+    """Iterate ``batches`` in a background thread, up to ``depth`` batches ahead of the consumer.
+
+    Why a thread and not DataLoader worker processes: the builders are a handful of torch/numpy
+    calls per batch that release the GIL, so a thread overlaps them with the training step at no
+    inter-process cost (worker processes would pickle every batch through shared memory and fork
+    once per epoch). Batches, their order and their randomness are exactly those of ``batches``
+    (every builder draws from its own seeded generator, never the global RNG). An exception in
+    the thread is raised in the consumer; a consumer that stops early (``limit_train_batches``,
+    an error) stops the thread. ``depth=0`` iterates inline.
+    """
+
+    def __init__(self, batches: Iterable[Any], depth: int = 2) -> None:
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
+        self.batches, self.depth = batches, depth
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.depth == 0:
+            yield from self.batches
+            return
+        ready: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def offer(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for batch in self.batches:
+                    if not offer(batch):
+                        return
+                offer(_END)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                offer(_Failed(exc))
+
+        worker = threading.Thread(target=produce, name="rectrain-batches", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            worker.join()

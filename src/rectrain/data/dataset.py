@@ -29,7 +29,7 @@ from rectrain.utils.io import atomic_dir, stable_hash
 log = logging.getLogger(__name__)
 
 #: bump when the cached arrays change meaning, so old caches are not reused
-CACHE_FORMAT_VERSION = 3
+CACHE_FORMAT_VERSION = 4
 SPLIT_KINDS = ("leave_one_out", "time", "session")
 
 
@@ -106,6 +106,9 @@ class PreparedData:
     stats: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     cold_items: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: raw user attributes (e.g. age, gender, occupation) aligned with ``user_vocab``: numbers as
+    #: float64 (NaN missing), text as str ("" missing); empty for logs without a user table
+    user_attributes: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_users(self) -> int:
@@ -186,10 +189,14 @@ class PreparedData:
         for name in ("user_vocab", "item_vocab", "item_titles", "category_vocab",
                      "item_category_indptr", "item_category_index", "cold_items"):
             arrays[name] = getattr(self, name)
+        attribute_names = list(self.user_attributes)
+        for i, name in enumerate(attribute_names):  # files by position: attribute names may be any text
+            arrays[f"user_attribute_{i}"] = self.user_attributes[name]
         for name, value in arrays.items():
             np.save(directory / f"{name}.npy", np.asarray(value), allow_pickle=False)
         meta = {"split": self.split, "mask_seen": self.mask_seen, "stats": self.stats,
-                "fingerprint": self.fingerprint, "format": CACHE_FORMAT_VERSION, "arrays": sorted(arrays)}
+                "fingerprint": self.fingerprint, "format": CACHE_FORMAT_VERSION, "arrays": sorted(arrays),
+                "user_attributes": attribute_names}
         # meta.json last: its presence marks a complete cache (the directory is renamed into place anyway)
         (directory / "meta.json").write_text(json.dumps(meta, indent=2, default=_to_builtin))
 
@@ -208,6 +215,7 @@ class PreparedData:
             category_vocab=arr["category_vocab"], item_category_indptr=arr["item_category_indptr"],
             item_category_index=arr["item_category_index"], cold_items=arr["cold_items"], split=meta["split"],
             mask_seen=meta["mask_seen"], stats=meta["stats"], fingerprint=meta["fingerprint"],
+            user_attributes={name: arr[f"user_attribute_{i}"] for i, name in enumerate(meta.get("user_attributes", []))},
         )
 
 
@@ -371,6 +379,8 @@ def _index_and_pack(frame: pd.DataFrame, labels: np.ndarray, split: SplitConfig,
     if len(data.train) == 0:
         raise DataError("the training split is empty after filtering and splitting", path=log_.source, key="data.split")
     _attach_item_features(data, log_)
+    if split.kind != "session":  # for session logs the "user" is a session: a user table does not apply
+        _attach_user_attributes(data, log_)
     stats.update(n_users=data.n_users, n_items=data.n_items)
     return data
 
@@ -392,6 +402,24 @@ def _attach_item_features(data: PreparedData, log_: RawLog) -> None:
         data.category_vocab = np.asarray(vocab, dtype=str)
         data.item_category_indptr = np.r_[0, np.cumsum(lengths)].astype(np.int64)
         data.item_category_index = codes.astype(np.int64)
+
+
+def _attach_user_attributes(data: PreparedData, log_: RawLog) -> None:
+    """The user table's columns aligned with the user vocabulary (users absent from it: missing)."""
+    if log_.users is None or log_.users.empty:
+        return
+    users = log_.users.drop_duplicates(USER)
+    users.index = users[USER].astype(str)
+    aligned = users.reindex(pd.Index(data.user_vocab))
+    for name in aligned.columns:
+        if name == USER:
+            continue
+        column = aligned[name]
+        numeric = pd.api.types.is_numeric_dtype(users[name]) and not pd.api.types.is_bool_dtype(users[name])
+        if numeric:
+            data.user_attributes[str(name)] = column.to_numpy(dtype=np.float64, na_value=np.nan)
+        else:
+            data.user_attributes[str(name)] = column.fillna("").astype(str).to_numpy(dtype=str)
 
 
 def cache_key(source_fingerprint: dict[str, Any], pre: PreprocessConfig, split: SplitConfig) -> str:

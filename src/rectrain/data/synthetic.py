@@ -144,6 +144,20 @@ def generate_synthetic(
             "categories": [[f"cat{c}"] for c in item_category],
         }
     )
+    users = _user_table(user_group, n_groups, seed)
     source = f"synthetic(n_users={n_users}, n_items={n_items}, seed={seed})"
     extra = {"user_group": user_group, "item_category": item_category, "successors": successors}
-    return RawLog(interactions=interactions, items=items, source=source, extra=extra)
+    return RawLog(interactions=interactions, items=items, users=users, source=source, extra=extra)
+
+
+def _user_table(user_group: np.ndarray, n_groups: int, seed: int) -> pd.DataFrame:
+    """Demographics that hint at the taste group: ``age`` (group mean + noise) and ``region`` (the
+    group's region for 60% of users, any other otherwise). Drawn from their own stream, so adding
+    them left the events of every seed unchanged."""
+    rng = np.random.default_rng([seed, 7])
+    n = user_group.shape[0]
+    age = np.clip(np.round(22 + 40 * user_group / max(n_groups - 1, 1) + rng.normal(0, 6, n)), 16, 90)
+    n_regions = max(4, n_groups // 2)
+    region = np.where(rng.random(n) < 0.6, user_group % n_regions, rng.integers(0, n_regions, n))
+    return pd.DataFrame({USER: np.arange(n).astype(str).astype(object), "age": age.astype(np.int64),
+                         "region": pd.Series([f"r{r}" for r in region], dtype=object)})

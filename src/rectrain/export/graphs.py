@@ -16,7 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from rectrain.export.wrappers import NCFRecommend, NCFScore, TwoTowerItemVectors, TwoTowerQuery, TwoTowerRecommend
+from rectrain.export.wrappers import (
+    NCFRecommend,
+    NCFScore,
+    TwoTowerItemVectors,
+    TwoTowerQuery,
+    TwoTowerQueryWithUser,
+    TwoTowerRecommend,
+    TwoTowerRecommendWithUser,
+)
 
 TWO_TOWER, NCF = "two_tower", "ncf"
 
@@ -88,18 +96,24 @@ def _two_tower_specs(net: nn.Module) -> list[GraphSpec]:
                          "number of real items in each history row (1..history_length; clamped to that range)")
     history_ex = torch.arange(12).view(3, 4) % n_items  # (3, 4)
     lengths_ex = torch.tensor([4, 2, 1])
+    # a query tower trained on user-side features takes them as a third input (never a user id)
+    n_features = int(getattr(net, "n_user_features", 0) or 0)
+    user = (TensorSpec("user_features", "float32", ("batch", n_features),
+                       "encoded user attributes, as rectrain.user_features describes (the scorer encodes them)"),
+            ) if n_features else ()
+    user_ex = (torch.linspace(-1, 1, 3 * n_features).view(3, n_features),) if n_features else ()
     recommend = GraphSpec(
-        "recommend", TwoTowerRecommend(net),
-        (history, lengths, TensorSpec("exclude", "int64", ("batch", "n_exclude"), EXCLUDE_MEANING),
+        "recommend", (TwoTowerRecommendWithUser if n_features else TwoTowerRecommend)(net),
+        (history, lengths, *user, TensorSpec("exclude", "int64", ("batch", "n_exclude"), EXCLUDE_MEANING),
          TensorSpec("k", "int64", (), K_MEANING)),
         (TensorSpec("items", "int64", ("batch", "k"), ITEMS_MEANING),
          TensorSpec("scores", "float32", ("batch", "k"), SCORES_MEANING)),
-        (history_ex, lengths_ex, _example_exclude(n_items), torch.tensor(5)))
+        (history_ex, lengths_ex, *user_ex, _example_exclude(n_items), torch.tensor(5)))
     query = GraphSpec(
-        "query", TwoTowerQuery(net), (history, lengths),
+        "query", (TwoTowerQueryWithUser if n_features else TwoTowerQuery)(net), (history, lengths, *user),
         (TensorSpec("query", "float32", ("batch", dim),
                     "query vector, already divided by the temperature: score = query . item_vectors[i]"),),
-        (history_ex, lengths_ex))
+        (history_ex, lengths_ex, *user_ex))
     item_vectors = GraphSpec(
         "item_vectors", TwoTowerItemVectors(net),
         (TensorSpec("items", "int64", ("n",), "item indices (0..n_items-1 for the whole catalog)"),),

@@ -94,6 +94,8 @@ def common_metadata(facts: dict[str, Any], kind: str, *, opset: int, validation:
     if kind == "two_tower":
         meta["max_length"] = str(int(model_config.get("max_length", 50)))
         meta["score"] = "dot(query, item vector) / temperature"
+        if facts.get("user_features"):
+            meta["user_features"] = to_json(facts["user_features"])
         if facts.get("repeat_bonus"):
             meta["repeat_bonus"] = to_json([float(b) for b in facts["repeat_bonus"]])
             meta["score"] += (" + sum of repeat_bonus[min(r, len(repeat_bonus) - 1)] over the item's occurrences "

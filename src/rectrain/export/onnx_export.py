@@ -350,12 +350,16 @@ def _finish(model: onnx.ModelProto, meta: dict[str, str], spec: GraphSpec) -> No
 
 def _quantize(model: onnx.ModelProto, facts: dict[str, Any], kind: str, max_length: int | None,
               float_bytes: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    from rectrain.export.quantize import load_validation_queries, onnx_ranking_metrics, quantize_int8
+    from rectrain.export.quantize import onnx_ranking_metrics, quantize_int8, rebuild_data
+    from rectrain.features import user_feature_matrix
 
     int8 = quantize_int8(model)
-    queries = load_validation_queries(facts)
+    data = rebuild_data(facts)
+    queries = data.ranking_queries("valid")
+    features = user_feature_matrix(facts.get("user_features"), data.user_attributes, data.n_users)
     k = 10
-    scores = {name: onnx_ranking_metrics(_session(m), kind, queries, max_length=max_length or 50, k=k)
+    scores = {name: onnx_ranking_metrics(_session(m), kind, queries, max_length=max_length or 50, k=k,
+                                         user_features=features)
               for name, m in (("float", model), ("int8", int8))}
     result = {"method": "onnxruntime.quantization.quantize_dynamic, weights QInt8", "k": k,
               "split": "valid", "queries": len(queries), "float": scores["float"], "int8": scores["int8"],

@@ -155,10 +155,12 @@ class TorchReference:
         self._query: dict[tuple[int, int, int], torch.Tensor] = {}
         self._vectors: torch.Tensor | None = None
 
-    def query(self, key: tuple[int, int, int], history: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+    def query(self, key: tuple[int, int, int], history: np.ndarray, lengths: np.ndarray,
+              user_features: np.ndarray | None = None) -> torch.Tensor:
         """(B, d) query vectors (not divided by the temperature)."""
         if key not in self._query:
-            self._query[key] = self.net.query(torch.from_numpy(history), torch.from_numpy(lengths))
+            features = None if user_features is None else torch.from_numpy(user_features)
+            self._query[key] = self.net.query(torch.from_numpy(history), torch.from_numpy(lengths), features)
         return self._query[key]
 
     def item_vectors(self) -> torch.Tensor:
@@ -167,8 +169,10 @@ class TorchReference:
         return self._vectors
 
 
-def _two_tower_cases(n_items: int, max_length: int, seed: int) -> Iterator[tuple[tuple[int, int, int], np.ndarray, np.ndarray]]:
-    """(key, history (B, L), lengths (B,)) for batch sizes x history lengths; the same for every graph."""
+def _two_tower_cases(n_items: int, max_length: int, seed: int, n_features: int = 0
+                     ) -> Iterator[tuple[tuple[int, int, int], np.ndarray, np.ndarray, np.ndarray | None]]:
+    """(key, history (B, L), lengths (B,), user features (B, F) or None) for batch sizes x history
+    lengths; the same for every graph."""
     for batch in _batches(n_items):
         for length in sorted({1, 5, max_length}):
             rng = np.random.default_rng([seed, batch, length])
@@ -177,7 +181,8 @@ def _two_tower_cases(n_items: int, max_length: int, seed: int) -> Iterator[tuple
             lengths[0] = length
             if batch > 1:
                 lengths[1] = 1
-            yield (seed, batch, length), history, lengths
+            features = rng.normal(size=(batch, n_features)).astype(np.float32) if n_features else None
+            yield (seed, batch, length), history, lengths, features
 
 
 def check_graph(spec: GraphSpec, net: nn.Module, session: Any, kind: str, *, max_length: int | None = None,
@@ -196,7 +201,9 @@ def check_graph(spec: GraphSpec, net: nn.Module, session: Any, kind: str, *, max
     ks = _k_values(n_items)
     with torch.inference_mode(), np.errstate(invalid="ignore"):
         if kind == "two_tower":
-            for key, history, lengths in _two_tower_cases(n_items, int(max_length or 5), seed):
+            n_features = int(getattr(net, "n_user_features", 0) or 0)
+            for key, history, lengths, features in _two_tower_cases(n_items, int(max_length or 5), seed, n_features):
+                user = {"user_features": features} if n_features else {}
                 case = f"batch {key[1]}, history length {key[2]}"
                 stats.cases.append(case)
                 if spec.name == "item_vectors":
@@ -204,14 +211,14 @@ def check_graph(spec: GraphSpec, net: nn.Module, session: Any, kind: str, *, max
                     (vectors,) = session.run(["item_vectors"], {"items": items})
                     _check_close(stats, f"{case}: item_vectors", vectors, reference.item_vectors().numpy()[items], tol)
                     continue
-                query = reference.query(key, history, lengths)  # (B, d)
+                query = reference.query(key, history, lengths, features)  # (B, d)
                 if spec.name == "query":
-                    (q_onnx,) = session.run(["query"], {"history": history, "lengths": lengths})
+                    (q_onnx,) = session.run(["query"], {"history": history, "lengths": lengths, **user})
                     _check_close(stats, f"{case}: query", q_onnx, (query / net.temperature).numpy(), tol)
                     continue
                 exclude = _exclude(rng, key[1], [0, 3, max(1, n_items // 2)][len(stats.cases) % 3], n_items)
                 k = next(ks)
-                items, scores = session.run(["items", "scores"], {"history": history, "lengths": lengths,
+                items, scores = session.run(["items", "scores"], {"history": history, "lengths": lengths, **user,
                                                                   "exclude": exclude, "k": np.array(k, np.int64)})
                 _check_k(stats, case, items, k, n_items)
                 h, n = torch.from_numpy(history), torch.from_numpy(lengths)

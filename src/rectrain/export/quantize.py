@@ -20,6 +20,7 @@ import onnx
 from rectrain.errors import RectrainError
 from rectrain.evaluation import metrics as M
 from rectrain.evaluation.queries import RankingQueries
+from rectrain.features import user_feature_matrix
 
 
 def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -47,6 +48,11 @@ def _quiet_root_logger() -> Iterator[None]:
 
 def load_validation_queries(facts: dict[str, Any]) -> RankingQueries:
     """The validation queries of the data behind a checkpoint; fails when that data has changed."""
+    return rebuild_data(facts).ranking_queries("valid")
+
+
+def rebuild_data(facts: dict[str, Any]) -> Any:
+    """The PreparedData behind a checkpoint (from the cache when present); fails when it has changed."""
     from hydra.utils import instantiate
 
     from rectrain.data.dataset import SplitConfig, load_or_prepare
@@ -67,7 +73,7 @@ def load_validation_queries(facts: dict[str, Any]) -> RankingQueries:
     if facts.get("data_fingerprint") and data.fingerprint != facts["data_fingerprint"]:
         raise RectrainError(f"the training data changed since the checkpoint was written (fingerprint "
                             f"{data.fingerprint} != {facts['data_fingerprint']}): quality cannot be compared")
-    return data.ranking_queries("valid")
+    return data
 
 
 def _rows_csr(indptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
@@ -83,8 +89,10 @@ def _pad(rows: list[np.ndarray], width: int | None = None, fill: int = -1) -> np
 
 
 def onnx_ranking_metrics(session: Any, kind: str, queries: RankingQueries, *, max_length: int = 50,
-                         k: int = 10, batch: int = 256) -> dict[str, float]:
-    """hr@k and ndcg@k of an exported ``recommend`` graph on evaluation queries (the evaluator's protocol)."""
+                         k: int = 10, batch: int = 256, user_features: np.ndarray | None = None) -> dict[str, float]:
+    """hr@k and ndcg@k of an exported ``recommend`` graph on evaluation queries (the evaluator's protocol).
+
+    ``user_features``: (n_users, F) rows fed to a graph with a ``user_features`` input."""
     n = len(queries)
     ranks = np.empty(queries.target_items.size, dtype=np.int64)
     for start in range(0, n, batch):
@@ -98,6 +106,8 @@ def onnx_ranking_metrics(session: Any, kind: str, queries: RankingQueries, *, ma
             histories = [h[-max_length:] for h in _rows_csr(queries.history_indptr, queries.history_items, rows)]
             feed["history"] = _pad(histories, max(1, max(len(h) for h in histories)), fill=0)
             feed["lengths"] = np.array([max(1, len(h)) for h in histories], dtype=np.int64)
+            if user_features is not None:
+                feed["user_features"] = user_features[queries.users[rows]]
         else:
             feed["user"] = queries.users[rows].astype(np.int64)
         items, _ = session.run(["items", "scores"], feed)

@@ -55,15 +55,29 @@ class TwoTowerRecommend(nn.Module):
         width = torch.full_like(lengths, history.shape[1])
         return torch.minimum(lengths.clamp(min=1), width)  # (B,) in 1..L
 
-    def query(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.net.query(history, self.clamp_lengths(history, lengths))  # (B, d)
+    def query(self, history: torch.Tensor, lengths: torch.Tensor, user_features: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        return self.net.query(history, self.clamp_lengths(history, lengths), user_features)  # (B, d)
+
+    def recommend(self, history: torch.Tensor, lengths: torch.Tensor, user_features: torch.Tensor | None,
+                  exclude: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = self.clamp_lengths(history, lengths)
+        query = self.net.query(history, lengths, user_features)  # (B, d)
+        scores = self.net.score_histories(query, self.item_vectors, history, lengths)  # (B, I), repeat bonus included
+        return exclude_and_topk(scores, exclude, k)
 
     def forward(self, history: torch.Tensor, lengths: torch.Tensor, exclude: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = self.clamp_lengths(history, lengths)
-        query = self.net.query(history, lengths)  # (B, d)
-        scores = self.net.score_histories(query, self.item_vectors, history, lengths)  # (B, I), repeat bonus included
-        return exclude_and_topk(scores, exclude, k)
+        return self.recommend(history, lengths, None, exclude, k)
+
+
+class TwoTowerRecommendWithUser(TwoTowerRecommend):
+    """As :class:`TwoTowerRecommend` with a third input, user_features (B, F) float32, for a query
+    tower trained on user-side features (encoded as ``rectrain.user_features`` describes)."""
+
+    def forward(self, history: torch.Tensor, lengths: torch.Tensor, user_features: torch.Tensor,  # type: ignore[override]
+                exclude: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.recommend(history, lengths, user_features, exclude, k)
 
 
 class TwoTowerQuery(TwoTowerRecommend):
@@ -77,6 +91,14 @@ class TwoTowerQuery(TwoTowerRecommend):
 
     def forward(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.query(history, lengths) / self.net.temperature  # (B, d)
+
+
+class TwoTowerQueryWithUser(TwoTowerRecommend):
+    """history (B, L), lengths (B,), user_features (B, F) -> query (B, d); see :class:`TwoTowerQuery`."""
+
+    def forward(self, history: torch.Tensor, lengths: torch.Tensor,  # type: ignore[override]
+                user_features: torch.Tensor) -> torch.Tensor:
+        return self.query(history, lengths, user_features) / self.net.temperature  # (B, d)
 
 
 class TwoTowerItemVectors(TwoTowerRecommend):

@@ -45,10 +45,13 @@ class SessionEncoder(nn.Module):
         layers: stacked RNN layers.
         embedding_dropout: dropout on the input item embeddings.
         dropout: dropout between RNN layers and before the output projection.
+        n_user_features: width of optional user-side features, concatenated to the RNN state at
+            every position before the projection (0: none).
     """
 
     def __init__(self, item_embedding: nn.Embedding, dim: int, cell: str = "gru", hidden: int = 128,
-                 layers: int = 1, embedding_dropout: float = 0.0, dropout: float = 0.0) -> None:
+                 layers: int = 1, embedding_dropout: float = 0.0, dropout: float = 0.0,
+                 n_user_features: int = 0) -> None:
         super().__init__()
         if cell not in CELLS:
             raise ValueError(f"model.encoder.cell must be one of {sorted(CELLS)}, got {cell!r}")
@@ -57,13 +60,21 @@ class SessionEncoder(nn.Module):
         self.rnn = CELLS[cell](item_embedding.embedding_dim, hidden, num_layers=layers, batch_first=True,
                                dropout=dropout if layers > 1 else 0.0)
         self.dropout = nn.Dropout(dropout)
-        self.project = nn.Linear(hidden, dim)
+        self.n_user_features = n_user_features
+        self.project = nn.Linear(hidden + n_user_features, dim)
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """(B, L) item indices -> (B, L, d) query vectors, one per position."""
+    def forward(self, items: torch.Tensor, user_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) item indices [, (B, F) user features] -> (B, L, d) query vectors, one per position."""
         x = self.embedding_dropout(self.item_embedding(items))  # (B, L, E)
         states, _ = self.rnn(x)  # (B, L, H)
-        return self.project(self.dropout(states))  # (B, L, d)
+        states = self.dropout(states)
+        if self.n_user_features:
+            if user_features is None or user_features.shape[-1] != self.n_user_features:
+                raise ValueError(f"this query tower reads {self.n_user_features} user features per row; "
+                                 f"got {None if user_features is None else tuple(user_features.shape)}")
+            per_position = user_features[:, None, :].expand(-1, states.shape[1], -1)  # (B, L, F)
+            states = torch.cat([states, per_position.to(states.dtype)], dim=-1)  # (B, L, H + F)
+        return self.project(states)  # (B, L, d)
 
 
 class ItemTower(nn.Module):
@@ -121,13 +132,15 @@ class TwoTower(nn.Module):
         repeat_slots: learned score bonus for items already in the history, one value per recency
             slot (0: the last item, 1: the one before, ...; older items share the last slot).
             0 disables it (scores are then a pure dot product, as an ANN index needs).
+        n_user_features: width of the encoded user-side features the query tower reads (0: none;
+            set from ``data.user_features``). Attributes, never a user id.
     """
 
     def __init__(self, n_items: int, n_categories: int = 0, dim: int = 64, cell: str = "gru", hidden: int = 128,
                  layers: int = 1, embedding_dropout: float = 0.2, dropout: float = 0.2,
                  item_hidden: Sequence[int] = (64,), id_dropout: float = 0.0, tie_embeddings: bool = True,
                  normalize: bool = False, temperature: float = 1.0, max_length: int = 50,
-                 repeat_slots: int = 0) -> None:
+                 repeat_slots: int = 0, n_user_features: int = 0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError("model.net.temperature must be > 0")
@@ -137,12 +150,13 @@ class TwoTower(nn.Module):
                        "layers": layers, "embedding_dropout": embedding_dropout, "dropout": dropout,
                        "item_hidden": [int(h) for h in item_hidden], "id_dropout": id_dropout,
                        "tie_embeddings": tie_embeddings, "normalize": normalize, "temperature": temperature,
-                       "max_length": max_length, "repeat_slots": repeat_slots}
-        self.n_items, self.max_length = n_items, max_length
+                       "max_length": max_length, "repeat_slots": repeat_slots, "n_user_features": n_user_features}
+        self.n_items, self.max_length, self.n_user_features = n_items, max_length, n_user_features
         self.normalize, self.temperature = normalize, temperature
         self.item_tower = ItemTower(n_items, dim, n_categories, item_hidden, id_dropout)
         input_embedding = self.item_tower.id_embedding if tie_embeddings else nn.Embedding(n_items, dim)
-        self.query_tower = SessionEncoder(input_embedding, dim, cell, hidden, layers, embedding_dropout, dropout)
+        self.query_tower = SessionEncoder(input_embedding, dim, cell, hidden, layers, embedding_dropout, dropout,
+                                          n_user_features)
         self.repeat_bonus = nn.Parameter(torch.zeros(repeat_slots)) if repeat_slots else None
 
     def set_item_features(self, categories: torch.Tensor) -> None:
@@ -152,13 +166,14 @@ class TwoTower(nn.Module):
     def _post(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.normalize else x
 
-    def query_all_positions(self, items: torch.Tensor) -> torch.Tensor:
-        """(B, L) -> (B, L, d) query vectors after every prefix (training on every position)."""
-        return self._post(self.query_tower(items))
+    def query_all_positions(self, items: torch.Tensor, user_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) [, (B, F)] -> (B, L, d) query vectors after every prefix (training on every position)."""
+        return self._post(self.query_tower(items, user_features))
 
-    def query(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, L) histories, (B,) lengths -> (B, d) query vectors at the last real position."""
-        return last_valid(self.query_all_positions(items), lengths)
+    def query(self, items: torch.Tensor, lengths: torch.Tensor, user_features: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """(B, L) histories, (B,) lengths [, (B, F) user features] -> (B, d) queries at the last real position."""
+        return last_valid(self.query_all_positions(items, user_features), lengths)
 
     def item_vectors(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """(N,) item indices or None -> (N, d) item vectors (the whole catalog for None)."""
@@ -195,9 +210,10 @@ class TwoTower(nn.Module):
         bonus = self.history_bonus(items, lengths)
         return scores if bonus is None else scores.scatter_add(1, items, bonus)
 
-    def forward(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, L), (B,) -> (B, I) scores over the whole catalog."""
-        return self.score_histories(self.query(items, lengths), self.item_vectors(), items, lengths)
+    def forward(self, items: torch.Tensor, lengths: torch.Tensor, user_features: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """(B, L), (B,) [, (B, F)] -> (B, I) scores over the whole catalog."""
+        return self.score_histories(self.query(items, lengths, user_features), self.item_vectors(), items, lengths)
 
     def item_embeddings(self) -> torch.Tensor:
         return self.item_vectors()

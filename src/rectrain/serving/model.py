@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from rectrain.features import UserFeatureEncoder
+
 log = logging.getLogger(__name__)
 
 PREFIX = "rectrain."
@@ -77,6 +79,8 @@ class OnnxModel:
         mask_seen: the training protocol's default for excluding history items.
         score_session: NCF ``score`` graph or two-tower ``query`` graph (None if absent).
         item_vectors: two-tower (I, d) item vectors from the ``item_vectors`` graph (None if absent).
+        user_encoder: two-tower query towers trained on user attributes: how a request's attributes
+            become the graph's ``user_features`` input (None: the graph has no such input).
         repeat_bonus: two-tower score bonus per recency slot for items already in the history
             (None: the model has none); the recommend graph applies it, ``/score`` adds it here.
     """
@@ -96,6 +100,7 @@ class OnnxModel:
     score_session: ort.InferenceSession | None = None
     item_vectors: np.ndarray | None = None
     repeat_bonus: np.ndarray | None = None
+    user_encoder: UserFeatureEncoder | None = None
     warnings: list[str] = field(default_factory=list)
     loaded_at: float = field(default_factory=time.time)
     segment_centroids: np.ndarray | None = None  # (k, d), unit-norm space when segments_normalize
@@ -135,8 +140,12 @@ class OnnxModel:
         if meta.get("graph") != "recommend":
             raise ModelLoadError(f"{path}: this is the {meta.get('graph')!r} graph; serve the main (recommend) file")
         names = tuple(i.name for i in session.get_inputs())
-        if names != INPUTS[kind] or [o.name for o in session.get_outputs()] != ["items", "scores"]:
-            raise ModelLoadError(f"{path}: graph inputs {names} do not match a {kind} recommend graph {INPUTS[kind]}")
+        encoder = UserFeatureEncoder.from_dict(_json_meta(meta, "user_features", path)) if "user_features" in meta else None
+        expected = INPUTS[kind]
+        if encoder is not None and encoder.width:
+            expected = (*expected[:2], "user_features", *expected[2:])
+        if names != expected or [o.name for o in session.get_outputs()] != ["items", "scores"]:
+            raise ModelLoadError(f"{path}: graph inputs {names} do not match a {kind} recommend graph {expected}")
         item_vocab = [str(v) for v in _json_meta(meta, "item_vocab", path)]
         n_items = int(meta.get("n_items", len(item_vocab)))
         if len(item_vocab) != n_items:
@@ -149,6 +158,7 @@ class OnnxModel:
                     popularity=popularity, popularity_order=np.lexsort((np.arange(n_items), -popularity)),
                     mask_seen=bool(_json_meta(meta, "mask_seen", path)),
                     max_length=int(meta["max_length"]) if kind == "two_tower" else None)
+        model.user_encoder = encoder if encoder is not None and encoder.width else None
         if "repeat_bonus" in meta:
             model.repeat_bonus = np.asarray(_json_meta(meta, "repeat_bonus", path), dtype=np.float32).reshape(-1)
         if len(model.item_index) != n_items:
@@ -251,6 +261,8 @@ class OnnxModel:
         feed: dict[str, np.ndarray] = {"exclude": np.full((1, 1), -1, np.int64), "k": np.array(k, np.int64)}
         if self.kind == "two_tower":
             feed.update(history=np.zeros((1, 1), np.int64), lengths=np.ones(1, np.int64))
+            if self.user_encoder is not None:
+                feed["user_features"] = self.user_encoder.encode_records([{}])
         else:
             feed["user"] = np.zeros(1, np.int64)
         try:

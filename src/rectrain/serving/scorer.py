@@ -43,9 +43,9 @@ DEFAULT_MAX_BATCH = 1024
 DEFAULT_MAX_SCORE_ITEMS = 10_000
 
 FIELDS = {
-    ("recommend", "two_tower"): ({"history"}, {"id", "history", "k", "exclude", "exclude_seen"}),
+    ("recommend", "two_tower"): ({"history"}, {"id", "history", "k", "exclude", "exclude_seen", "user_features"}),
     ("recommend", "ncf"): ({"user"}, {"id", "user", "k", "exclude"}),
-    ("score", "two_tower"): ({"history", "items"}, {"id", "history", "items", "calibrated"}),
+    ("score", "two_tower"): ({"history", "items"}, {"id", "history", "items", "calibrated", "user_features"}),
     ("score", "ncf"): ({"user", "items"}, {"id", "user", "items", "calibrated"}),
 }
 
@@ -85,6 +85,7 @@ class Query:
     answer: dict[str, Any] = field(default_factory=dict)  # fields known before running (unknowns, flags)
     cold_start_reason: str | None = None
     calibrated: bool = False  # score: also answer calibrated probabilities
+    user_vector: np.ndarray | None = None  # two-tower with user features: (F,) encoded attributes
 
 
 class Scorer:
@@ -230,6 +231,7 @@ class Scorer:
             assert model.max_length is not None
             query.answer["truncated"] = max(0, len(known) - model.max_length)
             query.history = np.array(known[-model.max_length:], dtype=np.int64)
+            query.user_vector = self._user_vector(payload, model)
             if not history:
                 query.cold_start_reason = "empty history"
             elif not known:
@@ -244,6 +246,33 @@ class Scorer:
                 query.user = model.user_index[user]
         query.exclude = np.unique(np.array(known_exclude, dtype=np.int64))
         return query
+
+    @staticmethod
+    def _user_vector(payload: dict[str, Any], model: OnnxModel) -> np.ndarray | None:
+        """The request's ``user_features`` object encoded as the model was trained (None: none read)."""
+        given = payload.get("user_features")
+        if model.user_encoder is None:
+            if given is not None:
+                raise RequestError("this model reads no user features; drop 'user_features'")
+            return None
+        if given is None:
+            given = {}  # every attribute missing: encoded as unknown
+        if not isinstance(given, dict):
+            raise RequestError(f"'user_features' must be an object of attribute: value, got {type(given).__name__}")
+        try:
+            return model.user_encoder.encode_records([given])[0]
+        except KeyError as exc:
+            raise RequestError(f"unknown user feature {exc.args[0]!r}; this model reads: "
+                               f"{', '.join(model.user_encoder.attributes)}") from None
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
+    @staticmethod
+    def _with_user_features(feed: dict[str, np.ndarray], queries: Sequence[Query], model: OnnxModel
+                            ) -> dict[str, np.ndarray]:
+        if model.user_encoder is not None:
+            feed["user_features"] = np.stack([q.user_vector for q in queries]).astype(np.float32)
+        return feed
 
     # --- running --------------------------------------------------------------------------------
     def run(self, queries: list[Query], model: OnnxModel) -> list[dict[str, Any]]:
@@ -277,7 +306,7 @@ class Scorer:
         model = self._model
         if model.segment_centroids is None:
             raise RequestError("this model carries no segments (run segment.py, then export again)", 404)
-        payload = {k: v for k, v in {**(request or {}), **fields}.items() if k in ("id", "history", "user")}
+        payload = {k: v for k, v in {**(request or {}), **fields}.items() if k in ("id", "history", "user", "user_features")}
         query = self.parse(payload, "recommend", model)
         return {"segment": self._segments([query], model)[0], "k": int(model.segment_centroids.shape[0]),
                 "cold_start": query.cold_start_reason is not None}
@@ -296,7 +325,8 @@ class Scorer:
             for r, i in enumerate(warm):
                 history[r, :len(queries[i].history)] = queries[i].history
             lengths = np.array([len(queries[i].history) for i in warm], np.int64)
-            (vectors,) = model.score_session.run(["query"], {"history": history, "lengths": lengths})
+            feed = self._with_user_features({"history": history, "lengths": lengths}, [queries[i] for i in warm], model)
+            (vectors,) = model.score_session.run(["query"], feed)
             for i, s in zip(warm, model.segment_of_vectors(vectors).tolist()):
                 out[i] = int(s)
         elif model.user_segments is not None and model.user_segments.size:
@@ -316,6 +346,7 @@ class Scorer:
             for r, q in enumerate(queries):
                 history[r, :len(q.history)] = q.history
             feed["history"], feed["lengths"] = history, np.array([len(q.history) for q in queries], np.int64)
+            self._with_user_features(feed, queries, model)
         else:
             feed["user"] = np.array([q.user for q in queries], dtype=np.int64)
         items, scores = model.run_recommend(feed)
@@ -344,8 +375,9 @@ class Scorer:
         if not q.items:
             return {"items": [], "scores": [], "cold_start": False, "score_kind": "model"}
         if model.kind == "two_tower":
-            (query,) = model.score_session.run(["query"], {"history": q.history[None, :],
-                                                          "lengths": np.array([len(q.history)], np.int64)})
+            feed = self._with_user_features({"history": q.history[None, :],
+                                             "lengths": np.array([len(q.history)], np.int64)}, [q], model)
+            (query,) = model.score_session.run(["query"], feed)
             assert model.item_vectors is not None
             scores = model.item_vectors[q.item_idx] @ query[0]  # (n,)
             scores = scores + model.history_bonus(q.history, q.item_idx)  # now the recommend graph's score

@@ -224,4 +224,6 @@ def data_facts(datamodule: Any) -> dict[str, Any]:
         "mask_seen": data.mask_seen,
         "data_fingerprint": data.fingerprint,
         "user_vocab_sha256": getattr(datamodule, "user_vocab_sha256", None),
+        # how raw user attributes become the query tower's features (the encoding, not any user's values)
+        "user_features": datamodule.user_encoder.to_dict() if getattr(datamodule, "user_features", None) else None,
     }

@@ -19,6 +19,7 @@ from rectrain.data.batching import (
     NegativeSampler,
     PointwiseBatches,
     PointwiseSpec,
+    Prefetcher,
     SequenceBatches,
     SequenceSpec,
     positive_keys,
@@ -28,6 +29,7 @@ from rectrain.data.dataset import PreparedData, SplitConfig, load_or_prepare
 from rectrain.data.preprocess import PreprocessConfig
 from rectrain.errors import ConfigError
 from rectrain.evaluation.queries import RankingQueries
+from rectrain.features import UserFeatureEncoder
 
 
 def dataclass_from_config(cls: type, values: Mapping[str, Any] | None, key: str) -> Any:
@@ -91,11 +93,17 @@ class RecDataModule(pl.LightningDataModule):
         batch_size: positives (pointwise) or sequences (sequence tasks) per training step.
         eval_batch_size: evaluation queries per step.
         seed: the base of every epoch's sampling seed.
+        prefetch: training batches built ahead in a background thread (0: built inline, between
+            steps). The batches are the same either way; only the overlap changes.
+        user_features: user attributes (columns of the log's user table, e.g. ``[age, gender,
+            occupation]`` for MovieLens, ``[age, region]`` for the synthetic data) fed to models
+            that read user-side features (the two-tower query tower). None: none.
     """
 
     def __init__(self, source: Any, preprocess: Mapping[str, Any] | None = None,
                  split: Mapping[str, Any] | None = None, cache_dir: str | None = None, batch_size: int = 1024,
-                 eval_batch_size: int = 256, seed: int = 0) -> None:
+                 eval_batch_size: int = 256, seed: int = 0, prefetch: int = 2,
+                 user_features: list[str] | tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.source = source
         self.preprocess = dataclass_from_config(PreprocessConfig, preprocess, "data.preprocess")
@@ -103,7 +111,11 @@ class RecDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         if batch_size < 1:
             raise ConfigError("data.batch_size", f"must be >= 1, got {batch_size}")
-        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        if prefetch < 0:
+            raise ConfigError("data.prefetch", f"must be >= 0, got {prefetch}")
+        self.batch_size, self.eval_batch_size, self.seed, self.prefetch = batch_size, eval_batch_size, seed, prefetch
+        self.user_features = [str(f) for f in user_features] if user_features else []
+        self._user_encoder: UserFeatureEncoder | None = None
         self.data: PreparedData | None = None
         self.train_spec: PointwiseSpec | SequenceSpec = PointwiseSpec()
         self._queries: dict[str, RankingQueries] = {}
@@ -117,6 +129,33 @@ class RecDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
             self.data = load_or_prepare(self.source, self.preprocess, self.split, self.cache_dir)
+
+    @property
+    def user_encoder(self) -> UserFeatureEncoder:
+        """The encoding of ``user_features`` (empty when none are configured), fitted on the user table."""
+        if self._user_encoder is None:
+            self.setup()
+            if not self.user_features:
+                self._user_encoder = UserFeatureEncoder()
+            else:
+                table = self.data.user_attributes
+                if not table:
+                    raise ConfigError("data.user_features", "this log has no user table (session logs never do; "
+                                      "MovieLens and the synthetic data do)")
+                try:
+                    self._user_encoder = UserFeatureEncoder.fit(table, self.user_features)
+                except KeyError as exc:
+                    raise ConfigError("data.user_features", f"unknown user attribute {exc.args[0]!r}; the user "
+                                      f"table has: {', '.join(sorted(table))}") from None
+        return self._user_encoder
+
+    def user_feature_matrix(self) -> np.ndarray:
+        """(n_users, width) float32 encoded features of every user index; (n_users, 0) when none."""
+        self.setup()
+        encoder = self.user_encoder
+        if not encoder.columns:
+            return np.zeros((self.data.n_users, 0), dtype=np.float32)
+        return encoder.encode_columns(self.data.user_attributes, self.data.n_users)
 
     def queries(self, stage: str) -> RankingQueries:
         """Evaluation queries for ``valid``/``test``, built once and reused every epoch."""
@@ -145,14 +184,16 @@ class RecDataModule(pl.LightningDataModule):
                 self._train_batches = PointwiseBatches(train.user, train.item, data.n_items, spec, self.batch_size,
                                                        sampler, self.seed, rank, world)
             else:
-                windows, lengths, first = sequence_windows(data.train.user, data.train.item, spec.max_length,
-                                                           spec.stride)
+                windows, lengths, first, owner = sequence_windows(data.train.user, data.train.item,
+                                                                  spec.max_length, spec.stride)
                 self._train_batches = SequenceBatches(windows, lengths, spec.batch_size or self.batch_size,
-                                                      self.seed, rank, world, first_target=first)
+                                                      self.seed, rank, world, first_target=first,
+                                                      groups=owner if self.user_features else None)
         return self._train_batches
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Batches(self.train_batches()), batch_size=None, collate_fn=_as_is)
+        return DataLoader(_Batches(Prefetcher(self.train_batches(), self.prefetch)), batch_size=None,
+                          collate_fn=_as_is)
 
     def _eval_loader(self, stage: str) -> DataLoader:
         rank, world = self._rank_world()

@@ -82,6 +82,9 @@ class TwoTowerTask(RankingTask):
         self._sampler: NegativeSampler | None = None
         self._generator: torch.Generator | None = None
         self._cached_item_vectors: torch.Tensor | None = None
+        # (n_users, F) encoded user features, looked up per batch; a plain attribute, not a buffer,
+        # so no user's attributes end up in a checkpoint
+        self._user_features: torch.Tensor | None = None
         self.register_buffer("unigram", torch.full((net.n_items,), 1.0 / net.n_items), persistent=False)
 
     @property
@@ -95,6 +98,23 @@ class TwoTowerTask(RankingTask):
         self.unigram.copy_(torch.from_numpy(counts / counts.sum()))
         if self.extra_negatives:
             self._sampler = NegativeSampler(data.n_items, counts, self.alpha)
+        if self.net.n_user_features:
+            matrix = self.trainer.datamodule.user_feature_matrix()
+            if matrix.shape[1] != self.net.n_user_features:
+                raise ConfigError("data.user_features", f"encode to {matrix.shape[1]} values, but the model was "
+                                  f"built for {self.net.n_user_features}")
+            self._user_features = torch.from_numpy(matrix)
+
+    def user_features_of(self, users: torch.Tensor | np.ndarray | None) -> torch.Tensor | None:
+        """(B, F) features of user indices ``users`` on this task's device; None for a model without them."""
+        if not self.net.n_user_features:
+            return None
+        if self._user_features is None or users is None:
+            raise RuntimeError("this model reads user features: train it through the data module "
+                               "(data.user_features) so every batch carries its users")
+        if self._user_features.device != self.device:
+            self._user_features = self._user_features.to(self.device)
+        return self._user_features[torch.as_tensor(users, device=self.device)]
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -102,7 +122,7 @@ class TwoTowerTask(RankingTask):
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         items, lengths, targets = batch["items"], batch["lengths"], batch["targets"]  # (B, L), (B,), (B, L)
-        queries = self.net.query_all_positions(items)  # (B, L, d)
+        queries = self.net.query_all_positions(items, self.user_features_of(batch.get("users")))  # (B, L, d)
         if self.positions == "last":
             mask = torch.zeros_like(targets, dtype=torch.bool)
             mask[torch.arange(items.shape[0], device=items.device), lengths - 1] = True
@@ -159,5 +179,5 @@ class TwoTowerTask(RankingTask):
     def score_queries(self, queries: RankingQueries, rows: np.ndarray) -> torch.Tensor:
         items, lengths = padded_histories(queries, rows, self.net.max_length)
         items, lengths = items.to(self.device), lengths.to(self.device)
-        q = self.net.query(items, lengths)  # (B, d)
+        q = self.net.query(items, lengths, self.user_features_of(queries.users[rows]))  # (B, d)
         return self.net.score_histories(q, self._item_vectors_for_eval(), items, lengths)  # (B, I)
