@@ -272,7 +272,8 @@ def score_pairs(net: Any, pairs: PairSet, batch_size: int = 65536, user_features
     plus the repeat bonus of a history item). ``user_features``: (n_users, F), for a query tower reading them."""
     import torch
 
-    from rectrain.analytics.user_vectors import NCF, model_kind, pad_histories
+    from rectrain.analytics.user_vectors import NCF, model_kind
+    from rectrain.evaluation.queries import pad_histories
 
     net.eval()
     out = np.empty(len(pairs), dtype=np.float64)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from rectrain.errors import RectrainError
+from rectrain.evaluation.queries import pad_histories
 
 NCF = "ncf"
 TWO_TOWER = "two_tower"
@@ -69,23 +70,6 @@ def ncf_user_vectors(net: nn.Module) -> UserVectors:
     definition = {"kind": NCF, "vector": "user_embedding", "model_class": type(net).__name__, "source": source,
                   "input": "user index (the training user vocabulary)", "dim": int(vectors.shape[1])}
     return UserVectors(vectors.detach().cpu().numpy().astype(np.float32), NCF, definition)
-
-
-def pad_histories(indptr: np.ndarray, items: np.ndarray, rows: np.ndarray, max_length: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The last ``max_length`` items of CSR rows ``rows``, right-padded with 0, and lengths >= 1.
-
-    The same rule as ``rectrain.tasks.two_tower.padded_histories`` (training and evaluation), here
-    without importing Lightning: (B, max_length) int64, (B,) int64.
-    """
-    starts, ends = indptr[rows], indptr[rows + 1]
-    lengths = np.minimum(ends - starts, max_length)
-    first = ends - lengths
-    offsets = np.arange(max_length)
-    valid = offsets[None, :] < lengths[:, None]
-    pos = np.where(valid, first[:, None] + offsets[None, :], 0)
-    padded = np.where(valid, items[np.minimum(pos, max(items.size - 1, 0))], 0) if items.size else np.zeros_like(pos)
-    return padded.astype(np.int64), np.maximum(lengths, 1).astype(np.int64)
 
 
 def full_histories(data: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -68,3 +68,21 @@ class RankingQueries:
         e = take(self.exclude_indptr, self.exclude_items)
         h = take(self.history_indptr, self.history_items)
         return RankingQueries(self.users[rows], *t, *e, *h, n_items=self.n_items, protocol=self.protocol)
+
+
+def pad_histories(indptr: np.ndarray, items: np.ndarray, rows: np.ndarray, max_length: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``max_length`` items of CSR rows ``rows``, right-padded with 0, and lengths >= 1.
+
+    What a history model reads, vectorised over rows: (B, max_length) int64 and (B,) int64 (an
+    empty history becomes a single padding item; the caller decides what that means). Evaluation,
+    analytics and the benchmarks all pad with this one rule.
+    """
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lengths = np.minimum(ends - starts, max_length)
+    first = ends - lengths
+    offsets = np.arange(max_length)
+    valid = offsets[None, :] < lengths[:, None]
+    pos = np.where(valid, first[:, None] + offsets[None, :], 0)
+    padded = np.where(valid, items[np.minimum(pos, max(items.size - 1, 0))], 0) if items.size else np.zeros_like(pos)
+    return padded.astype(np.int64), np.maximum(lengths, 1).astype(np.int64)

@@ -17,7 +17,7 @@ import torch
 
 from rectrain.data.batching import NegativeSampler, SequenceSpec
 from rectrain.errors import ConfigError
-from rectrain.evaluation.queries import RankingQueries
+from rectrain.evaluation.queries import RankingQueries, pad_histories
 from rectrain.losses import (
     bpr_max_loss,
     candidate_logits,
@@ -32,20 +32,10 @@ LOSSES = ("full", "sampled", "bpr_max")
 
 
 def padded_histories(queries: RankingQueries, rows: np.ndarray, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last ``max_length`` history items of each query row, right-padded, and their lengths.
-
-    Vectorised over rows: (B, max_length) int64 items (0 as padding) and (B,) lengths >= 1
-    (an empty history becomes a single padding item; the caller decides what that means).
-    """
-    starts, ends = queries.history_indptr[rows], queries.history_indptr[rows + 1]
-    lengths = np.minimum(ends - starts, max_length)
-    first = ends - lengths  # keep the most recent items
-    offsets = np.arange(max_length)
-    valid = offsets[None, :] < lengths[:, None]
-    pos = np.where(valid, first[:, None] + offsets[None, :], 0)
-    items = np.where(valid, queries.history_items[np.minimum(pos, max(queries.history_items.size - 1, 0))]
-                     if queries.history_items.size else 0, 0)
-    return torch.from_numpy(items.astype(np.int64)), torch.from_numpy(np.maximum(lengths, 1).astype(np.int64))
+    """The last ``max_length`` history items of each query row, right-padded, and their lengths,
+    as tensors (see :func:`rectrain.evaluation.queries.pad_histories`)."""
+    items, lengths = pad_histories(queries.history_indptr, queries.history_items, rows, max_length)
+    return torch.from_numpy(items), torch.from_numpy(lengths)
 
 
 class TwoTowerTask(RankingTask):
