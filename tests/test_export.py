@@ -68,15 +68,17 @@ def test_two_tower_export_matches_torch_on_unseen_shapes(checkpoints, exports):
         np.testing.assert_allclose(scores[row], full[row].numpy()[items[row]], rtol=1e-5, atol=1e-5)
         assert_same_topk(items[row].tolist(), want[row], full[row].numpy())
 
-    # the ANN graphs: query . item_vectors + the metadata's repeat bonus is the recommend graph's score
-    (query,) = _session(path.with_name("two_tower.query.onnx")).run(None, {"history": history, "lengths": lengths})
+    # the ANN graphs: query . item_vectors + the query graph's repeat bonus is the recommend graph's score
+    query, slot_values = _session(path.with_name("two_tower.query.onnx")).run(None, {"history": history,
+                                                                                      "lengths": lengths})
     (vectors,) = _session(path.with_name("two_tower.item_vectors.onnx")).run(None, {"items": np.arange(n_items)})
-    bonus = np.array(json_meta(onnx_metadata(path), "repeat_bonus"), dtype=np.float32)
-    assert bonus.shape == (3,) and np.abs(bonus).max() > 0  # trained away from its zero start
+    static = np.array(json_meta(onnx_metadata(path), "repeat_bonus"), dtype=np.float32)
+    assert slot_values.shape == (5, 3) and np.abs(static).max() > 0  # trained away from its zero start
+    np.testing.assert_allclose(slot_values, np.broadcast_to(static, (5, 3)), rtol=1e-5, atol=1e-6)  # no gate
     with_bonus = query @ vectors.T
     for row in range(5):
         for back, item in enumerate(history[row, :lengths[row]][::-1]):
-            with_bonus[row, item] += bonus[min(back, 2)]
+            with_bonus[row, item] += slot_values[row, min(back, 2)]
     np.testing.assert_allclose(with_bonus, full.numpy(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(query @ vectors.T, full.numpy(), rtol=1e-5, atol=1e-5)
     some = np.array([5, 0, 5])
@@ -199,13 +201,18 @@ def test_exclusion_k_clamp_and_tie_rule(tmp_path):
     lambda: TwoTower(n_items=9, n_categories=0, dim=4, cell="lstm", hidden=6, layers=2, normalize=True,
                      temperature=0.1, max_length=7),
     lambda: TwoTower(n_items=9, n_categories=0, dim=4, hidden=6, max_length=7, repeat_slots=2),
-], ids=["mf", "gmf", "mlp", "neumf", "two_tower_lstm_normalized", "two_tower_repeat_bonus"])
+    lambda: TwoTower(n_items=9, n_categories=0, dim=4, hidden=6, max_length=7, repeat_slots=2, repeat_gate=True),
+    lambda: TwoTower(n_items=9, n_categories=0, dim=4, hidden=6, max_length=7, repeat_slots=2, repeat_mode="mixture"),
+], ids=["mf", "gmf", "mlp", "neumf", "two_tower_lstm_normalized", "two_tower_repeat_bonus", "two_tower_repeat_gate",
+        "two_tower_repeat_mixture"])
 def test_every_model_class_exports_with_parity(tmp_path, make):
     torch.manual_seed(0)
     net = make().eval()
     if getattr(net, "repeat_bonus", None) is not None:
         with torch.no_grad():
             net.repeat_bonus.copy_(torch.tensor([2.0, -1.0]))  # large enough to reorder the top-K
+            if net.repeat_gate is not None:
+                net.repeat_gate.weight.normal_()
     facts = {"model_class": f"{type(net).__module__}.{type(net).__name__}", "model_config": net.config,
              "n_users": net.config.get("n_users", 0), "n_items": 9}
     vocab = tmp_path / "users.json"

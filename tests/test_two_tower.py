@@ -135,21 +135,25 @@ def test_repeat_bonus_adds_the_recency_slot_value_per_occurrence():
     torch.testing.assert_close(extra[1, [7, 9]], torch.tensor([1.0, 0.0]))
     assert int((extra.abs() > 1e-6).sum()) == 4  # nothing else moved
     # training rows: the query at position p sees items 0..p only
-    table = net.history_bonus_all_positions(4)
+    table = net._bonus_by_distance(torch.arange(4).view(-1, 1) - torch.arange(4).view(1, -1), torch.zeros(4, 8))
     assert table.tolist() == [[1.0, 0, 0, 0], [0.5, 1.0, 0, 0], [0.25, 0.5, 1.0, 0], [0.25, 0.25, 0.5, 1.0]]
-    assert TwoTower(n_items=5, dim=4).history_bonus(items, lengths) is None
+    assert TwoTower(n_items=5, dim=4).history_bonus(items, lengths, torch.zeros(2, 4)) is None
 
 
-@pytest.mark.parametrize("loss", ["full", "sampled"])
-def test_training_loss_with_repeat_bonus_equals_scoring_each_prefix(loss):
+@pytest.mark.parametrize("loss, gate, mode", [("full", False, "bonus"), ("sampled", False, "bonus"),
+                                             ("full", True, "bonus"), ("full", True, "mixture")])
+def test_training_loss_with_repeat_bonus_equals_scoring_each_prefix(loss, gate, mode):
     """The batched all-positions loss gives every example exactly the score evaluation gives its prefix."""
     from rectrain.losses import candidate_logits
     from rectrain.tasks.two_tower import TwoTowerTask
 
     torch.manual_seed(0)
-    net = TwoTower(n_items=12, dim=6, hidden=8, embedding_dropout=0.0, dropout=0.0, repeat_slots=2)
+    net = TwoTower(n_items=12, dim=6, hidden=8, embedding_dropout=0.0, dropout=0.0, repeat_slots=2, repeat_gate=gate,
+                   repeat_mode=mode)
     with torch.no_grad():
         net.repeat_bonus.copy_(torch.tensor([0.7, -0.3]))
+        if gate:  # a query-dependent bonus: each example must use its own position's query
+            net.repeat_gate.weight.normal_()
     task = TwoTowerTask(net, loss=loss, logq_correction=False)
     items = torch.tensor([[1, 2, 1, 3], [4, 4, 0, 0], [5, 0, 0, 0]])
     targets = torch.tensor([[2, 1, 3, 1], [4, 6, -1, -1], [7, -1, -1, -1]])
@@ -170,3 +174,43 @@ def test_training_loss_with_repeat_bonus_equals_scoring_each_prefix(loss):
     torch.testing.assert_close(loss_value, want, atol=1e-5, rtol=1e-5)
     loss_value.backward()
     assert net.repeat_bonus.grad is not None and net.repeat_bonus.grad.abs().sum() > 0
+    if gate:
+        assert net.repeat_gate.weight.grad.abs().sum() > 0
+
+
+def test_repeat_boost_is_chosen_on_validation_and_saved(compose_cfg, tmp_path):
+    """Sessions that re-click the last item: the tuned boost is the validation-best one, kept in the checkpoint."""
+    from rectrain.checkpoints import load_checkpoint, rebuild_model
+    from rectrain.evaluation.ranking import evaluate_ranking
+    from rectrain.training import build
+
+    rng = np.random.default_rng(1)
+    lines, t = ["SessionId\tItemId\tTime"], 0.0
+    for session in range(300):
+        item = int(rng.integers(0, 40))
+        for _ in range(int(rng.integers(3, 8))):
+            t += 10
+            lines.append(f"{session}\t{item}\t{t}")
+            item = item if rng.random() < 0.5 else int(rng.integers(0, 40))
+    path = tmp_path / "clicks.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = compose_cfg("model=two_tower", "data=sessions", f"data.source.path={path}", "trainer.max_epochs=2",
+                      "logger=none", "model.dim=16", "model.encoder.hidden=16", "model.net.max_length=10",
+                      "model.net.repeat_slots=2", "model.tune_repeat_boost=[0,1,3]")
+    results = train(cfg)
+    net = rebuild_model(load_checkpoint(results["best_checkpoint"])).eval()
+    chosen = float(net.repeat_boost)
+    assert chosen in (0.0, 1.0, 3.0)
+    datamodule = build(cfg.data)
+    datamodule.setup()
+    queries = datamodule.queries("valid")
+
+    def mrr(boost: float) -> float:
+        net.repeat_boost.fill_(boost)
+        with torch.no_grad():
+            return evaluate_ranking(lambda q, rows: net(*padded_histories(q, rows, net.max_length)), queries,
+                                    (10,)).summary()["mrr@10"]
+
+    scores = {b: mrr(b) for b in (0.0, 1.0, 3.0)}
+    assert scores[chosen] == max(scores.values())
+    assert results["valid"]["mrr@10"] == pytest.approx(scores[chosen], abs=1e-6)

@@ -268,8 +268,8 @@ def calibration_pairs(data: Any, stage: str, negatives: int = 100, seed: int = 0
 
 def score_pairs(net: Any, pairs: PairSet, batch_size: int = 65536, user_features: np.ndarray | None = None
                 ) -> np.ndarray:
-    """The raw score the scorer computes for every pair (NCF logit; two-tower query . item / temperature
-    plus the repeat bonus of a history item). ``user_features``: (n_users, F), for a query tower reading them."""
+    """The raw score the scorer computes for every pair (NCF logit; the two-tower recommend graph's
+    score). ``user_features``: (n_users, F), for a query tower reading them."""
     import torch
 
     from rectrain.analytics.user_vectors import NCF, model_kind
@@ -285,23 +285,24 @@ def score_pairs(net: Any, pairs: PairSet, batch_size: int = 65536, user_features
                 sl = slice(start, start + batch_size)
                 out[sl] = net(users[sl], items[sl]).double().numpy()
             return out
+        # two-tower: the model's own full-catalog scores of each query row (repeat mechanism included),
+        # read at the pairs' items; rows in chunks, pairs sorted by row once
         q = pairs.queries
-        n_rows = len(q)
-        queries = np.zeros((n_rows, net.config["dim"]), dtype=np.float32)
-        for start in range(0, n_rows, 2048):
-            rows = np.arange(start, min(n_rows, start + 2048))
+        order = np.argsort(pairs.rows, kind="stable")
+        sorted_rows = pairs.rows[order]
+        item_vectors = net.item_vectors()
+        chunk = max(1, batch_size // max(int(item_vectors.shape[0]), 1))
+        for start in range(0, len(q), chunk):
+            rows = np.arange(start, min(len(q), start + chunk))
+            lo, hi = np.searchsorted(sorted_rows, [rows[0], rows[-1] + 1])
+            if lo == hi:
+                continue
             padded, lengths = pad_histories(q.history_indptr, q.history_items, rows, net.max_length)
+            h, n = torch.from_numpy(padded), torch.from_numpy(lengths)
             features = None if user_features is None else torch.from_numpy(user_features[q.users[rows]])
-            queries[rows] = net.query(torch.from_numpy(padded), torch.from_numpy(lengths), features).numpy()
-        item_vectors = net.item_vectors().numpy()
-        for start in range(0, len(pairs), batch_size):
-            sl = slice(start, start + batch_size)
-            out[sl] = (queries[pairs.rows[sl]] * item_vectors[pairs.items[sl]]).sum(1) / net.temperature
-            if getattr(net, "repeat_bonus", None) is not None:
-                padded, lengths = pad_histories(q.history_indptr, q.history_items, pairs.rows[sl], net.max_length)
-                h, n = torch.from_numpy(padded), torch.from_numpy(lengths)
-                bonus = net.history_bonus(h, n) * (h == torch.from_numpy(pairs.items[sl])[:, None])  # (n, L)
-                out[sl] += bonus.sum(1).double().numpy()
+            full = net.score_histories(net.query(h, n, features), item_vectors, h, n)  # (chunk, I)
+            picked = order[lo:hi]
+            out[picked] = full[pairs.rows[picked] - start, pairs.items[picked]].double().numpy()
         return out
 
 

@@ -109,10 +109,15 @@ def _two_tower_specs(net: nn.Module) -> list[GraphSpec]:
         (TensorSpec("items", "int64", ("batch", "k"), ITEMS_MEANING),
          TensorSpec("scores", "float32", ("batch", "k"), SCORES_MEANING)),
         (history_ex, lengths_ex, *user_ex, _example_exclude(n_items), torch.tensor(5)))
+    slots = int(net.repeat_bonus.shape[0]) if getattr(net, "repeat_bonus", None) is not None else 0
+    repeat = (TensorSpec("repeat_bonus", "float32", ("batch", slots),
+                         "added to the score of an item r positions back from the last history item, per "
+                         "occurrence: repeat_bonus[row, min(r, slots - 1)]"),) if slots else ()
     query = GraphSpec(
         "query", (TwoTowerQueryWithUser if n_features else TwoTowerQuery)(net), (history, lengths, *user),
         (TensorSpec("query", "float32", ("batch", dim),
-                    "query vector, already divided by the temperature: score = query . item_vectors[i]"),),
+                    "query vector, already divided by the temperature: score = query . item_vectors[i]"
+                    + (" (+ the repeat bonus of history items)" if slots else "")), *repeat),
         (history_ex, lengths_ex, *user_ex))
     item_vectors = GraphSpec(
         "item_vectors", TwoTowerItemVectors(net),

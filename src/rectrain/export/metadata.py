@@ -98,8 +98,13 @@ def common_metadata(facts: dict[str, Any], kind: str, *, opset: int, validation:
             meta["user_features"] = to_json(facts["user_features"])
         if facts.get("repeat_bonus"):
             meta["repeat_bonus"] = to_json([float(b) for b in facts["repeat_bonus"]])
-            meta["score"] += (" + sum of repeat_bonus[min(r, len(repeat_bonus) - 1)] over the item's occurrences "
-                              "r positions back from the last history item")
+            meta["repeat_mode"] = str(facts.get("repeat_mode", "bonus"))
+            if meta["repeat_mode"] == "mixture":
+                meta["score"] = ("log(p * P_repeat + (1 - p) * softmax(query . item vectors / temperature)): "
+                                 "P_repeat attends over the history; needs the whole catalog")
+            else:
+                meta["score"] += (" + sum of the query graph's repeat_bonus[min(r, slots - 1)] over the item's "
+                                  "occurrences r positions back from the last history item")
     else:
         meta["score"] = "the model's logit for (user, item); higher is better"
     return meta

@@ -268,7 +268,8 @@ def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLik
                           "format": '{"user_vocab": [raw user id of index 0, of index 1, ...]}'}
     checkpoint_sha = file_sha256(ckpt_path) if ckpt_path else None
     if kind == TWO_TOWER and getattr(net, "repeat_bonus", None) is not None:
-        facts = {**facts, "repeat_bonus": net.repeat_bonus.detach().cpu().tolist()}
+        static = net.repeat_bonus + net.repeat_boost * net._last_slot  # the learned values + the tuned boost
+        facts = {**facts, "repeat_bonus": static.detach().cpu().tolist(), "repeat_mode": net.repeat_mode}
     common = md.common_metadata(facts, kind, opset=opset, validation=validation or {"source": "none recorded", "metrics": {}},
                                 user_vocab=user_vocab_ref, checkpoint_sha256=checkpoint_sha)
     max_length = int(net.max_length) if kind == TWO_TOWER else None

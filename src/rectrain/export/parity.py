@@ -215,6 +215,9 @@ def check_graph(spec: GraphSpec, net: nn.Module, session: Any, kind: str, *, max
                 if spec.name == "query":
                     (q_onnx,) = session.run(["query"], {"history": history, "lengths": lengths, **user})
                     _check_close(stats, f"{case}: query", q_onnx, (query / net.temperature).numpy(), tol)
+                    if getattr(net, "repeat_bonus", None) is not None:
+                        (r_onnx,) = session.run(["repeat_bonus"], {"history": history, "lengths": lengths, **user})
+                        _check_close(stats, f"{case}: repeat_bonus", r_onnx, net.repeat_values(query).numpy(), tol)
                     continue
                 exclude = _exclude(rng, key[1], [0, 3, max(1, n_items // 2)][len(stats.cases) % 3], n_items)
                 k = next(ks)

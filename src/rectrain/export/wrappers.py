@@ -85,20 +85,29 @@ class TwoTowerQuery(TwoTowerRecommend):
 
     The query comes out divided by the model's temperature, so ``query . item_vector`` is exactly
     the recommend graph's score (an inner-product index needs nothing else) - except for a model
-    trained with a repeat bonus: then items in the history also get ``rectrain.repeat_bonus[slot]``
-    added (slot = positions back from the last item, capped), which the metadata carries.
+    trained with a repeat bonus (``repeat_slots``): the graph then has a second output,
+    ``repeat_bonus`` (B, R), and an item found ``r`` positions back from the last history item
+    gets ``repeat_bonus[row, min(r, R - 1)]`` added per occurrence.
     """
 
-    def forward(self, history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.query(history, lengths) / self.net.temperature  # (B, d)
+    def outputs(self, history: torch.Tensor, lengths: torch.Tensor, user_features: torch.Tensor | None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        query = self.query(history, lengths, user_features)  # (B, d)
+        if self.net.repeat_bonus is None:
+            return query / self.net.temperature
+        return query / self.net.temperature, self.net.repeat_values(query)  # (B, d), (B, R)
+
+    def forward(self, history: torch.Tensor, lengths: torch.Tensor  # type: ignore[override]
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.outputs(history, lengths, None)
 
 
-class TwoTowerQueryWithUser(TwoTowerRecommend):
-    """history (B, L), lengths (B,), user_features (B, F) -> query (B, d); see :class:`TwoTowerQuery`."""
+class TwoTowerQueryWithUser(TwoTowerQuery):
+    """history (B, L), lengths (B,), user_features (B, F) -> query (B, d) [, repeat_bonus]; see :class:`TwoTowerQuery`."""
 
     def forward(self, history: torch.Tensor, lengths: torch.Tensor,  # type: ignore[override]
-                user_features: torch.Tensor) -> torch.Tensor:
-        return self.query(history, lengths, user_features) / self.net.temperature  # (B, d)
+                user_features: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return self.outputs(history, lengths, user_features)
 
 
 class TwoTowerItemVectors(TwoTowerRecommend):

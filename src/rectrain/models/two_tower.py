@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
+REPEAT_MODES = ("bonus", "mixture")
+NO_REPEAT = -1e4  # log-space stand-in for log(0): finite, so exports and gradients stay clean
 
 
 def last_valid(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -132,6 +134,14 @@ class TwoTower(nn.Module):
         repeat_slots: learned score bonus for items already in the history, one value per recency
             slot (0: the last item, 1: the one before, ...; older items share the last slot).
             0 disables it (scores are then a pure dot product, as an ANN index needs).
+        repeat_gate: make the slot bonus a linear function of the query as well (per session:
+            some sessions keep re-clicking, some never do).
+        repeat_mode: ``bonus`` adds the slot values to the history items' logits; ``mixture``
+            (RepeatNet, Ren et al. 2019) scores log P = log(p * P_repeat + (1 - p) * P_explore):
+            P_explore the softmax over the catalog, P_repeat an attention over the history
+            positions (slot values as logits), p = sigmoid(linear(query)). A bonus in logit space
+            is drowned out when the explore distribution is peaked; a mixture keeps a repeat's
+            probability at least p * attention. Needs ``model.loss=full``.
         n_user_features: width of the encoded user-side features the query tower reads (0: none;
             set from ``data.user_features``). Attributes, never a user id.
     """
@@ -140,17 +150,21 @@ class TwoTower(nn.Module):
                  layers: int = 1, embedding_dropout: float = 0.2, dropout: float = 0.2,
                  item_hidden: Sequence[int] = (64,), id_dropout: float = 0.0, tie_embeddings: bool = True,
                  normalize: bool = False, temperature: float = 1.0, max_length: int = 50,
-                 repeat_slots: int = 0, n_user_features: int = 0) -> None:
+                 repeat_slots: int = 0, repeat_gate: bool = False, repeat_mode: str = "bonus",
+                 n_user_features: int = 0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError("model.net.temperature must be > 0")
         if repeat_slots < 0:
             raise ValueError("model.net.repeat_slots must be >= 0")
+        if repeat_mode not in REPEAT_MODES:
+            raise ValueError(f"model.net.repeat_mode must be one of {REPEAT_MODES}, got {repeat_mode!r}")
         self.config = {"n_items": n_items, "n_categories": n_categories, "dim": dim, "cell": cell, "hidden": hidden,
                        "layers": layers, "embedding_dropout": embedding_dropout, "dropout": dropout,
                        "item_hidden": [int(h) for h in item_hidden], "id_dropout": id_dropout,
                        "tie_embeddings": tie_embeddings, "normalize": normalize, "temperature": temperature,
-                       "max_length": max_length, "repeat_slots": repeat_slots, "n_user_features": n_user_features}
+                       "max_length": max_length, "repeat_slots": repeat_slots, "repeat_gate": repeat_gate, "repeat_mode": repeat_mode,
+                       "n_user_features": n_user_features}
         self.n_items, self.max_length, self.n_user_features = n_items, max_length, n_user_features
         self.normalize, self.temperature = normalize, temperature
         self.item_tower = ItemTower(n_items, dim, n_categories, item_hidden, id_dropout)
@@ -158,6 +172,19 @@ class TwoTower(nn.Module):
         self.query_tower = SessionEncoder(input_embedding, dim, cell, hidden, layers, embedding_dropout, dropout,
                                           n_user_features)
         self.repeat_bonus = nn.Parameter(torch.zeros(repeat_slots)) if repeat_slots else None
+        if repeat_slots:
+            # added to slot 0 (the last item) outside training only: a decision rule chosen on validation
+            # (TwoTowerTask.tune_repeat_boost), not a learned weight; saved with the model
+            self.register_buffer("repeat_boost", torch.zeros(()))
+            self.register_buffer("_last_slot", torch.eye(repeat_slots)[0], persistent=False)
+        self.repeat_gate: nn.Linear | None = None
+        if repeat_slots and repeat_gate:
+            self.repeat_gate = nn.Linear(dim, repeat_slots)
+            nn.init.zeros_(self.repeat_gate.weight)  # starts as the plain per-slot constants
+            nn.init.zeros_(self.repeat_gate.bias)
+        self.repeat_mode = repeat_mode
+        # mixture: the probability that the next item is a repeat, from the query
+        self.repeat_switch = nn.Linear(dim, 1) if repeat_slots and repeat_mode == "mixture" else None
 
     def set_item_features(self, categories: torch.Tensor) -> None:
         """Copy the (I, C) category multi-hot matrix into the item tower."""
@@ -183,32 +210,63 @@ class TwoTower(nn.Module):
         """(..., d) queries x (N, d) items -> (..., N) scores."""
         return queries @ item_vectors.T / self.temperature
 
-    def history_bonus(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
-        """(B, L) histories, (B,) lengths -> (B, L) bonus of each history position for the query at
-        the last real position (0 on padding); None without a repeat bonus."""
+    def repeat_values(self, queries: torch.Tensor) -> torch.Tensor:
+        """(N, d) queries -> (N, R) bonus per recency slot: the learned constants, plus a linear
+        function of the query when ``repeat_gate`` (a session that keeps re-clicking says so in its
+        state)."""
+        assert self.repeat_bonus is not None
+        values = self.repeat_bonus if self.training else self.repeat_bonus + self.repeat_boost * self._last_slot
+        values = values.expand(queries.shape[0], -1)
+        return values + self.repeat_gate(queries) if self.repeat_gate is not None else values
+
+    def _bonus_by_distance(self, back: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """(N, L) positions back from each query (negative: after it) -> (N, L) bonus (0 after the query)."""
+        slots = back.clamp(0, self.repeat_bonus.shape[0] - 1)  # type: ignore[union-attr]
+        values = self.repeat_values(queries).gather(1, slots)
+        return values * (back >= 0).to(values.dtype)
+
+    def history_bonus(self, items: torch.Tensor, lengths: torch.Tensor, queries: torch.Tensor
+                      ) -> torch.Tensor | None:
+        """(B, L) histories, (B,) lengths, (B, d) their queries -> (B, L) bonus of each history
+        position for the query at the last real position (0 on padding); None without a repeat bonus."""
         if self.repeat_bonus is None:
             return None
         positions = torch.arange(items.shape[1], device=items.device)  # (L,)
         back = lengths.view(-1, 1) - 1 - positions.view(1, -1)  # (B, L): 0 at the last real item
-        slot = back.clamp(0, self.repeat_bonus.shape[0] - 1)
-        return self.repeat_bonus[slot] * (back >= 0).to(self.repeat_bonus.dtype)
+        return self._bonus_by_distance(back, queries)
 
-    def history_bonus_all_positions(self, length: int) -> torch.Tensor | None:
-        """(L, L): row p = bonus of history positions 0..L-1 for the query at position p (training on
-        every position; the same for every sequence, so computed once per batch)."""
+    def history_scores(self, queries: torch.Tensor, item_vectors: torch.Tensor, history: torch.Tensor,
+                       back: torch.Tensor) -> torch.Tensor:
+        """(N, d) queries x (I, d) catalog -> (N, I) scores, the repeat mechanism applied to the (N, L)
+        ``history`` items, each ``back`` positions behind its query (negative: not yet seen)."""
+        scores = self.score(queries, item_vectors)
         if self.repeat_bonus is None:
-            return None
-        positions = torch.arange(length, device=self.repeat_bonus.device)
-        back = positions.view(-1, 1) - positions.view(1, -1)  # (L, L): p - j
-        slot = back.clamp(0, self.repeat_bonus.shape[0] - 1)
-        return self.repeat_bonus[slot] * (back >= 0).to(self.repeat_bonus.dtype)
+            return scores
+        if self.repeat_switch is None:
+            return scores.scatter_add(1, history, self._bonus_by_distance(back, queries))
+        return self._repeat_mixture(scores, queries, history, back)
+
+    def _repeat_mixture(self, logits: torch.Tensor, queries: torch.Tensor, history: torch.Tensor,
+                        back: torch.Tensor) -> torch.Tensor:
+        """log(p * P_repeat + (1 - p) * softmax(logits)), computed in log space."""
+        visible = back >= 0
+        slots = back.clamp(0, self.repeat_bonus.shape[0] - 1)  # type: ignore[union-attr]
+        attention_logits = self.repeat_values(queries).gather(1, slots).masked_fill(~visible, NO_REPEAT)
+        attention = torch.softmax(attention_logits, dim=1) * visible.to(logits.dtype)  # (N, L)
+        repeat = torch.zeros_like(logits).scatter_add(1, history, attention)  # (N, I)
+        switch = self.repeat_switch(queries)  # type: ignore[misc]  # (N, 1) logit of p
+        log_explore = torch.log_softmax(logits, dim=1) + F.logsigmoid(-switch)
+        log_repeat = torch.where(repeat > 0, torch.log(repeat.clamp_min(1e-30)),
+                                 torch.full_like(repeat, NO_REPEAT)) + F.logsigmoid(switch)
+        top = torch.maximum(log_explore, log_repeat)
+        return top + torch.log(torch.exp(log_explore - top) + torch.exp(log_repeat - top))
 
     def score_histories(self, queries: torch.Tensor, item_vectors: torch.Tensor, items: torch.Tensor,
                         lengths: torch.Tensor) -> torch.Tensor:
-        """(B, d) queries of the (B, L) histories x (I, d) catalog -> (B, I) scores, repeat bonus included."""
-        scores = self.score(queries, item_vectors)
-        bonus = self.history_bonus(items, lengths)
-        return scores if bonus is None else scores.scatter_add(1, items, bonus)
+        """(B, d) queries of the (B, L) histories x (I, d) catalog -> (B, I) scores, repeats included."""
+        positions = torch.arange(items.shape[1], device=items.device)
+        back = lengths.view(-1, 1) - 1 - positions.view(1, -1)  # (B, L): 0 at the last real item
+        return self.history_scores(queries, item_vectors, items, back)
 
     def forward(self, items: torch.Tensor, lengths: torch.Tensor, user_features: torch.Tensor | None = None
                 ) -> torch.Tensor:

@@ -81,8 +81,9 @@ class OnnxModel:
         item_vectors: two-tower (I, d) item vectors from the ``item_vectors`` graph (None if absent).
         user_encoder: two-tower query towers trained on user attributes: how a request's attributes
             become the graph's ``user_features`` input (None: the graph has no such input).
-        repeat_bonus: two-tower score bonus per recency slot for items already in the history
-            (None: the model has none); the recommend graph applies it, ``/score`` adds it here.
+        repeat_bonus: two-tower learned constant bonus per recency slot for items already in the
+            history (None: the model has none); the recommend graph applies it, ``/score`` adds the
+            query graph's per-query ``repeat_bonus`` output.
     """
 
     path: Path
@@ -100,6 +101,7 @@ class OnnxModel:
     score_session: ort.InferenceSession | None = None
     item_vectors: np.ndarray | None = None
     repeat_bonus: np.ndarray | None = None
+    repeat_mode: str = "bonus"
     user_encoder: UserFeatureEncoder | None = None
     warnings: list[str] = field(default_factory=list)
     loaded_at: float = field(default_factory=time.time)
@@ -112,12 +114,14 @@ class OnnxModel:
     def n_items(self) -> int:
         return len(self.item_vocab)
 
-    def history_bonus(self, history: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """(n,) repeat bonus of ``items`` given the (L,) history, as the recommend graph adds it."""
-        if self.repeat_bonus is None or not len(self.repeat_bonus) or not len(history):
+    @staticmethod
+    def history_bonus(history: np.ndarray, items: np.ndarray, slot_values: np.ndarray | None) -> np.ndarray:
+        """(n,) repeat bonus of ``items`` given the (L,) history and the query's (R,) ``slot_values``
+        (the query graph's ``repeat_bonus`` row), as the recommend graph adds it."""
+        if slot_values is None or not len(slot_values) or not len(history):
             return np.zeros(len(items), dtype=np.float32)
         back = np.arange(len(history))[::-1]  # positions back from the last item
-        per_position = self.repeat_bonus[np.minimum(back, len(self.repeat_bonus) - 1)]  # (L,)
+        per_position = slot_values[np.minimum(back, len(slot_values) - 1)]  # (L,)
         return (items[:, None] == history[None, :]).astype(np.float32) @ per_position  # (n,)
 
     @classmethod
@@ -161,6 +165,7 @@ class OnnxModel:
         model.user_encoder = encoder if encoder is not None and encoder.width else None
         if "repeat_bonus" in meta:
             model.repeat_bonus = np.asarray(_json_meta(meta, "repeat_bonus", path), dtype=np.float32).reshape(-1)
+            model.repeat_mode = meta.get("repeat_mode", "bonus")
         if len(model.item_index) != n_items:
             raise ModelLoadError(f"{path}: the item vocabulary holds duplicate raw ids")
         model._load_companions(threads)

@@ -374,13 +374,25 @@ class Scorer:
             raise RequestError(f"this model was loaded without its score graph ({'; '.join(model.warnings)})", 501)
         if not q.items:
             return {"items": [], "scores": [], "cold_start": False, "score_kind": "model"}
-        if model.kind == "two_tower":
+        if model.kind == "two_tower" and model.repeat_mode == "mixture":
+            # a mixture score is a probability over the whole catalog: read it from the recommend graph
+            feed = self._with_user_features({"history": q.history[None, :],
+                                             "lengths": np.array([len(q.history)], np.int64),
+                                             "exclude": np.zeros((1, 0), np.int64),
+                                             "k": np.array(model.n_items, np.int64)}, [q], model)
+            items, ranked = model.run_recommend(feed)
+            by_item = np.empty(model.n_items, dtype=np.float32)
+            by_item[items[0]] = ranked[0]
+            scores = by_item[q.item_idx]
+        elif model.kind == "two_tower":
             feed = self._with_user_features({"history": q.history[None, :],
                                              "lengths": np.array([len(q.history)], np.int64)}, [q], model)
-            (query,) = model.score_session.run(["query"], feed)
+            names = ["query"] + (["repeat_bonus"] if model.repeat_bonus is not None else [])
+            outputs = model.score_session.run(names, feed)
             assert model.item_vectors is not None
-            scores = model.item_vectors[q.item_idx] @ query[0]  # (n,)
-            scores = scores + model.history_bonus(q.history, q.item_idx)  # now the recommend graph's score
+            scores = model.item_vectors[q.item_idx] @ outputs[0][0]  # (n,)
+            slot_values = outputs[1][0] if len(outputs) > 1 else None
+            scores = scores + model.history_bonus(q.history, q.item_idx, slot_values)  # the recommend graph's score
         else:
             (scores,) = model.score_session.run(["scores"], {"user": np.full(len(q.items), q.user, np.int64),
                                                             "item": q.item_idx})

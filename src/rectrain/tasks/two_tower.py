@@ -14,15 +14,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from rectrain.data.batching import NegativeSampler, SequenceSpec
 from rectrain.errors import ConfigError
 from rectrain.evaluation.queries import RankingQueries, pad_histories
+from rectrain.evaluation.ranking import evaluate_ranking
 from rectrain.losses import (
     bpr_max_loss,
     candidate_logits,
     expected_count_log_q,
-    full_softmax_loss,
     sampled_softmax_loss,
 )
 from rectrain.models.two_tower import TwoTower
@@ -52,12 +53,19 @@ class TwoTowerTask(RankingTask):
         batch_size: sequences per training step (None: the data module's batch size).
         stride: start a training window every ``stride`` events of a long history (None: windows
             do not overlap); smaller strides give late events more context at more compute.
+        tune_repeat_boost: candidate boosts of the last history item's repeat score; before every
+            validation the one with the best validation MRR@ks[0] is kept (None: no tuning). The
+            learned repeat bonus maximises likelihood; ranking the last item first more often can
+            rank better than likelihood suggests (click sessions), and this is chosen on validation
+            like any hyperparameter, never on test. Needs ``model.net.repeat_slots > 0``.
+        tune_queries: validation queries used for that choice (a seeded sample when there are more).
         **kwargs: passed to :class:`RankingTask` (optimizer, scheduler, ks, seed, ...).
     """
 
     def __init__(self, net: TwoTower, loss: str = "full", positions: str = "all", logq_correction: bool = True,
                  extra_negatives: int = 0, alpha: float = 0.0, bpr_max_regularization: float = 1.0,
-                 batch_size: int | None = None, stride: int | None = None, **kwargs: Any) -> None:
+                 batch_size: int | None = None, stride: int | None = None,
+                 tune_repeat_boost: list[float] | None = None, tune_queries: int = 20000, **kwargs: Any) -> None:
         super().__init__(net, **kwargs)
         if loss not in LOSSES:
             raise ConfigError("model.loss", f"must be one of {LOSSES}, got {loss!r}")
@@ -65,9 +73,16 @@ class TwoTowerTask(RankingTask):
             raise ConfigError("model.positions", f"must be 'all' or 'last', got {positions!r}")
         if extra_negatives < 0:
             raise ConfigError("model.extra_negatives", "must be >= 0")
+        if loss != "full" and getattr(net, "repeat_switch", None) is not None:
+            raise ConfigError("model.net.repeat_mode", "'mixture' needs the full softmax (model.loss=full): its "
+                              "repeat/explore split is a probability over the whole catalog")
         self.loss_name, self.positions = loss, positions
         self.logq_correction, self.extra_negatives, self.alpha = logq_correction, extra_negatives, alpha
         self.bpr_max_regularization = bpr_max_regularization
+        if tune_repeat_boost and net.repeat_bonus is None:
+            raise ConfigError("model.tune_repeat_boost", "needs a repeat bonus (model.net.repeat_slots > 0)")
+        self.tune_repeat_boost = [float(b) for b in tune_repeat_boost] if tune_repeat_boost else None
+        self.tune_queries = tune_queries
         self.batch_size, self.stride = batch_size, stride
         self._sampler: NegativeSampler | None = None
         self._generator: torch.Generator | None = None
@@ -119,22 +134,18 @@ class TwoTowerTask(RankingTask):
         else:
             mask = targets >= 0
         q, t = queries[mask], targets[mask]  # (N, d), (N,)
-        history = self._history_bonus(items, mask)
+        rows, positions = mask.nonzero(as_tuple=True)  # in the same order as queries[mask]
+        # the example at (b, p) has read items[b, :p+1]: history position j is p - j behind it
+        back = positions.view(-1, 1) - torch.arange(items.shape[1], device=items.device).view(1, -1)  # (N, L)
         if self.loss_name == "full":
-            loss = full_softmax_loss(q, t, self.net.item_vectors(), self.net.temperature, history)
+            logits = self.net.history_scores(q, self.net.item_vectors(), items[rows], back)  # (N, I)
+            loss = F.cross_entropy(logits, t)
         else:
+            history = None
+            if self.net.repeat_bonus is not None:
+                history = (items[rows], self.net._bonus_by_distance(back, q))
             loss = self._sampled_loss(q, t, history)
         return loss, int(t.numel())
-
-    def _history_bonus(self, items: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """((N, L) history items, (N, L) repeat bonus) of the N selected positions, or None.
-
-        The example at (b, p) has read items[b, :p+1]; later positions get bonus 0."""
-        per_position = self.net.history_bonus_all_positions(items.shape[1])  # (L, L) or None
-        if per_position is None:
-            return None
-        rows, positions = mask.nonzero(as_tuple=True)  # (N,), (N,) in the same order as queries[mask]
-        return items[rows], per_position[positions]
 
     def _sampled_loss(self, q: torch.Tensor, t: torch.Tensor,
                       history: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -162,6 +173,35 @@ class TwoTowerTask(RankingTask):
 
     def on_validation_epoch_start(self) -> None:
         self._cached_item_vectors = None  # weights changed since the last evaluation
+        if self.tune_repeat_boost:
+            self._tune_repeat_boost()
+
+    def _tune_repeat_boost(self) -> None:
+        """Keep the candidate boost with the best validation MRR@ks[0] (ties: the smallest)."""
+        queries = self.trainer.datamodule.queries("valid")
+        rows = np.arange(len(queries))
+        if rows.size > self.tune_queries:
+            rows = np.sort(np.random.default_rng(self.seed).choice(rows, self.tune_queries, replace=False))
+        sample = queries.subset(rows)
+        items, lengths = padded_histories(sample, np.arange(len(sample)), self.net.max_length)
+        items, lengths = items.to(self.device), lengths.to(self.device)
+        q = self.net.query(items, lengths, self.user_features_of(sample.users))  # once, for every candidate
+        vectors = self._item_vectors_for_eval()
+        k = self.ks[0]
+
+        def score(_: RankingQueries, chunk: np.ndarray) -> torch.Tensor:
+            at = torch.from_numpy(chunk).to(self.device)
+            return self.net.score_histories(q[at], vectors, items[at], lengths[at])
+
+        best, best_mrr = 0.0, -1.0
+        for boost in sorted(self.tune_repeat_boost):
+            self.net.repeat_boost.fill_(boost)
+            mrr = evaluate_ranking(score, sample, (k,), memory_budget_mb=self.eval_memory_mb,
+                                   device=self.device).summary()[f"mrr@{k}"]
+            if mrr > best_mrr:
+                best, best_mrr = boost, mrr
+        self.net.repeat_boost.fill_(best)
+        self.log("val/repeat_boost", best, sync_dist=False)
 
     def on_test_epoch_start(self) -> None:
         self._cached_item_vectors = None
