@@ -102,7 +102,7 @@ class RecDataModule(pl.LightningDataModule):
 
     def __init__(self, source: Any, preprocess: Mapping[str, Any] | None = None,
                  split: Mapping[str, Any] | None = None, cache_dir: str | None = None, batch_size: int = 1024,
-                 eval_batch_size: int = 256, seed: int = 0, prefetch: int = 2,
+                 eval_batch_size: int = 256, seed: int = 0, prefetch: int = 0,
                  user_features: list[str] | tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.source = source
