@@ -16,7 +16,7 @@ per second over the timed epochs (the first epoch of every fit is a warm-up and 
 as the median over rounds. Intra-op threads are fixed with ``--threads`` (default 1).
 
     python bench/ncf_speed.py [--dataset synthetic|ml-100k|both] [--models mf,neumf] [--epochs 3]
-        [--rounds 3] [--threads 1] [--trainer KEY=VALUE ...] [--profile]
+        [--rounds 3] [--threads 1] [--batch-size N] [--experiment] [--trainer KEY=VALUE ...] [--profile]
 """
 from __future__ import annotations
 
@@ -146,6 +146,8 @@ def parse_extra(pairs: list[str]) -> dict:
 
 def measure(dataset: str, model: str, args: argparse.Namespace, extra: dict) -> dict:
     overrides = [*LEAN_OVERRIDES, f"model={model}", "seed=0", *[o.format(root=args.data) for o in DATASETS[dataset]]]
+    if args.experiment and dataset == "ml-100k":  # the tuned settings: batch size, negatives, lr
+        overrides.append(f"experiment=ml100k_{model}")
     if args.batch_size:
         overrides.append(f"data.batch_size={args.batch_size}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,6 +226,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
     parser.add_argument("--batch-size", type=int, default=None, help="positives per step (default: config)")
+    parser.add_argument("--experiment", action="store_true",
+                        help="ml-100k: train with conf/experiment/ml100k_<model>.yaml (the tuned settings)")
     parser.add_argument("--trainer", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra pl.Trainer arguments for the Lightning side")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",

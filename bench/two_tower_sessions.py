@@ -212,6 +212,8 @@ def main() -> None:
         return
     r20 = [r["test"]["hr@20"] for r in runs]
     m20 = [r["test"]["mrr@20"] for r in runs]
+    print("\nPer seed (Recall@20 / MRR@20): " + ", ".join(f"seed {seed}: {r:.4f} / {m:.4f}"
+                                                       for seed, r, m in zip(seeds, r20, m20)))
     print("\nTargets (test, Recall@20 and MRR@20):")
     contenders = {f"{name} (ours)": (row["hr@20"], row["mrr@20"]) for name, row in base.items()}
     contenders.update({f"{name} (ours, random tie order)": (row["ties"]["hr_rand"], row["ties"]["mrr_rand"])
