@@ -137,7 +137,9 @@ def test_repeat_bonus_adds_the_recency_slot_value_per_occurrence():
     # training rows: the query at position p sees items 0..p only
     table = net._bonus_by_distance(torch.arange(4).view(-1, 1) - torch.arange(4).view(1, -1), torch.zeros(4, 8))
     assert table.tolist() == [[1.0, 0, 0, 0], [0.5, 1.0, 0, 0], [0.25, 0.5, 1.0, 0], [0.25, 0.25, 0.5, 1.0]]
-    assert TwoTower(n_items=5, dim=4).history_bonus(items, lengths, torch.zeros(2, 4)) is None
+    plain = TwoTower(n_items=20, dim=4).eval()  # no repeat bonus: a pure dot product
+    with torch.no_grad():
+        torch.testing.assert_close(plain(items, lengths), plain.score(plain.query(items, lengths), plain.item_vectors()))
 
 
 @pytest.mark.parametrize("loss, gate, mode", [("full", False, "bonus"), ("sampled", False, "bonus"),

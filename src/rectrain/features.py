@@ -46,11 +46,15 @@ class FeatureColumn:
             x = np.asarray(raw, dtype=np.float64)
             z = np.where(np.isnan(x), 0.0, (x - self.mean) / self.std)
             return z.astype(np.float32)[:, None]
-        lookup = {v: i for i, v in enumerate(self.values)}
-        codes = np.array([lookup.get(_as_text(v), -1) for v in raw], dtype=np.int64)
-        out = np.zeros((codes.size, len(self.values)), dtype=np.float32)
-        known = codes >= 0
-        out[np.flatnonzero(known), codes[known]] = 1.0
+        raw = np.asarray(raw)
+        # vectorised over users (a text array from the data); request records arrive as objects
+        text = np.char.strip(raw.astype(str)) if raw.dtype.kind == "U" else np.array([_as_text(v) for v in raw], dtype=str)
+        values = np.array(self.values, dtype=str)  # sorted at fit time
+        out = np.zeros((text.size, values.size), dtype=np.float32)
+        if values.size and text.size:
+            at = np.minimum(np.searchsorted(values, text), values.size - 1)
+            known = values[at] == text
+            out[np.flatnonzero(known), at[known]] = 1.0
         return out
 
 

@@ -225,16 +225,6 @@ class TwoTower(nn.Module):
         values = self.repeat_values(queries).gather(1, slots)
         return values * (back >= 0).to(values.dtype)
 
-    def history_bonus(self, items: torch.Tensor, lengths: torch.Tensor, queries: torch.Tensor
-                      ) -> torch.Tensor | None:
-        """(B, L) histories, (B,) lengths, (B, d) their queries -> (B, L) bonus of each history
-        position for the query at the last real position (0 on padding); None without a repeat bonus."""
-        if self.repeat_bonus is None:
-            return None
-        positions = torch.arange(items.shape[1], device=items.device)  # (L,)
-        back = lengths.view(-1, 1) - 1 - positions.view(1, -1)  # (B, L): 0 at the last real item
-        return self._bonus_by_distance(back, queries)
-
     def history_scores(self, queries: torch.Tensor, item_vectors: torch.Tensor, history: torch.Tensor,
                        back: torch.Tensor) -> torch.Tensor:
         """(N, d) queries x (I, d) catalog -> (N, I) scores, the repeat mechanism applied to the (N, L)
