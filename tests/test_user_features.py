@@ -64,21 +64,13 @@ def test_user_feature_config_errors_name_the_key(compose_cfg, overrides, key, me
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A two-tower model trained with [age, region], exported to ONNX."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from rectrain.export import export_checkpoint
-    from tests.conftest import ROOT
+    from tests.test_export_fixtures import LEAN, _compose
 
     tmp = tmp_path_factory.mktemp("user-features")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            *TINY_DATA, "model=two_tower", "model.dim=16", "model.encoder.hidden=16", "model.net.max_length=10",
-            "data.user_features=[age,region]", "trainer.max_epochs=2", "logger=none", "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false", "callbacks.progress_bar=null", "trainer.enable_model_summary=false",
-            f"paths.output_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}"])
-    GlobalHydra.instance().clear()
+    cfg = _compose([*TINY_DATA, "model=two_tower", "model.dim=16", "model.encoder.hidden=16", "model.net.max_length=10",
+                    "data.user_features=[age,region]", *LEAN, "trainer.max_epochs=2", "test=true",
+                    f"paths.output_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}"])
     results = train(cfg)
     report = export_checkpoint(results["best_checkpoint"], tmp / "tt.onnx")
     return results, report

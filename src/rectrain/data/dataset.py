@@ -385,13 +385,18 @@ def _index_and_pack(frame: pd.DataFrame, labels: np.ndarray, split: SplitConfig,
     return data
 
 
+def _align_to_vocabulary(table: pd.DataFrame, key: str, vocab: np.ndarray) -> pd.DataFrame:
+    """One row per vocabulary entry, in index order (first row per id; ids absent from ``table``: NaN)."""
+    table = table.drop_duplicates(key)
+    table.index = table[key].astype(str)
+    return table.reindex(pd.Index(vocab))
+
+
 def _attach_item_features(data: PreparedData, log_: RawLog) -> None:
     """Titles and categories aligned with the item vocabulary (missing items get none)."""
     if log_.items is None or log_.items.empty:
         return
-    items = log_.items.drop_duplicates(ITEM)
-    items.index = items[ITEM].astype(str)
-    aligned = items.reindex(pd.Index(data.item_vocab))
+    aligned = _align_to_vocabulary(log_.items, ITEM, data.item_vocab)
     if "title" in aligned:
         data.item_titles = aligned["title"].fillna("").astype(str).to_numpy(dtype=str)
     if "categories" in aligned:
@@ -408,14 +413,12 @@ def _attach_user_attributes(data: PreparedData, log_: RawLog) -> None:
     """The user table's columns aligned with the user vocabulary (users absent from it: missing)."""
     if log_.users is None or log_.users.empty:
         return
-    users = log_.users.drop_duplicates(USER)
-    users.index = users[USER].astype(str)
-    aligned = users.reindex(pd.Index(data.user_vocab))
+    aligned = _align_to_vocabulary(log_.users, USER, data.user_vocab)
     for name in aligned.columns:
         if name == USER:
             continue
         column = aligned[name]
-        numeric = pd.api.types.is_numeric_dtype(users[name]) and not pd.api.types.is_bool_dtype(users[name])
+        numeric = pd.api.types.is_numeric_dtype(log_.users[name]) and not pd.api.types.is_bool_dtype(log_.users[name])
         if numeric:
             data.user_attributes[str(name)] = column.to_numpy(dtype=np.float64, na_value=np.nan)
         else:
