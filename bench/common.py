@@ -21,6 +21,18 @@ def require_dataset(path: Path, what: str) -> Path:
     return path
 
 
+def start_seeded_bench(args, required: str, what: str) -> list[int]:
+    """The common start of a multi-seed bench: resolve ``args.data``, skip when ``required`` is
+    missing there, fix torch's intra-op threads, quiet Lightning; returns the seeds of ``args.seeds``."""
+    import torch
+
+    args.data = args.data.resolve()
+    require_dataset(args.data / required, what)
+    torch.set_num_threads(args.threads)
+    quiet_lightning()
+    return [int(s) for s in args.seeds.split(",")]
+
+
 @contextmanager
 def timed(store: dict[str, float], key: str) -> Iterator[None]:
     start = time.perf_counter()

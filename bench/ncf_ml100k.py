@@ -24,7 +24,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, LEAN_OVERRIDES, compose_train_config, quiet_lightning, ready_datamodule, require_dataset, trained_net  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_DATA,
+    LEAN_OVERRIDES,
+    compose_train_config,
+    quiet_lightning,
+    ready_datamodule,
+    start_seeded_bench,
+    trained_net,
+)
 
 import torch  # noqa: E402
 
@@ -108,12 +116,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra Hydra overrides for every run (e.g. trainer.max_epochs=5)")
     args = parser.parse_args()
-    args.data = args.data.resolve()
-    require_dataset(args.data / "u.data", "ml-100k")
-    torch.set_num_threads(args.threads)
-    quiet_lightning()
+    seeds = start_seeded_bench(args, "u.data", "ml-100k")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    seeds = [int(s) for s in args.seeds.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

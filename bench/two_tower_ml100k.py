@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    start_seeded_bench,
     ready_datamodule,
     CONF_DIR,
     DEFAULT_DATA,
@@ -33,11 +34,8 @@ from common import (  # noqa: E402
     TrainEpochTimer,
     compose_train_config,
     mean_std,
-    quiet_lightning,
-    require_dataset,
 )
 
-import torch  # noqa: E402
 
 from rectrain.evaluation.baselines import ItemKNN, MostPopular  # noqa: E402
 from rectrain.evaluation.ranking import evaluate_ranking  # noqa: E402
@@ -99,11 +97,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra Hydra overrides for the two-tower runs (e.g. trainer.max_epochs=5)")
     args = parser.parse_args()
-    args.data = args.data.resolve()
-    require_dataset(args.data / "u.data", "ml-100k")
-    torch.set_num_threads(args.threads)
-    quiet_lightning()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = start_seeded_bench(args, "u.data", "ml-100k")
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

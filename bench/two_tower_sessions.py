@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    start_seeded_bench,
     ready_datamodule,
     DEFAULT_DATA,
     LEAN_OVERRIDES,
@@ -40,7 +41,6 @@ from common import (  # noqa: E402
     compose_train_config,
     mean_std,
     quiet_lightning,
-    require_dataset,
 )
 
 import numpy as np  # noqa: E402
@@ -158,11 +158,7 @@ def main() -> None:
                         "epoch then count shared cores)")
     parser.add_argument("--skip-model", action="store_true", help="baselines only")
     args = parser.parse_args()
-    args.data = args.data.resolve()
-    require_dataset(args.data / "train_full.tsv", "yoochoose-clicks-100k")
-    torch.set_num_threads(args.threads)
-    quiet_lightning()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = start_seeded_bench(args, "train_full.tsv", "yoochoose-clicks-100k")
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
