@@ -1,7 +1,11 @@
 """Atomic file writes: a crash or an error never leaves a half-written file behind.
 
 Everything is written to a temporary file in the destination directory and then renamed,
-which is atomic on POSIX file systems. This module is torch-free so serving can use it.
+which is atomic on POSIX file systems. Temporary names carry a mark, the writing host and its
+process id (``.<name>.rectrain-tmp.<host>.<pid>.<random>.tmp``), so that a process killed mid-write
+(SIGKILL, power loss) leaves debris that a later run recognises as dead and removes
+(:func:`remove_stale_temporaries`), while a live writer's files are left alone. This module is
+torch-free so serving can use it.
 """
 from __future__ import annotations
 
@@ -9,10 +13,76 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
+
+
+TEMP_MARK = "rectrain-tmp"
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP_RE = re.compile(r"\." + TEMP_MARK + r"\.([0-9a-f]{8})\.(\d+)\.[^/]*\.tmp$")
+#: a temporary from another host (shared file system) is removed only when older than this
+FOREIGN_TEMP_MAX_AGE_S = 24 * 3600
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of this process's temporaries for a destination called ``name``."""
+    return f".{name}.{TEMP_MARK}.{_HOST}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_stale_temporary(path: Path, now: float | None = None) -> bool:
+    """True for a rectrain temporary whose writer is gone (dead pid on this host, or old elsewhere)."""
+    match = _TEMP_RE.search(path.name)
+    if not match:
+        return False
+    host, pid = match.group(1), int(match.group(2))
+    if host == _HOST:
+        return not _pid_alive(pid)
+    try:
+        age = (now or time.time()) - path.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > FOREIGN_TEMP_MAX_AGE_S
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries that killed writers left in ``directory``; returns what was removed.
+
+    Only names written by :func:`atomic_path`/:func:`atomic_dir` (or :func:`temp_prefix`) are
+    considered, and only when their writer process no longer exists: safe beside a concurrent run.
+    """
+    folder = Path(directory)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if not is_stale_temporary(entry):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except FileNotFoundError:  # another run cleaned it first
+            continue
+    return removed
 
 
 @contextlib.contextmanager
@@ -20,7 +90,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest.name), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -42,7 +112,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest.name), suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
         try:
