@@ -38,7 +38,7 @@ from rectrain.errors import RectrainError
 from rectrain.export import metadata as md
 from rectrain.export.graphs import NCF, TWO_TOWER, GraphSpec, graph_specs, model_kind
 from rectrain.export.parity import DEFAULT_TOLERANCE, ParityError, TorchReference, check_graph
-from rectrain.utils.io import file_sha256
+from rectrain.utils.io import file_sha256, remove_stale_temporaries, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _analytics_facts(ckpt_path: Path, ckpt: dict[str, Any], net: nn.Module,
 
     from rectrain.analytics.calibration import load_calibration
     from rectrain.analytics.segments import assign_segments, load_segments
-    from rectrain.utils.io import file_sha256
+    from rectrain.utils.io import file_sha256, remove_stale_temporaries, temp_prefix
 
     out: dict[str, Any] = {}
     digest = file_sha256(ckpt_path)
@@ -373,15 +373,22 @@ def _write_all(files: dict[str, tuple[Path, bytes]], last: Path) -> None:
     """Write every file to a temporary name beside its target, then rename all (``last`` at the end).
 
     Nothing is renamed before every temporary file is complete and flushed; on any error the
-    temporary files are removed, so a failed export leaves no file behind.
+    temporary files are removed, so a failed export leaves no file behind. A *killed* export
+    cannot clean up after itself: its temporaries carry the writer's pid
+    (:func:`rectrain.utils.io.temp_prefix`) and the next export into the folder removes those
+    whose writer is gone. A kill between the renames leaves new companions beside the old main
+    file, which pins its companions by sha256: a scorer refuses that mix instead of serving it.
     """
+    for folder in {dest.parent for dest, _ in files.values()}:
+        for stale in remove_stale_temporaries(folder):
+            log.warning("removed %s, left by an export that was killed", stale.name)
     staged: list[tuple[Path, Path]] = []
     umask = os.umask(0)
     os.umask(umask)
     try:
         for dest, blob in files.values():
             dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            fd, tmp = tempfile.mkstemp(prefix=temp_prefix(dest.name), suffix=".tmp", dir=dest.parent)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a service user must be able to read it
             with os.fdopen(fd, "wb") as fh:
                 fh.write(blob)
