@@ -40,6 +40,7 @@ import pandas as pd
 from rectrain.data.readers import read_table, split_categories
 from rectrain.data.schema import ITEM, RATING, TIMESTAMP, USER, RawLog
 from rectrain.errors import DataError
+from rectrain.utils.io import remove_stale_temporaries, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +350,8 @@ def _download(spec: Variant, root: Path) -> Path:
     """
     parent = root.parent
     parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{root.name}.download.", dir=parent))
+    remove_stale_temporaries(parent)  # a download killed mid-way left its zip (up to ~900 MB) here
+    work = Path(tempfile.mkdtemp(prefix=temp_prefix(root.name), suffix=".tmp", dir=parent))
     try:
         try:
             expected_md5 = _fetch_md5(spec.url + ".md5")
