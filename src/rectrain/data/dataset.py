@@ -5,6 +5,8 @@ train/valid/test, id vocabularies, item side features. :func:`load_or_prepare` c
 under a hash of everything that determines it (source fingerprint, preprocessing, split, format
 version), so a sweep of 50 runs preprocesses once. The cache is written to a temporary directory
 and renamed: an interrupted run never leaves a half-written cache that a later run would trust.
+Every cache carries a manifest and is checked on load (:mod:`rectrain.data.cache`); a damaged one
+is discarded and rebuilt with one warning.
 """
 from __future__ import annotations
 
@@ -19,17 +21,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rectrain.data import splits
+from rectrain.data import cache, splits
 from rectrain.data.preprocess import PreprocessConfig, build_vocabulary, filter_interactions
 from rectrain.data.schema import ITEM, SESSION, TIMESTAMP, USER, RawLog
 from rectrain.errors import ConfigError, DataError
 from rectrain.evaluation.queries import RankingQueries, csr_from_groups
-from rectrain.utils.io import atomic_dir, stable_hash
+from rectrain.utils.io import atomic_dir, remove_stale_temporaries, stable_hash
 
 log = logging.getLogger(__name__)
 
 #: bump when the cached arrays change meaning, so old caches are not reused
-CACHE_FORMAT_VERSION = 4
+CACHE_FORMAT_VERSION = 5  # 5: manifest.json (sizes, shapes, dtypes, sha256) in every cache
 SPLIT_KINDS = ("leave_one_out", "time", "session")
 
 
@@ -197,12 +199,27 @@ class PreparedData:
         meta = {"split": self.split, "mask_seen": self.mask_seen, "stats": self.stats,
                 "fingerprint": self.fingerprint, "format": CACHE_FORMAT_VERSION, "arrays": sorted(arrays),
                 "user_attributes": attribute_names}
-        # meta.json last: its presence marks a complete cache (the directory is renamed into place anyway)
         (directory / "meta.json").write_text(json.dumps(meta, indent=2, default=_to_builtin))
+        # the manifest last: sizes and checksums of everything above, checked by every load
+        cache.write_manifest(directory, CACHE_FORMAT_VERSION)
 
     @classmethod
-    def load(cls, directory: Path) -> "PreparedData":
-        """Load a cached dataset; arrays are memory-mapped copy-on-write (``mmap_mode="c"``)."""
+    def load(cls, directory: Path, verify: bool = False) -> "PreparedData":
+        """Load a cached dataset; arrays are memory-mapped copy-on-write (``mmap_mode="c"``).
+
+        The directory is checked against its manifest first (sizes and array headers always;
+        checksums on the first load of a build and with ``verify``): damage raises
+        :class:`rectrain.data.cache.CacheDamaged` instead of a numpy error.
+        """
+        cache.verify(directory, CACHE_FORMAT_VERSION, full=verify)
+        try:
+            return cls._load_checked(directory)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # changed under us after the checks
+            raise cache.CacheDamaged(f"load failed ({type(exc).__name__}: {exc})") from None
+
+    @classmethod
+    def _load_checked(cls, directory: Path) -> "PreparedData":
+        """Memory-map the arrays of a directory that passed :func:`rectrain.data.cache.verify`."""
         meta = json.loads((directory / "meta.json").read_text())
         arr = {name: np.load(directory / f"{name}.npy", mmap_mode="c", allow_pickle=False) for name in meta["arrays"]}
         parts = {
@@ -435,24 +452,55 @@ def cache_key(source_fingerprint: dict[str, Any], pre: PreprocessConfig, split: 
     })
 
 
-def load_or_prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, cache_dir: str | Path | None) -> PreparedData:
-    """Return the prepared dataset for ``source``, from the cache when its key matches.
+def load_or_prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, cache_dir: str | Path | None,
+                    verify: bool = False) -> PreparedData:
+    """Return the prepared dataset for ``source``, from the cache when its key matches and it is intact.
 
     ``source`` has ``load() -> RawLog``, optionally ``load_test() -> RawLog | None``, and
-    ``fingerprint() -> dict`` (its parameters plus the size and mtime of its files).
+    ``fingerprint() -> dict`` (its parameters plus the size and mtime of its files). A cache that
+    fails a check (see :mod:`rectrain.data.cache`; ``verify``: checksums on this load too) is
+    discarded and rebuilt with one warning. Temporaries of killed writers are removed first.
     """
     key = cache_key(source.fingerprint(), pre, split)
-    target = Path(cache_dir) / key if cache_dir else None
-    if target is not None and (target / "meta.json").is_file():
-        log.info("using cached dataset %s", target)
-        return PreparedData.load(target)
+    if not cache_dir:
+        return _prepare(source, pre, split, key)
+    root = Path(cache_dir)
+    remove_stale_temporaries(root)
+    target = root / key
+    for _ in range(3):  # a retry only follows another process's rebuild
+        found = cache.identity(target)
+        if found is None:
+            break
+        try:
+            data = PreparedData.load(target, verify=verify)
+            log.info("using cached dataset %s", target)
+            return data
+        except cache.CacheDamaged as exc:
+            reason = exc.reason
+        with cache.exclusive(target):
+            if not cache.discard_if_unchanged(target, found):
+                log.info("prepared-data cache %s was rebuilt by another process; checking it", target)
+                continue
+            log.warning("prepared-data cache %s failed verification (%s); rebuilding", target, reason)
+            return _prepare_and_cache(source, pre, split, key, target)
+    return _prepare_and_cache(source, pre, split, key, target)
+
+
+def _prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, key: str) -> PreparedData:
+    """Prepare from the source (no cache involved); the result carries its cache key as fingerprint."""
     raw = source.load()
     test_raw = source.load_test() if hasattr(source, "load_test") else None
     data = prepare(raw, pre, split, test_raw)
     data.fingerprint = key
     data.stats["source"] = raw.source
-    if target is not None:
-        with atomic_dir(target) as tmp:
-            data.save(tmp)
-        log.info("cached dataset at %s", target)
+    return data
+
+
+def _prepare_and_cache(source: Any, pre: PreprocessConfig, split: SplitConfig, key: str,
+                       target: Path) -> PreparedData:
+    """Prepare and write the cache atomically (if another process wins the rename, its copy stays)."""
+    data = _prepare(source, pre, split, key)
+    with atomic_dir(target) as tmp:
+        data.save(tmp)
+    log.info("cached dataset at %s", target)
     return data

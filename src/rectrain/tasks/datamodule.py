@@ -90,6 +90,9 @@ class RecDataModule(pl.LightningDataModule):
         preprocess: fields of :class:`PreprocessConfig`.
         split: fields of :class:`SplitConfig`.
         cache_dir: where prepared datasets are cached (None: no cache).
+        verify_cache: checksum every file of the cached dataset on this datamodule's first load,
+            not only on the first load of a new cache (sizes and array headers are checked on every
+            load regardless). A cache that fails is rebuilt with one warning.
         batch_size: positives (pointwise) or sequences (sequence tasks) per training step.
         eval_batch_size: evaluation queries per step.
         seed: the base of every epoch's sampling seed.
@@ -103,12 +106,14 @@ class RecDataModule(pl.LightningDataModule):
     def __init__(self, source: Any, preprocess: Mapping[str, Any] | None = None,
                  split: Mapping[str, Any] | None = None, cache_dir: str | None = None, batch_size: int = 1024,
                  eval_batch_size: int = 256, seed: int = 0, prefetch: int = 0,
-                 user_features: list[str] | tuple[str, ...] | None = None) -> None:
+                 user_features: list[str] | tuple[str, ...] | None = None, verify_cache: bool = False) -> None:
         super().__init__()
         self.source = source
         self.preprocess = dataclass_from_config(PreprocessConfig, preprocess, "data.preprocess")
         self.split = dataclass_from_config(SplitConfig, split, "data.split")
         self.cache_dir = cache_dir
+        self.verify_cache = bool(verify_cache)
+        self._cache_checked = False  # verify_cache: checksum once per datamodule, not in prepare_data and setup
         if batch_size < 1:
             raise ConfigError("data.batch_size", f"must be >= 1, got {batch_size}")
         if prefetch < 0:
@@ -124,11 +129,18 @@ class RecDataModule(pl.LightningDataModule):
     # --- data ---------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         # Runs on one process per node: builds (and caches) the dataset once.
-        load_or_prepare(self.source, self.preprocess, self.split, self.cache_dir)
+        self._load_or_prepare()
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is None:
-            self.data = load_or_prepare(self.source, self.preprocess, self.split, self.cache_dir)
+            self.data = self._load_or_prepare()
+
+    def _load_or_prepare(self) -> PreparedData:
+        """The prepared data; checksummed (``verify_cache``) on this datamodule's first load only."""
+        verify = self.verify_cache and not self._cache_checked
+        data = load_or_prepare(self.source, self.preprocess, self.split, self.cache_dir, verify=verify)
+        self._cache_checked = True
+        return data
 
     @property
     def user_encoder(self) -> UserFeatureEncoder:

@@ -1,0 +1,234 @@
+"""A prepared-data cache directory that verifies itself: a manifest written with it, checked on load.
+
+The manifest (``manifest.json``, written last) records, for every file of the cache, its byte size
+and sha256, and for every ``.npy`` its shape, dtype and memory order. Checks come in two weights:
+
+* **cheap, on every load**: each file exists with its recorded size; each ``.npy`` header matches
+  the recorded shape/dtype and header + data fill the file exactly; ``meta.json`` (tiny) is hashed.
+  A stat and a few hundred header bytes per array: memory-mapping stays cheap.
+* **full (sha256 of every byte)**: the first time any process loads a build, and whenever the
+  caller asks (``data.verify_cache=true``). Success is recorded in ``verified.json`` (written
+  atomically) holding the sha256 of the manifest; the manifest carries a random build id, so a
+  marker vouches only for the build it checked, never for a later rebuild at the same path.
+
+A damaged cache is moved aside and deleted by :func:`discard_if_unchanged` under a per-cache lock,
+and only when the directory is still the one that failed: a process that found damage never removes
+a cache another process has just rebuilt.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from rectrain.utils.io import file_sha256, remove_stale_temporaries, temp_prefix, write_json_atomic
+
+MANIFEST_NAME = "manifest.json"
+VERIFIED_NAME = "verified.json"
+
+
+class CacheDamaged(Exception):
+    """A cache directory failed a check; ``reason`` names the file and what failed."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --- writing ------------------------------------------------------------------------------------
+def write_manifest(directory: Path, format_version: int) -> None:
+    """Record size, checksum (and array shape/dtype) of every file now in ``directory``.
+
+    Called after everything else is written; the manifest is the last file of a complete cache.
+    """
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(directory.iterdir()):
+        if path.name in (MANIFEST_NAME, VERIFIED_NAME) or not path.is_file():
+            continue
+        entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        if path.suffix == ".npy":
+            shape, fortran, dtype, _ = _npy_header(path)
+            entry.update(shape=list(shape), dtype=dtype.str, fortran_order=fortran)
+        files[path.name] = entry
+    manifest = {"format": format_version, "build": uuid.uuid4().hex, "files": files}
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+# --- checking -----------------------------------------------------------------------------------
+def verify(directory: Path, format_version: int, full: bool = False) -> None:
+    """Raise :class:`CacheDamaged` unless ``directory`` is an intact cache of ``format_version``.
+
+    The cheap checks always run; checksums run when ``full`` or when this build was never verified.
+    """
+    manifest_bytes, manifest = _read_manifest(directory, format_version)
+    for name, entry in manifest["files"].items():
+        _check_file(directory / name, entry)
+    digest = _sha256_bytes(manifest_bytes)
+    if full or not _marked_verified(directory, digest):
+        for name, entry in manifest["files"].items():
+            if name != "meta.json":  # hashed by the cheap check already
+                _check_checksum(directory / name, entry)
+        _mark_verified(directory, digest)
+
+
+def _read_manifest(directory: Path, format_version: int) -> tuple[bytes, dict[str, Any]]:
+    """The manifest's bytes and content; a missing, unparsable or old-format one is damage."""
+    try:
+        raw = (directory / MANIFEST_NAME).read_bytes()
+    except FileNotFoundError:
+        raise CacheDamaged(f"{MANIFEST_NAME}: missing (an old-format or incomplete cache)") from None
+    except OSError as exc:
+        raise CacheDamaged(f"{MANIFEST_NAME}: unreadable ({exc.strerror})") from None
+    try:
+        manifest = json.loads(raw)
+        files = manifest["files"]
+        fmt = manifest["format"]
+        ok = isinstance(files, dict) and all(isinstance(e, dict) for e in files.values()) and "meta.json" in files
+    except (ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise CacheDamaged(f"{MANIFEST_NAME}: not a valid manifest")
+    if fmt != format_version:
+        raise CacheDamaged(f"{MANIFEST_NAME}: format {fmt!r}, expected {format_version}")
+    return raw, manifest
+
+
+def _check_file(path: Path, entry: dict[str, Any]) -> None:
+    """Cheap check of one file: present with its recorded size; ``.npy`` header as recorded."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise CacheDamaged(f"{path.name}: missing") from None
+    except OSError as exc:
+        raise CacheDamaged(f"{path.name}: unreadable ({exc.strerror})") from None
+    try:
+        if size != entry["bytes"]:
+            raise CacheDamaged(f"{path.name}: {size} bytes, expected {entry['bytes']}")
+        if path.suffix == ".npy":
+            _check_npy_header(path, entry, size)
+        elif path.name == "meta.json":
+            _check_checksum(path, entry)
+    except (KeyError, TypeError):
+        raise CacheDamaged(f"{MANIFEST_NAME}: entry for {path.name} is malformed") from None
+
+
+def _check_npy_header(path: Path, entry: dict[str, Any], size: int) -> None:
+    """The array header must describe the recorded array, and header + data must fill the file."""
+    try:
+        shape, fortran, dtype, offset = _npy_header(path)
+    except (OSError, ValueError, SyntaxError, TypeError) as exc:
+        raise CacheDamaged(f"{path.name}: unreadable .npy header ({type(exc).__name__})") from None
+    if list(shape) != list(entry["shape"]):
+        raise CacheDamaged(f"{path.name}: shape {tuple(shape)}, expected {tuple(entry['shape'])}")
+    if dtype.str != entry["dtype"] or fortran != entry["fortran_order"]:
+        raise CacheDamaged(f"{path.name}: dtype {dtype.str}, expected {entry['dtype']}")
+    if dtype.hasobject:
+        raise CacheDamaged(f"{path.name}: holds Python objects")
+    if offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != size:
+        raise CacheDamaged(f"{path.name}: header and file size disagree")
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) from a ``.npy`` header, without reading the data."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        return shape, fortran, dtype, fh.tell()
+
+
+def _check_checksum(path: Path, entry: dict[str, Any]) -> None:
+    """Full check of one file: its sha256 must be the recorded one."""
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise CacheDamaged(f"{path.name}: unreadable ({exc.strerror})") from None
+    if actual != entry["sha256"]:
+        raise CacheDamaged(f"{path.name}: sha256 mismatch")
+
+
+def _sha256_bytes(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _marked_verified(directory: Path, manifest_digest: str) -> bool:
+    """True when ``verified.json`` vouches for exactly this manifest (this build)."""
+    try:
+        marker = json.loads((directory / VERIFIED_NAME).read_text())
+        return isinstance(marker, dict) and marker.get("manifest_sha256") == manifest_digest
+    except (OSError, ValueError):
+        return False
+
+
+def _mark_verified(directory: Path, manifest_digest: str) -> None:
+    """Record a successful full check; on a read-only cache the check simply repeats next time."""
+    try:
+        remove_stale_temporaries(directory)  # a marker write killed midway left its temporary here
+        write_json_atomic(directory / VERIFIED_NAME, {"manifest_sha256": manifest_digest})
+    except OSError:
+        pass
+
+
+# --- healing ------------------------------------------------------------------------------------
+def identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a directory, or None when absent: tells one build at ``path`` from the next."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+@contextlib.contextmanager
+def exclusive(target: Path) -> Iterator[None]:
+    """Hold the per-cache lock (``.<key>.lock`` beside it) that serialises discarding and rebuilding.
+
+    Only processes that found damage take it; ordinary loads never wait.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def discard_if_unchanged(target: Path, failed: tuple[int, int] | None) -> bool:
+    """Remove ``target`` if it is still the directory that failed (``failed`` = its identity).
+
+    Call under :func:`exclusive`. Returns False when ``target`` was replaced meanwhile (another
+    process rebuilt it: check the new one instead). The directory is first renamed to a temporary
+    name, so a kill while deleting leaves debris :func:`remove_stale_temporaries` recognises.
+    """
+    current = identity(target)
+    if current is None:
+        return True  # already discarded by another process: rebuild
+    if current != failed:
+        return False  # replaced by another process's rebuild: check that one instead
+    aside = target.parent / f"{temp_prefix(target.name)}damaged-{secrets.token_hex(4)}.tmp"
+    try:
+        os.rename(target, aside)
+    except FileNotFoundError:
+        return True
+    if identity(aside) != failed:  # an empty damaged dir was replaced between stat and rename: undo
+        try:
+            os.rename(aside, target)
+        except OSError:
+            shutil.rmtree(aside, ignore_errors=True)
+        return False
+    shutil.rmtree(aside, ignore_errors=True)
+    return True
