@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from rectrain.serving import ModelLoadError, RequestError, Scorer, make_server
+from rectrain.serving import ModelLoadError, RequestError, Scorer, ServiceLimits, serve_in_thread
 from tests.test_export_fixtures import (
     ROOT,
     assert_same_topk,
@@ -53,18 +54,25 @@ def _copy_export(src: Path, dest: Path) -> Path:
 
 
 class Client:
-    """A tiny keep-alive JSON client for the tests."""
+    """A tiny JSON client for the tests (one connection per request)."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
+    def __init__(self, port: int, token: str | None = None) -> None:
+        self.port, self.token = port, token
+        self.last_headers: dict[str, str] = {}
 
     def request(self, method: str, path: str, body: object = None, raw: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
         try:
             data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-            conn.request(method, path, body=data, headers=headers or {})
+            headers = dict(headers or {})
+            if self.token and path.startswith("/admin"):
+                headers.setdefault("Authorization", f"Bearer {self.token}")
+            if data is None and method == "POST":
+                headers.setdefault("Content-Length", "0")
+            conn.request(method, path, body=data, headers=headers)
             response = conn.getresponse()
+            self.last_headers = {k.lower(): v for k, v in response.getheaders()}
             return response.status, json.loads(response.read() or b"null")
         finally:
             conn.close()
@@ -72,12 +80,19 @@ class Client:
 
 @pytest.fixture
 def server(tt):
-    srv = make_server(tt, "127.0.0.1", 0, max_body=64 * 1024)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield Client(srv.server_address[1])
-    srv.shutdown()
-    srv.server_close()
+    srv = serve_in_thread(tt, limits=ServiceLimits(max_body=64 * 1024))
+    yield Client(srv.port)
+    srv.stop()
+
+
+def _raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes, read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    return reply
 
 
 # --- the Scorer's rules -------------------------------------------------------------------------
@@ -272,7 +287,16 @@ def test_http_answers_and_endpoints(server, tt):
     ("POST", "/recommend", {"body": {"histroy": []}}, 400, "unknown field 'histroy'"),
     ("POST", "/recommend", {"body": []}, 400, "non-empty list"),
     ("POST", "/recommend", {"raw": b'{"history": ["' + b"x" * 300_000 + b'"]}'}, 413, "exceeds the limit"),
-    ("POST", "/recommend", {"raw": b"{}", "headers": {"Transfer-Encoding": "chunked"}}, 411, "chunked"),
+    # the reported inputs: Python's int-string limit and a lone surrogate (both answered 500 before)
+    ("POST", "/recommend", {"raw": b'{"history": [], "k": ' + b"9" * 5000 + b"}"}, 400, "integer of 5000 digits"),
+    ("POST", "/recommend", {"raw": b'{"history": [' + b"7" * 5000 + b"]}"}, 400, "integer of 5000 digits"),
+    ("POST", "/recommend", {"raw": b'{"history": ["\\ud800"]}'}, 400, "lone surrogate"),
+    ("POST", "/recommend", {"raw": b'{"history": [], "id": "\\udfff"}'}, 400, "lone surrogate"),
+    ("POST", "/recommend", {"raw": b'{"\\ud800": 1}'}, 400, "lone surrogate"),
+    ("POST", "/recommend", {"raw": b'{"history": [], "k": NaN}'}, 400, "NaN is not a JSON number"),
+    ("POST", "/recommend", {"raw": b'{"history": [], "k": 1e999}'}, 400, "out of range"),
+    ("POST", "/score", {"raw": b'{"history": [], "items": [' + b"1" * 4400 + b"]}"}, 400, "integer of 4400 digits"),
+    ("POST", "/admin/reload", {"body": {"path": "/etc/passwd"}}, 400, "takes no parameters"),
     ("POST", "/score", {"body": {"history": []}}, 400, "missing field 'items'"),
     ("GET", "/recommend", {}, 405, "takes POST"),
     ("GET", "/nope", {}, 404, "no such endpoint"),
@@ -285,34 +309,39 @@ def test_http_bad_requests_get_4xx_and_the_service_keeps_serving(server, method,
     assert server.request("POST", "/recommend", {"history": []})[0] == 200
 
 
-def test_http_stdlib_refusals_are_json_too(server):
+def test_http_unknown_methods_are_json_405(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    conn.request("FOO", "/recommend")  # no do_FOO: the stdlib's own 501
+    conn.request("FOO", "/recommend")
     response = conn.getresponse()
-    assert response.status == 501
-    assert json.loads(response.read()) == {"error": "Unsupported method ('FOO')", "status": 501}
+    assert response.status == 405 and response.getheader("Allow") == "POST"
+    assert json.loads(response.read()) == {"error": "/recommend takes POST, not FOO", "status": 405}
     conn.close()
     assert server.request("GET", "/healthz")[0] == 200
 
 
 def test_http_missing_content_length_is_411(server):
-    import socket
-
-    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-        sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\n\r\n")
-        reply = b""
-        while chunk := sock.recv(4096):  # the server closes the connection after this answer
-            reply += chunk
-        reply = reply.decode()
+    reply = _raw_exchange(server.port, b"POST /recommend HTTP/1.1\r\nHost: x\r\n\r\n").decode()
     assert reply.startswith("HTTP/1.1 411") and "Content-Length required" in reply
+
+
+def test_http_chunked_bodies_within_the_limit_are_read_and_beyond_it_refused(server, tt):
+    body = json.dumps({"history": tt.model.item_vocab[:3], "k": 2}).encode()
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:7], body[7:])) + b"0\r\n\r\n"
+    reply = _raw_exchange(server.port, b"POST /recommend HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                       b"Transfer-Encoding: chunked\r\n\r\n" + chunked)
+    assert reply.startswith(b"HTTP/1.1 200") and b'"items":' in reply
+    block = b"x" * 16_000
+    huge = b"".join(b"%x\r\n%s\r\n" % (len(block), block) for _ in range(6)) + b"0\r\n\r\n"  # 96 kB > 64 KiB
+    reply = _raw_exchange(server.port, b"POST /recommend HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          + huge)
+    assert reply.startswith(b"HTTP/1.1 413") and b"exceeds the limit of 65536 bytes" in reply
 
 
 def test_reload_swaps_good_files_and_rejects_broken_ones(exports, tmp_path):
     path = _copy_export(exports["two_tower"], tmp_path / "live")
     scorer = Scorer.load(path)
-    srv = make_server(scorer, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    client = Client(srv.server_address[1])
+    srv = serve_in_thread(scorer)
+    client = Client(srv.port)
     try:
         old_sha = scorer.model.sha256
         history = {"history": scorer.model.item_vocab[:4], "k": 5}
@@ -350,8 +379,7 @@ def test_reload_swaps_good_files_and_rejects_broken_ones(exports, tmp_path):
         assert body["model"] != old_sha and body["model"] == scorer.model.sha256
         assert len(client.request("POST", "/recommend", history)[1]["items"]) == len(expected)
     finally:
-        srv.shutdown()
-        srv.server_close()
+        srv.stop()
 
 
 # --- the command line -----------------------------------------------------------------------------

@@ -1,13 +1,20 @@
 """``serve_onnx.py``: the HTTP service and the batch scorer, on onnxruntime only (no torch).
 
-    python serve_onnx.py serve model.onnx [--host 127.0.0.1] [--port 8000] [--threads 1]
+    python serve_onnx.py serve model.onnx [--host 127.0.0.1] [--port 8000] [--threads 1] [--workers 1]
+        [--admin-token T] [--max-body 1048576] [--request-timeout 30] [--keep-alive 5] [--max-connections 256]
     python serve_onnx.py batch model.onnx requests.jsonl [--output answers.jsonl] [--endpoint recommend]
+
+``serve`` binds 127.0.0.1 by default; any other address needs an admin token (``--admin-token`` or
+``RECTRAIN_ADMIN_TOKEN``) for ``/admin/reload``, else it refuses to start (exit 2). SIGHUP reloads
+the model file set (a broken one is rejected and the old model keeps serving).
 
 Batch input is JSON lines (one request object per line, as the HTTP body) or CSV (``.csv``, or
 ``--format csv``) with a header naming request fields; list fields (``history``, ``exclude``,
 ``items``) hold space-separated ids. Output is JSON lines, one answer per input line in order, each
-with its ``line`` number; a bad line gets ``{"line": n, "error": reason}`` and the rest go on.
-Exit status: 0 all lines answered, 1 some lines rejected, 2 the model or the input cannot be read.
+with its ``line`` number; a bad line (not UTF-8, malformed JSON, a field the scorer refuses) gets
+``{"line": n, "error": reason}`` and the rest go on. The output file is written under a temporary
+name and renamed when complete. Exit status: 0 all lines answered, 1 some lines rejected (their
+count on standard error), 2 the model or the input cannot be read, or ``serve`` refuses its flags.
 """
 from __future__ import annotations
 
@@ -19,12 +26,14 @@ import logging
 import signal
 import sys
 import threading
-from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, BinaryIO, Iterator, TextIO
 
+from rectrain.serving.auth import TOKEN_ENV, admin_token, is_loopback
+from rectrain.serving.jsonbody import parse_json
 from rectrain.serving.model import ModelLoadError
 from rectrain.serving.scorer import DEFAULT_MAX_BATCH, DEFAULT_MAX_K, RequestError, Scorer
-from rectrain.serving.server import DEFAULT_MAX_BODY, make_server
+from rectrain.serving.server import DEFAULT_MAX_BODY, ServiceLimits, create_app
+from rectrain.utils.io import atomic_path
 
 log = logging.getLogger("rectrain.serving")
 
@@ -38,11 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("model", help="the main .onnx file written by export.py")
     common.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     common.add_argument("--max-k", type=int, default=DEFAULT_MAX_K, help="largest k a request may ask for")
+    defaults = ServiceLimits()
     serve = sub.add_parser("serve", parents=[common], help="HTTP JSON service")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (0: any free port; printed on start)")
+    serve.add_argument("--workers", type=int, default=1, help="processes, one model each (default 1)")
+    serve.add_argument("--admin-token", help=f"bearer token for /admin/reload (or {TOKEN_ENV}); required "
+                                             "unless bound to a loopback address")
     serve.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, help="largest request body in bytes")
     serve.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="most requests in one /recommend list")
+    serve.add_argument("--request-timeout", type=float, default=defaults.request_timeout,
+                       help="seconds a client has to send a request's headers, and again its body (408)")
+    serve.add_argument("--keep-alive", type=int, default=defaults.keep_alive,
+                       help="seconds an idle keep-alive connection stays open")
+    serve.add_argument("--max-connections", type=int, default=defaults.max_connections,
+                       help="concurrent connections per worker; requests beyond are answered 503")
     serve.add_argument("--log-level", default="INFO")
     batch = sub.add_parser("batch", parents=[common], help="score a JSON-lines or CSV file of requests")
     batch.add_argument("input", help="requests file (.jsonl or .csv), or - for standard input")
@@ -56,23 +75,58 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format="%(asctime)s %(levelname)s %(message)s")
+    token = admin_token(args.admin_token) if args.command == "serve" else None
+    if args.command == "serve":
+        problem = _serve_flags_problem(args, token)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     try:
         scorer = Scorer.load(args.model, threads=args.threads, max_k=args.max_k,
                              **({"max_batch": args.max_batch} if args.command == "serve" else {}))
     except ModelLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: cannot serve {args.model}: {exc}", file=sys.stderr)
         return 2
     for warning in scorer.model.warnings:
         log.warning("%s", warning)
     if args.command == "serve":
-        return serve(scorer, args.host, args.port, args.max_body)
+        limits = ServiceLimits(max_body=args.max_body, request_timeout=args.request_timeout,
+                               keep_alive=args.keep_alive, max_connections=args.max_connections, workers=args.workers)
+        return serve(scorer, args.host, args.port, limits, token, args.log_level)
     return batch(scorer, args)
 
 
+def _serve_flags_problem(args: argparse.Namespace, token: str | None) -> str | None:
+    if not is_loopback(args.host) and token is None:
+        return (f"binding {args.host} exposes /admin/reload beyond this machine; set --admin-token or "
+                f"{TOKEN_ENV} (or bind 127.0.0.1)")
+    for name in ("workers", "max_body", "max_connections", "keep_alive", "request_timeout"):
+        if getattr(args, name) <= 0:
+            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+    return None
+
+
 # --- serve --------------------------------------------------------------------------------------
-def serve(scorer: Scorer, host: str, port: int, max_body: int) -> int:
-    """Serve until SIGINT/SIGTERM; SIGHUP reloads the model file (a broken one is rejected)."""
-    server = make_server(scorer, host, port, max_body=max_body)
+def serve(scorer: Scorer, host: str, port: int, limits: ServiceLimits, token: str | None = None,
+          log_level: str = "INFO") -> int:
+    """Serve until SIGINT/SIGTERM; SIGHUP reloads the model file set (a broken one is rejected)."""
+    import uvicorn
+
+    from rectrain.serving.runner import serve_workers, uvicorn_config
+
+    config = uvicorn_config(create_app(scorer, limits, admin_token=token), host, port, limits, log_level=log_level)
+    sock = config.bind_socket()
+    bound_port = sock.getsockname()[1]
+    model = scorer.model
+    print(f"serving {model.kind} model {model.path.name} (sha256 {model.sha256[:12]}) with {limits.workers} "
+          f"worker(s) on http://{host}:{bound_port}", flush=True)
+    if limits.workers > 1:
+        if token is not None:
+            import os
+
+            os.environ[TOKEN_ENV] = token  # the workers read it (they are started with this environment)
+        serve_workers(scorer, host, port, limits, log_level, sock)
+        return 0
 
     def reload_in_background(*_: Any) -> None:
         def run() -> None:
@@ -83,27 +137,34 @@ def serve(scorer: Scorer, host: str, port: int, max_body: int) -> int:
                 log.error("SIGHUP: new model rejected, still serving sha256 %s: %s", scorer.model.sha256[:12], exc)
         threading.Thread(target=run, name="reload", daemon=True).start()
 
-    def stop(*_: Any) -> None:  # shutdown() waits for serve_forever: call it from another thread
-        threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
-
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, reload_in_background)
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    model = scorer.model
-    print(f"serving {model.kind} model {model.path} (sha256 {model.sha256[:12]}) on {server.url}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        server.server_close()
+    for stop in (signal.SIGINT, signal.SIGTERM):  # uvicorn re-raises the signal after its graceful stop:
+        signal.signal(stop, lambda *_: None)       # with these handlers that ends in a normal exit 0
+    uvicorn.Server(config).run(sockets=[sock])  # on SIGINT/SIGTERM: finishes in-flight requests, then stops
     return 0
 
 
 # --- batch --------------------------------------------------------------------------------------
+def _has_surrogate(text: str | None) -> bool:
+    """True for text read with ``surrogateescape`` from bytes that are not UTF-8."""
+    if text is None:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _csv_rows(handle: TextIO) -> Iterator[tuple[int, Any]]:
     reader = csv.DictReader(handle)
     for row in reader:
         request: dict[str, Any] = {}
+        if any(_has_surrogate(key) or (isinstance(value, str) and _has_surrogate(value))
+               for key, value in row.items()):
+            yield reader.line_num, RequestError("line is not UTF-8 text")
+            continue
         for key, value in row.items():
             if key is None:
                 yield reader.line_num, RequestError("more fields than the header names")
@@ -115,7 +176,7 @@ def _csv_rows(handle: TextIO) -> Iterator[tuple[int, Any]]:
             elif key == "k":
                 try:
                     request[key] = int(value)
-                except ValueError:
+                except ValueError:  # not a number, or longer than Python converts
                     request[key] = value  # rejected with the reason by the scorer
             elif key == "exclude_seen":
                 request[key] = {"true": True, "false": False}.get(value.lower(), value)
@@ -125,65 +186,106 @@ def _csv_rows(handle: TextIO) -> Iterator[tuple[int, Any]]:
             yield reader.line_num, request
 
 
-def _jsonl_rows(handle: TextIO) -> Iterator[tuple[int, Any]]:
+def _jsonl_rows(handle: BinaryIO) -> Iterator[tuple[int, Any]]:
+    """Each line decoded on its own: undecodable bytes, huge numbers or lone surrogates cost one line."""
     for number, line in enumerate(handle, start=1):
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            yield number, RequestError(f"malformed JSON: {exc}")
+            yield number, parse_json(line, what="line")
+        except RequestError as exc:
+            yield number, exc
+
+
+class _Answers:
+    """Writes one JSON line per input line, in order, and counts the rejected ones."""
+
+    def __init__(self, scorer: Scorer, endpoint: str, sink: TextIO) -> None:
+        self.scorer, self.endpoint, self.sink = scorer, endpoint, sink
+        self.failed = self.total = 0
+
+    def flush(self, pending: list[tuple[int, Any]]) -> None:
+        model = self.scorer.model
+        queries, slots = [], []
+        answers: list[dict[str, Any]] = []
+        for number, request in pending:
+            self.total += 1
+            try:
+                if isinstance(request, Exception):
+                    raise request
+                queries.append(self.scorer.parse(request, self.endpoint, model))
+                slots.append(len(answers))
+                answers.append({"line": number})
+            except RequestError as exc:
+                answers.append({"line": number, "error": str(exc)})
+        try:
+            results = self.scorer.run(queries, model) if queries else []
+        except RequestError as exc:  # e.g. score requested from a model without its score graph
+            results = [exc] * len(queries)
+        except Exception:  # a request the batch cannot answer: answer one by one, so it costs its line only
+            results = [self._one(query, model) for query in queries]
+        for slot, result in zip(slots, results):
+            if isinstance(result, Exception):
+                answers[slot]["error"] = str(result)
+            else:
+                answers[slot].update(result)
+        for answer in answers:
+            self.failed += "error" in answer
+            self.sink.write(json.dumps(answer, ensure_ascii=False) + "\n")
+        pending.clear()
+
+    def _one(self, query: Any, model: Any) -> dict[str, Any] | Exception:
+        try:
+            return self.scorer.run([query], model)[0]
+        except Exception as exc:
+            log.exception("internal error answering one batch line")
+            return RequestError(f"internal error: {type(exc).__name__}: {exc}", 500)
+
+
+def _open_input(path: str, fmt: str) -> Any:
+    """JSON lines as bytes (decoded line by line); CSV as text keeping undecodable bytes as surrogates."""
+    if path == "-":
+        if fmt == "jsonl":
+            return sys.stdin.buffer
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline="")
+    if fmt == "jsonl":
+        return open(path, "rb")
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def _score_all(answers: _Answers, source: Any, fmt: str, batch_size: int) -> None:
+    with source:
+        pending: list[tuple[int, Any]] = []
+        for row in _csv_rows(source) if fmt == "csv" else _jsonl_rows(source):
+            pending.append(row)
+            if len(pending) >= batch_size:
+                answers.flush(pending)
+        answers.flush(pending)
 
 
 def batch(scorer: Scorer, args: argparse.Namespace) -> int:
-    """Answer every request of the input file; bad lines become error lines."""
+    """Answer every request of the input file; a bad line becomes an error line and the rest go on.
+
+    The output file is written under a temporary name and renamed when complete: a reader never
+    sees half of it, and a failed run leaves any previous answers file as it was.
+    """
     fmt = args.format or ("csv" if str(args.input).lower().endswith(".csv") else "jsonl")
     try:
-        source: TextIO = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8", newline="")
+        source = _open_input(args.input, fmt)
     except OSError as exc:
-        print(f"error: cannot read {args.input}: {exc.strerror}", file=sys.stderr)
+        print(f"error: cannot read {args.input}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    sink: TextIO = sys.stdout if args.output == "-" else io.StringIO()
-    failed = total = 0
-    with source:
-        rows = _csv_rows(source) if fmt == "csv" else _jsonl_rows(source)
-        pending: list[tuple[int, Any]] = []
-
-        def flush() -> None:
-            nonlocal failed
-            model = scorer.model
-            queries, slots = [], []
-            answers: list[dict[str, Any]] = []
-            for number, request in pending:
-                try:
-                    if isinstance(request, Exception):
-                        raise request
-                    queries.append(scorer.parse(request, args.endpoint, model))
-                    slots.append(len(answers))
-                    answers.append({"line": number})
-                except RequestError as exc:
-                    failed += 1
-                    answers.append({"line": number, "error": str(exc)})
-            try:
-                for slot, answer in zip(slots, scorer.run(queries, model) if queries else []):
-                    answers[slot].update(answer)
-            except RequestError as exc:  # e.g. score requested from a model without its score graph
-                failed += len(slots)
-                for slot in slots:
-                    answers[slot]["error"] = str(exc)
-            for answer in answers:
-                sink.write(json.dumps(answer, ensure_ascii=False) + "\n")
-            pending.clear()
-
-        for row in rows:
-            pending.append(row)
-            total += 1
-            if len(pending) >= args.batch_size:
-                flush()
-        flush()
-    if args.output != "-":
-        from rectrain.utils.io import write_text_atomic
-
-        write_text_atomic(Path(args.output), sink.getvalue())  # type: ignore[union-attr]
-    print(f"{total - failed} of {total} requests answered, {failed} rejected", file=sys.stderr)
-    return 1 if failed else 0
+    try:
+        if args.output == "-":
+            answers = _Answers(scorer, args.endpoint, sys.stdout)
+            _score_all(answers, source, fmt, args.batch_size)
+        else:
+            with atomic_path(args.output) as tmp, open(tmp, "w", encoding="utf-8") as sink:
+                answers = _Answers(scorer, args.endpoint, sink)
+                _score_all(answers, source, fmt, args.batch_size)
+    except OSError as exc:
+        print(f"error: {exc.strerror or exc} ({getattr(exc, 'filename', None) or args.input})", file=sys.stderr)
+        return 2
+    print(f"{answers.total - answers.failed} of {answers.total} requests answered, {answers.failed} rejected",
+          file=sys.stderr)
+    return 1 if answers.failed else 0

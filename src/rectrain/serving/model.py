@@ -54,11 +54,11 @@ def _open_session(blob: bytes, threads: int, what: str) -> ort.InferenceSession:
 
 def _json_meta(meta: dict[str, str], key: str, path: Path) -> Any:
     if key not in meta:
-        raise ModelLoadError(f"{path}: metadata key {PREFIX}{key} missing: not a rectrain export")
+        raise ModelLoadError(f"{path.name}: metadata key {PREFIX}{key} missing: not a rectrain export")
     try:
         return json.loads(meta[key])
     except ValueError as exc:
-        raise ModelLoadError(f"{path}: metadata {PREFIX}{key} is not valid JSON ({exc})") from exc
+        raise ModelLoadError(f"{path.name}: metadata {PREFIX}{key} is not valid JSON ({exc})") from exc
 
 
 @dataclass
@@ -109,6 +109,7 @@ class OnnxModel:
     segments_normalize: bool = True
     user_segments: np.ndarray | None = None  # NCF: (n_users,) segment per user index
     calibration: dict[str, Any] | None = None  # {"a", "b", ...}: p = sigmoid(a * score + b)
+    missing: list[str] = field(default_factory=list)  # files the main file pins that were not found
 
     @property
     def n_items(self) -> int:
@@ -126,34 +127,46 @@ class OnnxModel:
 
     @classmethod
     def load(cls, path: str | Path, threads: int = 1) -> "OnnxModel":
-        """Load and verify ``path``; raise :class:`ModelLoadError` with the reason on any problem."""
+        """Load and verify ``path``; raise :class:`ModelLoadError` with the reason on any problem.
+
+        Messages name files, never directories: a service passes them on to its clients.
+        """
         path = Path(path)
+        try:
+            return cls._load(path, threads)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # metadata of the wrong shape, a file vanishing mid-read: still a refused file
+            raise ModelLoadError(f"{path.name}: not loadable ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _load(cls, path: Path, threads: int) -> "OnnxModel":
         try:
             blob = path.read_bytes()
         except OSError as exc:
-            raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-        session = _open_session(blob, threads, str(path))
+            raise ModelLoadError(f"{path.name}: cannot read ({exc.strerror or exc})") from exc
+        session = _open_session(blob, threads, path.name)
         meta = {k.removeprefix(PREFIX): v for k, v in session.get_modelmeta().custom_metadata_map.items()
                 if k.startswith(PREFIX)}
         if meta.get("format") not in SUPPORTED_FORMATS:
-            raise ModelLoadError(f"{path}: not a rectrain export (metadata {PREFIX}format is "
+            raise ModelLoadError(f"{path.name}: not a rectrain export (metadata {PREFIX}format is "
                                  f"{meta.get('format')!r}; supported: {SUPPORTED_FORMATS})")
         kind = meta.get("model_kind")
         if kind not in INPUTS:
-            raise ModelLoadError(f"{path}: unknown model kind {kind!r}")
+            raise ModelLoadError(f"{path.name}: unknown model kind {kind!r}")
         if meta.get("graph") != "recommend":
-            raise ModelLoadError(f"{path}: this is the {meta.get('graph')!r} graph; serve the main (recommend) file")
+            raise ModelLoadError(f"{path.name}: this is the {meta.get('graph')!r} graph; serve the main (recommend) file")
         names = tuple(i.name for i in session.get_inputs())
         encoder = UserFeatureEncoder.from_dict(_json_meta(meta, "user_features", path)) if "user_features" in meta else None
         expected = INPUTS[kind]
         if encoder is not None and encoder.width:
             expected = (*expected[:2], "user_features", *expected[2:])
         if names != expected or [o.name for o in session.get_outputs()] != ["items", "scores"]:
-            raise ModelLoadError(f"{path}: graph inputs {names} do not match a {kind} recommend graph {expected}")
+            raise ModelLoadError(f"{path.name}: graph inputs {names} do not match a {kind} recommend graph {expected}")
         item_vocab = [str(v) for v in _json_meta(meta, "item_vocab", path)]
         n_items = int(meta.get("n_items", len(item_vocab)))
         if len(item_vocab) != n_items:
-            raise ModelLoadError(f"{path}: item vocabulary has {len(item_vocab)} ids, the model {n_items} items")
+            raise ModelLoadError(f"{path.name}: item vocabulary has {len(item_vocab)} ids, the model {n_items} items")
         popularity = np.asarray(_json_meta(meta, "item_popularity", path), dtype=np.float64)
         if popularity.shape != (n_items,):
             popularity = np.zeros(n_items)
@@ -167,7 +180,7 @@ class OnnxModel:
             model.repeat_bonus = np.asarray(_json_meta(meta, "repeat_bonus", path), dtype=np.float32).reshape(-1)
             model.repeat_mode = meta.get("repeat_mode", "bonus")
         if len(model.item_index) != n_items:
-            raise ModelLoadError(f"{path}: the item vocabulary holds duplicate raw ids")
+            raise ModelLoadError(f"{path.name}: the item vocabulary holds duplicate raw ids")
         model._load_companions(threads)
         if kind == "ncf":
             model._load_user_vocab()
@@ -186,7 +199,7 @@ class OnnxModel:
         if "calibration" in self.meta:
             cal = _json_meta(self.meta, "calibration", self.path)
             if not {"a", "b"} <= set(cal):
-                raise ModelLoadError(f"{self.path}: calibration metadata needs 'a' and 'b'")
+                raise ModelLoadError(f"{self.path.name}: calibration metadata needs 'a' and 'b'")
             self.calibration = cal
 
     def segment_of_vectors(self, vectors: np.ndarray) -> np.ndarray:
@@ -206,13 +219,17 @@ class OnnxModel:
 
     # --- companions -------------------------------------------------------------------------
     def _companion_bytes(self, name: str, ref: dict[str, Any]) -> bytes | None:
-        file = self.path.parent / str(ref.get("file"))
-        if not file.is_file():
+        file = self.path.parent / Path(str(ref.get("file"))).name
+        try:
+            blob = file.read_bytes()
+        except FileNotFoundError:
+            self.missing.append(file.name)
             self.warnings.append(f"companion {name} graph {file.name} not found: /score is unavailable")
             return None
-        blob = file.read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"{file.name}: cannot read ({exc.strerror or exc})") from exc
         if hashlib.sha256(blob).hexdigest() != ref.get("sha256"):
-            raise ModelLoadError(f"{file}: sha256 does not match the one pinned in {self.path.name}: the files "
+            raise ModelLoadError(f"{file.name}: sha256 does not match the one pinned in {self.path.name}: the files "
                                  "come from different exports")
         return blob
 
@@ -226,7 +243,7 @@ class OnnxModel:
         blobs = {name: self._companion_bytes(name, companions[name]) for name in wanted}
         if any(blob is None for blob in blobs.values()):
             return
-        sessions = {name: _open_session(blob, threads, f"{name} companion of {self.path}")
+        sessions = {name: _open_session(blob, threads, f"{name} companion of {self.path.name}")
                     for name, blob in blobs.items()}
         if self.kind == "ncf":
             self.score_session = sessions["score"]
@@ -238,20 +255,26 @@ class OnnxModel:
 
     def _load_user_vocab(self) -> None:
         ref = _json_meta(self.meta, "user_vocab", self.path) or {}
-        file = self.path.parent / str(ref.get("file"))
-        if not ref.get("file") or not file.is_file():
+        file = self.path.parent / Path(str(ref.get("file"))).name
+        try:
+            if not ref.get("file"):
+                raise FileNotFoundError
+            blob = file.read_bytes()
+        except FileNotFoundError:
+            self.missing.append(file.name)
             self.warnings.append(f"user vocabulary sidecar {file.name} not found: every user is served cold start")
             return
-        blob = file.read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"{file.name}: cannot read ({exc.strerror or exc})") from exc
         if hashlib.sha256(blob).hexdigest() != ref.get("sha256"):
-            raise ModelLoadError(f"{file}: sha256 does not match the one pinned in {self.path.name}")
+            raise ModelLoadError(f"{file.name}: sha256 does not match the one pinned in {self.path.name}")
         try:
             vocab = [str(u) for u in json.loads(blob)["user_vocab"]]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ModelLoadError(f"{file}: not a rectrain user vocabulary ({exc})") from exc
+            raise ModelLoadError(f"{file.name}: not a rectrain user vocabulary ({exc})") from exc
         n_users = int(self.meta.get("n_users") or len(vocab))
         if len(vocab) != n_users:
-            raise ModelLoadError(f"{file}: {len(vocab)} users, the model was trained on {n_users}")
+            raise ModelLoadError(f"{file.name}: {len(vocab)} users, the model was trained on {n_users}")
         self.user_index = {raw: i for i, raw in enumerate(vocab)}
 
     # --- running ------------------------------------------------------------------------------
@@ -273,10 +296,10 @@ class OnnxModel:
         try:
             items, scores = self.run_recommend(feed)
         except Exception as exc:
-            raise ModelLoadError(f"{self.path}: self-check run failed ({type(exc).__name__}: {exc})") from exc
+            raise ModelLoadError(f"{self.path.name}: self-check run failed ({type(exc).__name__}: {exc})") from exc
         if items.shape != (1, k) or scores.shape != (1, k) or not np.all((items >= 0) & (items < self.n_items)) \
                 or not np.all(np.isfinite(scores)) or np.any(np.diff(scores[0]) > 0):
-            raise ModelLoadError(f"{self.path}: self-check returned implausible top-{k}: items {items.tolist()}, "
+            raise ModelLoadError(f"{self.path.name}: self-check returned implausible top-{k}: items {items.tolist()}, "
                                  f"scores {scores.tolist()}")
 
     def describe(self) -> dict[str, Any]:
@@ -290,7 +313,7 @@ class OnnxModel:
                 out[key] = json.loads(value) if value[:1] in "[{" else value
             except ValueError:
                 out[key] = value
-        out.update(file=str(self.path), sha256=self.sha256, loaded_at=self.loaded_at,
+        out.update(file=self.path.name, sha256=self.sha256, loaded_at=self.loaded_at,
                    score_available=self.score_session is not None,
                    user_vocab_loaded=self.user_index is not None if self.kind == "ncf" else None,
                    warnings=list(self.warnings))

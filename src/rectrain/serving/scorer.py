@@ -58,9 +58,17 @@ class RequestError(ValueError):
         self.status = status
 
 
+def brief(value: Any) -> str:
+    """A short, always printable rendering of a request value for an error message."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _raw_id(value: Any, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise RequestError(f"{where} must be a string or integer id, got {type(value).__name__} {value!r:.40}")
+        raise RequestError(f"{where} must be a string or integer id, got {type(value).__name__} {brief(value)}")
     return str(value)
 
 
@@ -124,19 +132,25 @@ class Scorer:
     def reload(self, path: str | Path | None = None) -> dict[str, Any]:
         """Load ``path`` (default: the serving file again) and swap it in if it passes every check.
 
-        The new file is loaded into a new session, verified (metadata, companions, self-check) and
-        must be of the same model kind (the request format must not change under clients). On any
-        failure ModelLoadError is raised and the old model keeps serving.
+        All or nothing: the whole new file set is loaded into new sessions and verified (metadata,
+        every companion's sha256 against the pins in the main file, self-check) before one reference
+        is swapped. It must be of the same model kind (the request format must not change under
+        clients) and must not lack a pinned companion the serving model has (``/score`` would stop
+        working). On any failure ModelLoadError is raised and the old model keeps serving.
         """
         with self._reload_lock:  # one reload at a time; requests never wait for it
             old = self._model
             new = OnnxModel.load(path or old.path, threads=self.threads)
             if new.kind != old.kind:
-                raise ModelLoadError(f"{new.path}: a {new.kind} model cannot replace the serving {old.kind} "
+                raise ModelLoadError(f"{new.path.name}: a {new.kind} model cannot replace the serving {old.kind} "
                                      "model (the request format would change); restart the service instead")
+            lost = sorted(set(new.missing) - set(old.missing))
+            if lost:
+                raise ModelLoadError(f"{new.path.name}: {', '.join(lost)} (pinned by it) not found; the serving "
+                                     "model has it, so the new set is incomplete")
             self._model = new
-            log.info("reloaded %s (sha256 %s -> %s)", new.path, old.sha256[:12], new.sha256[:12])
-            return {"reloaded": True, "file": str(new.path), "sha256": new.sha256, "previous_sha256": old.sha256}
+            log.info("reloaded %s (sha256 %s -> %s)", new.path.name, old.sha256[:12], new.sha256[:12])
+            return {"reloaded": True, "file": new.path.name, "sha256": new.sha256, "previous_sha256": old.sha256}
 
     # --- public calls ---------------------------------------------------------------------------
     def recommend(self, request: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
@@ -194,9 +208,9 @@ class Scorer:
         if endpoint == "recommend":
             k = payload.get("k", DEFAULT_K)
             if isinstance(k, bool) or not isinstance(k, int):
-                raise RequestError(f"'k' must be an integer, got {type(k).__name__} {k!r:.40}")
+                raise RequestError(f"'k' must be an integer, got {type(k).__name__} {brief(k)}")
             if k < 1 or k > self.max_k:
-                raise RequestError(f"'k' must be between 1 and {self.max_k}, got {k}")
+                raise RequestError(f"'k' must be between 1 and {self.max_k}, got {brief(k)}")
             query.k = k
             exclude = _id_list(payload, "exclude")
             known_exclude = [model.item_index[e] for e in exclude if e in model.item_index]
@@ -204,7 +218,7 @@ class Scorer:
         else:
             calibrated = payload.get("calibrated", False)
             if not isinstance(calibrated, bool):
-                raise RequestError(f"'calibrated' must be true or false, got {calibrated!r:.40}")
+                raise RequestError(f"'calibrated' must be true or false, got {brief(calibrated)}")
             if calibrated and model.calibration is None:
                 raise RequestError("this model carries no calibration (run calibrate.py, then export again)")
             query.calibrated = calibrated
@@ -223,7 +237,7 @@ class Scorer:
                 query.answer["unknown_items"] = unknown_history
                 exclude_seen = payload.get("exclude_seen", model.mask_seen)
                 if not isinstance(exclude_seen, bool):
-                    raise RequestError(f"'exclude_seen' must be true or false, got {exclude_seen!r:.40}")
+                    raise RequestError(f"'exclude_seen' must be true or false, got {brief(exclude_seen)}")
                 if exclude_seen:
                     known_exclude += known
             else:
@@ -260,12 +274,15 @@ class Scorer:
         if not isinstance(given, dict):
             raise RequestError(f"'user_features' must be an object of attribute: value, got {type(given).__name__}")
         try:
-            return model.user_encoder.encode_records([given])[0]
+            vector = model.user_encoder.encode_records([given])[0]
         except KeyError as exc:
-            raise RequestError(f"unknown user feature {exc.args[0]!r}; this model reads: "
+            raise RequestError(f"unknown user feature {brief(exc.args[0])}; this model reads: "
                                f"{', '.join(model.user_encoder.attributes)}") from None
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
+        except (ValueError, OverflowError, TypeError) as exc:  # OverflowError: an int too large for a float
+            raise RequestError(f"'user_features': {str(exc)[:200]}") from None
+        if not np.all(np.isfinite(vector.astype(np.float32))):  # finite in float64, infinite in the graph
+            raise RequestError("'user_features' holds a number too large for the model")
+        return vector
 
     @staticmethod
     def _with_user_features(feed: dict[str, np.ndarray], queries: Sequence[Query], model: OnnxModel

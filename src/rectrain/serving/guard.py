@@ -1,0 +1,137 @@
+"""Time and size bounds on what a client sends, so a slow or oversized request costs nothing lasting.
+
+* :class:`BodyGuard` (ASGI middleware): a request's body must arrive within ``timeout`` seconds of
+  its headers (else 408 and the connection is closed) and hold at most ``max_body`` bytes (else 413:
+  refused on its Content-Length before any byte is read, or as soon as a streamed body passes the
+  limit). Nothing beyond the limit is buffered; up to ``DRAIN_FACTOR`` times the limit is read and
+  dropped first, because closing a socket with unread data sends a reset that can destroy the
+  answer before the client reads it.
+* :class:`HeaderDeadlineProtocol` (uvicorn's h11 protocol): a connection must complete each
+  request's headers within the same timeout, counted from its opening or from its previous answer;
+  uvicorn itself waits forever for headers sent one byte at a time.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from rectrain.serving.scorer import RequestError
+
+#: bodies up to this many times the limit are read and dropped before the 413
+DRAIN_FACTOR = 8
+
+
+class ClosingRequestError(RequestError):
+    """A refusal after which the connection is closed (its body was not read to the end)."""
+
+
+class BodyGuard:
+    """ASGI middleware bounding each request body's size and arrival time (see the module docstring)."""
+
+    def __init__(self, app: Any, *, max_body: int, timeout: float) -> None:
+        self.app, self.max_body, self.timeout = app, max_body, timeout
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        declared = _content_length(scope)
+        state = {"received": 0, "refused": None}
+
+        async def next_message() -> dict[str, Any]:
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                return await asyncio.wait_for(receive(), remaining)
+            except (TimeoutError, asyncio.TimeoutError):
+                raise ClosingRequestError(f"request body not received within {self.timeout:g} s", 408) from None
+
+        async def drain() -> None:
+            """Read and drop the rest of an oversized body (bounded, within the deadline)."""
+            budget = DRAIN_FACTOR * self.max_body
+            while state["received"] <= budget:
+                message = await next_message()
+                state["received"] += len(message.get("body", b""))
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+
+        async def guarded_receive() -> dict[str, Any]:
+            if state["refused"] is not None:
+                raise state["refused"]
+            if declared is not None and declared > self.max_body:
+                state["refused"] = ClosingRequestError(
+                    f"body of {declared} bytes exceeds the limit of {self.max_body} bytes", 413)
+                if declared <= DRAIN_FACTOR * self.max_body:
+                    await drain()
+                raise state["refused"]
+            message = await next_message()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.max_body:
+                    state["refused"] = ClosingRequestError(
+                        f"body exceeds the limit of {self.max_body} bytes", 413)
+                    if message.get("more_body", False):
+                        await drain()
+                    raise state["refused"]
+            return message
+
+        await self.app(scope, guarded_receive, send)
+
+
+def _content_length(scope: dict[str, Any]) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:  # h11 already refuses malformed lengths
+                return None
+    return None
+
+
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers (``config.header_timeout``)."""
+
+    _deadline: asyncio.TimerHandle | None = None
+    _armed_cycle: Any = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._disarm_once_started()
+
+    def on_response_complete(self) -> None:
+        self._arm()  # before: pipelined bytes may start the next request inside the call
+        super().on_response_complete()
+        self._disarm_once_started()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._cancel()
+        self._armed_cycle = self.cycle
+        timeout = float(getattr(self.config, "header_timeout", 30.0))
+        self._deadline = self.loop.call_later(timeout, self._expire)
+
+    def _disarm_once_started(self) -> None:
+        if self._deadline is not None and self.cycle is not self._armed_cycle:
+            self._cancel()  # the headers are in: the body's time is BodyGuard's
+
+    def _cancel(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
