@@ -482,3 +482,146 @@ def test_end_to_end_ncf_over_http_matches_torch(checkpoints, exports):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+# --- regressions of issue #13 ("every fault survived") -----------------------------------------------
+def test_reload_refuses_a_set_missing_a_companion_and_keeps_serving(exports, tmp_path):
+    """Deleting tt.item_vectors.onnx used to reload with 200, then /score answered 501."""
+    path = _copy_export(exports["two_tower"], tmp_path / "live")
+    scorer = Scorer.load(path)
+    vocab = scorer.model.item_vocab
+    with serve_in_thread(scorer) as srv:
+        client = Client(srv.port)
+        (path.parent / "two_tower.item_vectors.onnx").unlink()
+        status, body = client.request("POST", "/admin/reload")
+        assert status == 422 and "two_tower.item_vectors.onnx" in body["error"] and body["reloaded"] is False
+        assert str(tmp_path) not in json.dumps(body)  # file names only, never directories
+        status, body = client.request("POST", "/score", {"history": vocab[:2], "items": vocab[3:6]})
+        assert status == 200 and len(body["scores"]) == 3
+        # a companion from another export (sha256 not the pinned one) is refused the same way
+        shutil.copy(exports["two_tower"].with_name("two_tower.query.onnx"), path.parent / "two_tower.item_vectors.onnx")
+        status, body = client.request("POST", "/admin/reload")
+        assert status == 422 and "different exports" in body["error"]
+        assert client.request("POST", "/score", {"history": vocab[:2], "items": vocab[3:6]})[0] == 200
+
+
+def test_http_answers_name_no_directory_and_no_server_version(server, tt):
+    status, body = server.request("GET", "/healthz")
+    assert status == 200 and body["file"] == tt.model.path.name
+    assert "server" not in server.last_headers and "date" in server.last_headers
+    status, body = server.request("GET", "/metadata")
+    assert status == 200 and str(tt.model.path.parent) not in json.dumps(body)
+    assert body["file"] == tt.model.path.name and body["service"]["max_body"] == 64 * 1024
+
+
+def test_admin_reload_needs_the_token_when_one_is_set(tt):
+    with serve_in_thread(tt, admin_token="s3cret") as srv:
+        client = Client(srv.port)
+        status, body = client.request("POST", "/admin/reload")
+        assert status == 401 and "Bearer" in body["error"] and client.last_headers["www-authenticate"] == "Bearer"
+        status, body = client.request("POST", "/admin/reload", headers={"Authorization": "Bearer wrong"})
+        assert status == 403 and body == {"error": "wrong admin token", "status": 403}
+        status, body = client.request("POST", "/admin/reload", headers={"Authorization": "Bearer s3cret"})
+        assert status == 200 and body["reloaded"] is True
+        assert client.request("POST", "/recommend", {"history": []})[0] == 200  # other endpoints need none
+
+
+def test_cli_refuses_a_public_bind_without_a_token(exports):
+    env = {k: v for k, v in os.environ.items() if k != "RECTRAIN_ADMIN_TOKEN"}
+    result = subprocess.run([PYTHON, "serve_onnx.py", "serve", str(exports["two_tower"]), "--host", "0.0.0.0",
+                             "--port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "--admin-token" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_connections_beyond_the_limit_are_refused_with_503(tt):
+    """1,000 held connections used to cost 1,003 threads: now a cap, and 503 beyond it."""
+    with serve_in_thread(tt, limits=ServiceLimits(max_connections=4)) as srv:
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(6)]
+        try:
+            time.sleep(0.2)
+            status = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+            status.request("GET", "/healthz")
+            assert status.getresponse().status == 503
+            status.close()
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.2)
+        assert Client(srv.port).request("GET", "/healthz")[0] == 200
+
+
+def test_trickling_bodies_and_headers_are_cut_off(tt):
+    """A client sending one byte every few seconds used to hold its thread indefinitely."""
+    with serve_in_thread(tt, limits=ServiceLimits(request_timeout=1.0)) as srv:
+        # the body: 408 once the request timeout has passed, then the connection is closed
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            start = time.monotonic()
+            reply = b""
+            try:
+                while True:
+                    sock.sendall(b" ")
+                    time.sleep(0.2)
+                    sock.setblocking(False)
+                    try:
+                        chunk = sock.recv(65536)
+                    except BlockingIOError:
+                        chunk = None
+                    sock.setblocking(True)
+                    if chunk == b"":
+                        break
+                    reply += chunk or b""
+                    assert time.monotonic() - start < 5, "the trickling body was not cut off"
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+        assert reply.startswith(b"HTTP/1.1 408") and b"not received within 1 s" in reply
+        # the headers: the connection is closed
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            start = time.monotonic()
+            closed = False
+            try:
+                for byte in b"POST /recommend HTTP/1.1\r\nHost: xxxxxxxxxxxxxxxxxxxxxxxx":
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.2)
+                    if time.monotonic() - start > 5:
+                        break
+                sock.settimeout(3)
+                closed = sock.recv(10) == b""
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            assert closed and time.monotonic() - start < 5
+        assert Client(srv.port).request("GET", "/healthz")[0] == 200
+
+
+def test_batch_cli_answers_every_bad_line_and_goes_on(tt, exports, tmp_path):
+    """A 5,000-digit integer, a lone surrogate or undecodable bytes used to abort the whole input."""
+    vocab = tt.model.item_vocab
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(b"\n".join([
+        json.dumps({"id": "a", "history": vocab[:2], "k": 2}).encode(),
+        b'{"history": [], "k": ' + b"9" * 5000 + b"}",
+        b'{"history": ["\\ud800"]}',
+        b"\xff\xfe not utf-8",
+        b'{"history": [' + b"1" * 5000 + b"]}",
+        json.dumps({"id": "b", "history": []}).encode(),
+    ]) + b"\n")
+    out = tmp_path / "answers.jsonl"
+    out.write_text("previous answers\n")
+    result = subprocess.run([PYTHON, "serve_onnx.py", "batch", str(exports["two_tower"]), str(requests), "-o", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "2 of 6 requests answered, 4 rejected" in result.stderr
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["line"] for a in answers] == [1, 2, 3, 4, 5, 6]
+    assert answers[0]["id"] == "a" and answers[5]["id"] == "b" and answers[5]["cold_start"] is True
+    assert "integer of 5000 digits" in answers[1]["error"] and "lone surrogate" in answers[2]["error"]
+    assert "not UTF-8" in answers[3]["error"] and "integer of 5000 digits" in answers[4]["error"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # written under a temporary name
+    csv_in = tmp_path / "requests.csv"
+    csv_in.write_bytes(b"history,k\n" + vocab[0].encode() + b"," + b"9" * 5000 + b"\n\xff,2\n,3\n")
+    result = subprocess.run([PYTHON, "serve_onnx.py", "batch", str(exports["two_tower"]), str(csv_in)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 1 and len(answers) == 3 and "1 of 3 requests answered" in result.stderr
+    assert "'k' must be an integer" in answers[0]["error"] and "not UTF-8" in answers[1]["error"]
+    assert len(answers[2]["items"]) == 3
