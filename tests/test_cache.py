@@ -99,6 +99,14 @@ def _break_manifest(target: Path) -> None:
     (target / "manifest.json").write_text("not a manifest")
 
 
+def _manifest_drops_an_array(target: Path) -> None:
+    """A valid manifest that no longer covers every array meta.json lists."""
+    path = target / "manifest.json"
+    manifest = json.loads(path.read_text() if path.exists() else '{"files": {}}')
+    manifest["files"].pop("user_vocab.npy", None)
+    path.write_text(json.dumps(manifest))
+
+
 def _old_format(target: Path) -> None:
     """The layout of format 4: arrays and meta.json, no manifest."""
     (target / "manifest.json").unlink(missing_ok=True)
@@ -126,6 +134,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str, int, bool]] = {
     "delete_meta": (_delete_meta, "meta.json: missing", 1, False),
     "break_meta": (_break_meta, "meta.json", 1, False),
     "break_manifest": (_break_manifest, "manifest.json", 1, False),
+    "manifest_drops_an_array": (_manifest_drops_an_array, "user_vocab.npy: not in manifest.json", 1, False),
     "old_format_no_manifest": (_old_format, "manifest.json: missing", 0, False),
     "break_vocabulary": (_break_vocabulary, "item_vocab.npy", 1, False),
     "shuffle_in_range_verify_cache": (_shuffle_in_range, "train_item.npy: sha256 mismatch", 1, True),

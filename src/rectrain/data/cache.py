@@ -64,10 +64,11 @@ def write_manifest(directory: Path, format_version: int) -> None:
 
 
 # --- checking -----------------------------------------------------------------------------------
-def verify(directory: Path, format_version: int, full: bool = False) -> None:
+def verify(directory: Path, format_version: int, full: bool = False) -> set[str]:
     """Raise :class:`CacheDamaged` unless ``directory`` is an intact cache of ``format_version``.
 
     The cheap checks always run; checksums run when ``full`` or when this build was never verified.
+    Returns the names of the files checked: a reader must use no other.
     """
     manifest_bytes, manifest = _read_manifest(directory, format_version)
     for name, entry in manifest["files"].items():
@@ -78,6 +79,7 @@ def verify(directory: Path, format_version: int, full: bool = False) -> None:
             if name != "meta.json":  # hashed by the cheap check already
                 _check_checksum(directory / name, entry)
         _mark_verified(directory, digest)
+    return set(manifest["files"])
 
 
 def _read_manifest(directory: Path, format_version: int) -> tuple[bytes, dict[str, Any]]:
@@ -92,7 +94,8 @@ def _read_manifest(directory: Path, format_version: int) -> tuple[bytes, dict[st
         manifest = json.loads(raw)
         files = manifest["files"]
         fmt = manifest["format"]
-        ok = isinstance(files, dict) and all(isinstance(e, dict) for e in files.values()) and "meta.json" in files
+        ok = (isinstance(files, dict) and "meta.json" in files
+              and all(isinstance(e, dict) and Path(n).name == n for n, e in files.items()))
     except (ValueError, TypeError, KeyError):
         ok = False
     if not ok:

@@ -211,16 +211,19 @@ class PreparedData:
         checksums on the first load of a build and with ``verify``): damage raises
         :class:`rectrain.data.cache.CacheDamaged` instead of a numpy error.
         """
-        cache.verify(directory, CACHE_FORMAT_VERSION, full=verify)
+        checked = cache.verify(directory, CACHE_FORMAT_VERSION, full=verify)
         try:
-            return cls._load_checked(directory)
+            return cls._load_checked(directory, checked)
         except (OSError, ValueError, KeyError, TypeError) as exc:  # changed under us after the checks
             raise cache.CacheDamaged(f"load failed ({type(exc).__name__}: {exc})") from None
 
     @classmethod
-    def _load_checked(cls, directory: Path) -> "PreparedData":
+    def _load_checked(cls, directory: Path, checked: set[str]) -> "PreparedData":
         """Memory-map the arrays of a directory that passed :func:`rectrain.data.cache.verify`."""
         meta = json.loads((directory / "meta.json").read_text())
+        unchecked = sorted(f"{name}.npy" for name in meta["arrays"] if f"{name}.npy" not in checked)
+        if unchecked:
+            raise cache.CacheDamaged(f"{unchecked[0]}: not in {cache.MANIFEST_NAME}")
         arr = {name: np.load(directory / f"{name}.npy", mmap_mode="c", allow_pickle=False) for name in meta["arrays"]}
         parts = {
             name: Interactions(arr[f"{name}_user"], arr[f"{name}_item"], arr[f"{name}_timestamp"])
@@ -465,7 +468,10 @@ def load_or_prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, cach
     if not cache_dir:
         return _prepare(source, pre, split, key)
     root = Path(cache_dir)
-    remove_stale_temporaries(root)
+    try:
+        remove_stale_temporaries(root)
+    except OSError as exc:  # e.g. a read-only shared cache: loading from it still works
+        log.debug("could not remove stale temporaries in %s: %s", root, exc)
     target = root / key
     for _ in range(3):  # a retry only follows another process's rebuild
         found = cache.identity(target)
