@@ -94,8 +94,7 @@ def _read_manifest(directory: Path, format_version: int) -> tuple[bytes, dict[st
         manifest = json.loads(raw)
         files = manifest["files"]
         fmt = manifest["format"]
-        ok = (isinstance(files, dict) and "meta.json" in files
-              and all(isinstance(e, dict) and Path(n).name == n for n, e in files.items()))
+        ok = isinstance(files, dict) and "meta.json" in files and all(_entry_ok(n, e) for n, e in files.items())
     except (ValueError, TypeError, KeyError):
         ok = False
     if not ok:
@@ -103,6 +102,17 @@ def _read_manifest(directory: Path, format_version: int) -> tuple[bytes, dict[st
     if fmt != format_version:
         raise CacheDamaged(f"{MANIFEST_NAME}: format {fmt!r}, expected {format_version}")
     return raw, manifest
+
+
+def _entry_ok(name: str, entry: Any) -> bool:
+    """A manifest entry names a file of this directory and holds every field the checks read."""
+    if not isinstance(entry, dict) or Path(name).name != name:
+        return False
+    ok = isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+    if name.endswith(".npy"):
+        ok = ok and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str) \
+            and isinstance(entry.get("fortran_order"), bool)
+    return ok
 
 
 def _check_file(path: Path, entry: dict[str, Any]) -> None:
@@ -113,22 +123,19 @@ def _check_file(path: Path, entry: dict[str, Any]) -> None:
         raise CacheDamaged(f"{path.name}: missing") from None
     except OSError as exc:
         raise CacheDamaged(f"{path.name}: unreadable ({exc.strerror})") from None
-    try:
-        if size != entry["bytes"]:
-            raise CacheDamaged(f"{path.name}: {size} bytes, expected {entry['bytes']}")
-        if path.suffix == ".npy":
-            _check_npy_header(path, entry, size)
-        elif path.name == "meta.json":
-            _check_checksum(path, entry)
-    except (KeyError, TypeError):
-        raise CacheDamaged(f"{MANIFEST_NAME}: entry for {path.name} is malformed") from None
+    if size != entry["bytes"]:
+        raise CacheDamaged(f"{path.name}: {size} bytes, expected {entry['bytes']}")
+    if path.suffix == ".npy":
+        _check_npy_header(path, entry, size)
+    elif path.name == "meta.json":
+        _check_checksum(path, entry)
 
 
 def _check_npy_header(path: Path, entry: dict[str, Any], size: int) -> None:
     """The array header must describe the recorded array, and header + data must fill the file."""
     try:
         shape, fortran, dtype, offset = _npy_header(path)
-    except (OSError, ValueError, SyntaxError, TypeError) as exc:
+    except Exception as exc:  # numpy's header parser raises many kinds on garbage (ValueError, TokenError, ...)
         raise CacheDamaged(f"{path.name}: unreadable .npy header ({type(exc).__name__})") from None
     if list(shape) != list(entry["shape"]):
         raise CacheDamaged(f"{path.name}: shape {tuple(shape)}, expected {tuple(entry['shape'])}")
