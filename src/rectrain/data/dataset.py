@@ -483,7 +483,7 @@ def load_or_prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, cach
             return data
         except cache.CacheDamaged as exc:
             reason = exc.reason
-        with cache.exclusive(target):
+        with cache.exclusive(target):  # rebuilt under the lock: others that found the damage wait, then load it
             if not cache.discard_if_unchanged(target, found):
                 log.info("prepared-data cache %s was rebuilt by another process; checking it", target)
                 continue
