@@ -2,10 +2,15 @@
 
 rectrain checkpoints hold only tensors and plain Python values (the model's constructor arguments,
 item vocabulary and resolved config under the ``"rectrain"`` key), so the safe loader suffices.
+Lightning's own loads (resume with ``trainer.fit(ckpt_path=...)``, ``validate``/``test`` of the best
+checkpoint) go through :class:`rectrain.tasks.callbacks.SafeCheckpointIO`, which pins this loader and
+writes checkpoints atomically (it lives beside the callbacks: this module stays free of Lightning,
+whose import costs export and analytics seconds).
 """
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +19,22 @@ import torch
 from rectrain.errors import RectrainError
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)`` and check it is a rectrain one."""
+def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` and check it is a rectrain one.
+
+    ``weights_only=True`` is passed explicitly, so not even ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
+    (torch's switch back to the pre-2.6 unsafe default) makes it unpickle arbitrary objects.
+    """
     p = Path(path)
     if not p.is_file():
         raise RectrainError(f"checkpoint not found: {p}")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's message suggests weights_only=False: not for us
+        raise RectrainError(f"{p}: refused: it holds pickled objects other than tensors and plain values, which "
+                            "could run code (checkpoints load with weights_only=True; rectrain's never need more)"
+                            ) from exc
+    except Exception as exc:  # truncated or foreign files
         raise RectrainError(f"{p}: not a loadable rectrain checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise RectrainError(f"{p}: not a Lightning checkpoint (no state_dict)")

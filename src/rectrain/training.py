@@ -27,7 +27,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from rectrain.config_checks import check_constructor_args, resolve_target
 from rectrain.errors import ConfigError, RectrainError
 from rectrain.evaluation.ranking import format_table
-from rectrain.utils.io import stable_hash, write_json_atomic, write_text_atomic
+from rectrain.tasks.callbacks import RandomStateCheckpoint, SafeCheckpointIO
+from rectrain.utils.io import remove_stale_temporaries, stable_hash, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -162,22 +163,27 @@ def train(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # nothing to write learning rates to (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # not configurable on purpose: exact resume and safe, atomic checkpoints are guarantees, not options
+    callbacks.append(RandomStateCheckpoint())
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      plugins=[SafeCheckpointIO()])
 
     checkpoint_cb = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     sidecar_dir = Path(checkpoint_cb.dirpath) if checkpoint_cb and checkpoint_cb.dirpath else output_dir / "checkpoints"
+    remove_stale_temporaries(sidecar_dir)  # checkpoint writes of a killed run (never a trusted .ckpt)
     datamodule.user_vocab_sha256 = write_user_vocab_sidecar(datamodule, sidecar_dir)
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    safe = pinned_weights_only(trainer)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), **safe)
     best_path = checkpoint_cb.best_model_path if checkpoint_cb else ""
     valid_metrics = dict(task.final_metrics.get("valid", {}))
     if best_path and checkpoint_cb.best_model_score is not None:
         # re-evaluate the best checkpoint on validation so the reported figures are the best model's
-        trainer.validate(task, datamodule=datamodule, ckpt_path=best_path, verbose=False)
+        trainer.validate(task, datamodule=datamodule, ckpt_path=best_path, verbose=False, **safe)
         valid_metrics = dict(task.final_metrics.get("valid", {}))
     test_metrics: dict[str, float] = {}
     if cfg.get("test", True):
-        trainer.test(task, datamodule=datamodule, ckpt_path=best_path or None, verbose=False)
+        trainer.test(task, datamodule=datamodule, ckpt_path=best_path or None, verbose=False, **safe)
         test_metrics = dict(task.final_metrics.get("test", {}))
 
     results = {
@@ -199,6 +205,15 @@ def train(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
         _log_hparams(loggers, cfg, valid_metrics, test_metrics)
         print(results_table(results))
     return results
+
+
+def pinned_weights_only(trainer: pl.Trainer) -> dict[str, bool]:
+    """``{"weights_only": True}`` for Lightning versions whose fit/validate/test take it (2.6+), else {}.
+
+    The trainer's :class:`SafeCheckpointIO` pins ``weights_only=True`` on every load regardless; this
+    says the same to Lightning, so no code path of its own can ask for an unsafe load.
+    """
+    return {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
 
 
 def _log_hparams(loggers: list[Any], cfg: DictConfig, valid: dict[str, float], test: dict[str, float]) -> None:

@@ -94,7 +94,10 @@ class RankingTask(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # Same randomness per epoch whether or not the run was resumed: the batches are seeded by
-        # (seed, epoch) in the data module, dropout by this.
+        # (seed, epoch) in the data module, dropout by this. Nothing may draw from the global RNG
+        # between here and the first step in one run but not in another: the data module's loaders
+        # have their own generators because Lightning creates the training iterator before this
+        # hook on the first epoch of a (resumed) run and after it on later epochs.
         torch.manual_seed(self.seed * 1000 + self.current_epoch)
         self.trainer.datamodule.train_batches().set_epoch(self.current_epoch)
         self._loss_sum, self._loss_count = torch.zeros((), device=self.device), 0

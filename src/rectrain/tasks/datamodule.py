@@ -204,13 +204,16 @@ class RecDataModule(pl.LightningDataModule):
         return self._train_batches
 
     def train_dataloader(self) -> DataLoader:
+        # generator: creating the loader's iterator draws a base seed from it; from the global RNG
+        # that draw would shift dropout by when Lightning creates the iterator (before the epoch's
+        # seed on the first epoch of a run, after it on later ones), so a resumed run would differ
         return DataLoader(_Batches(Prefetcher(self.train_batches(), self.prefetch)), batch_size=None,
-                          collate_fn=_as_is)
+                          collate_fn=_as_is, generator=torch.Generator())
 
     def _eval_loader(self, stage: str) -> DataLoader:
         rank, world = self._rank_world()
         return DataLoader(_Batches(_RowChunks(len(self.queries(stage)), self.eval_batch_size, rank, world)),
-                          batch_size=None, collate_fn=_as_is)
+                          batch_size=None, collate_fn=_as_is, generator=torch.Generator())  # see train_dataloader
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("valid")
