@@ -311,10 +311,10 @@ def test_http_bad_requests_get_4xx_and_the_service_keeps_serving(server, method,
 
 def test_http_unknown_methods_are_json_405(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-    conn.request("FOO", "/recommend")
+    conn.request("PATCH", "/recommend")
     response = conn.getresponse()
     assert response.status == 405 and response.getheader("Allow") == "POST"
-    assert json.loads(response.read()) == {"error": "/recommend takes POST, not FOO", "status": 405}
+    assert json.loads(response.read()) == {"error": "/recommend takes POST, not PATCH", "status": 405}
     conn.close()
     assert server.request("GET", "/healthz")[0] == 200
 

@@ -116,6 +116,7 @@ def serve(scorer: Scorer, host: str, port: int, limits: ServiceLimits, token: st
 
     config = uvicorn_config(create_app(scorer, limits, admin_token=token), host, port, limits, log_level=log_level)
     sock = config.bind_socket()
+    sock.listen(config.backlog)  # connections queue from now on: the line below may be read as "ready"
     bound_port = sock.getsockname()[1]
     model = scorer.model
     print(f"serving {model.kind} model {model.path.name} (sha256 {model.sha256[:12]}) with {limits.workers} "

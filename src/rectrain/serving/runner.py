@@ -1,7 +1,7 @@
 """Running the ASGI service under uvicorn: in a thread (tests, embedding), or as the CLI's process(es).
 
-uvicorn settings that matter here: the h11 protocol with a header deadline
-(:class:`HeaderDeadlineProtocol`), ``limit_concurrency`` (connections beyond it are answered 503:
+uvicorn settings that matter here: the httptools protocol (h11 without it) with a header deadline
+(:mod:`rectrain.serving.guard`), ``limit_concurrency`` (connections beyond it are answered 503:
 a deliberate refusal under overload, not an error), ``timeout_keep_alive``, no ``Server`` header
 (it named the Python version), no access log (one line per request halves throughput on two cores).
 
@@ -27,7 +27,7 @@ import uvicorn
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from rectrain.serving.auth import admin_token
-from rectrain.serving.guard import HeaderDeadlineProtocol
+from rectrain.serving.guard import http_protocol
 from rectrain.serving.model import ModelLoadError
 from rectrain.serving.scorer import Scorer
 from rectrain.serving.server import ServiceLimits, create_app
@@ -40,7 +40,7 @@ CONFIG_ENV = "RECTRAIN_SERVE_CONFIG"
 def uvicorn_config(app: Any, host: str, port: int, limits: ServiceLimits, *, factory: bool = False,
                    log_level: str = "warning") -> uvicorn.Config:
     """uvicorn's settings for this service (see the module docstring)."""
-    config = uvicorn.Config(app, host=host, port=port, factory=factory, http=HeaderDeadlineProtocol, ws="none",
+    config = uvicorn.Config(app, host=host, port=port, factory=factory, http=http_protocol(), ws="none",
                             lifespan="off", loop="asyncio", server_header=False, access_log=False,
                             log_config=None, log_level=log_level.lower(), timeout_keep_alive=limits.keep_alive,
                             limit_concurrency=limits.max_connections, workers=limits.workers,

@@ -94,9 +94,10 @@ class Service:
 
     async def _json_call(self, request: Request, handler: Callable[[Any], Any]) -> Response:
         body = await _read_body(request)
-        # decoding, validation and the graph call run off the event loop: onnxruntime releases the
-        # GIL, so reading the next requests overlaps with scoring this one
-        return json_response(200, await run_in_threadpool(lambda: handler(parse_json(body))))
+        # decoding, validation and the graph call run on the event loop: they take well under a
+        # millisecond, and a hop to the thread pool per request cost a third of the throughput
+        # (measured, bench/http_load.py); several cores are used through --workers instead
+        return json_response(200, handler(parse_json(body)))
 
     def _recommend(self, payload: Any) -> Any:
         if isinstance(payload, list):
