@@ -108,3 +108,145 @@ def test_killed_mid_epoch_resumes_exactly(compose_cfg, tmp_path, family):
     resumed_cfg = compose_cfg(*overrides, f"paths.output_dir={tmp_path / 'resumed'}", f"ckpt_path={last}")
     resumed = train(resumed_cfg)
     assert_same_run(resumed, full, tmp_path / "resumed", tmp_path / "full")
+
+
+@pytest.mark.crash
+def test_killed_between_the_best_and_last_checkpoint_writes(compose_cfg, tmp_path):
+    """A kill after epoch 1's new best is written but before its last.ckpt: the previous best, which
+    last.ckpt still names, must still exist, and the resume must still repeat the full run."""
+    overrides = [*COMMON, *FAMILIES["neumf"]]
+    full = train(compose_cfg(*overrides, f"paths.output_dir={tmp_path / 'full'}"))
+    train_killed(compose_cfg(*overrides, "+callbacks.killer._target_=tests.resume_helpers.KillOnSave",
+                             "+callbacks.killer.epoch=1", "+callbacks.killer.nth=2",
+                             f"paths.output_dir={tmp_path / 'killed'}"))
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert (checkpoints / "best-epoch001.ckpt").is_file()  # the kill fell between the two writes
+    last = load_checkpoint(checkpoints / "last.ckpt")
+    assert last["epoch"] == 0
+    named_best = next(v["best_model_path"] for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    assert Path(named_best).is_file()
+
+    resumed = train(compose_cfg(*overrides, f"paths.output_dir={tmp_path / 'resumed'}",
+                                f"ckpt_path={checkpoints / 'last.ckpt'}"))
+    assert_same_run(resumed, full, tmp_path / "resumed", tmp_path / "full")
+
+
+@pytest.mark.crash
+def test_global_random_streams_continue_across_a_resume(compose_cfg, tmp_path):
+    """Code outside rectrain's seeded epochs drawing from torch, numpy and ``random`` (a user's
+    callback) gets the same numbers after a resume: every stream is in the checkpoint."""
+    overrides = [*COMMON, *FAMILIES["mf"], "+callbacks.noise._target_=tests.resume_helpers.GlobalRandomNoise"]
+    full = train(compose_cfg(*overrides, f"paths.output_dir={tmp_path / 'full'}"))
+    train_killed(compose_cfg(*overrides, *KILL_MID_EPOCH_2, f"paths.output_dir={tmp_path / 'killed'}"))
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    resumed = train(compose_cfg(*overrides, f"paths.output_dir={tmp_path / 'resumed'}", f"ckpt_path={last}"))
+    assert_same_run(resumed, full, tmp_path / "resumed", tmp_path / "full")
+
+
+@pytest.mark.crash
+def test_checkpoint_write_killed_midway_leaves_the_previous_file(tmp_path):
+    """SIGKILL while a checkpoint's bytes are being written: the old last.ckpt stays whole, and the
+    torn temporary is debris the next run's ``remove_stale_temporaries`` removes."""
+    import io
+
+    import lightning_fabric.plugins.io.torch_io as torch_io
+
+    from rectrain.tasks.callbacks import SafeCheckpointIO
+    from rectrain.utils.io import remove_stale_temporaries
+
+    plugin, target = SafeCheckpointIO(), tmp_path / "last.ckpt"
+    plugin.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 0}, target)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            def torn_write(checkpoint: dict, path: Any) -> None:  # half the bytes, then killed
+                buffer = io.BytesIO()
+                torch.save(checkpoint, buffer)
+                with open(path, "wb") as fh:
+                    fh.write(buffer.getvalue()[: buffer.tell() // 2])
+                    fh.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            torch_io._atomic_save = torn_write
+            plugin.save_checkpoint({"state_dict": {"w": torch.ones(10_000)}, "epoch": 1}, target)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+    assert load_checkpoint(target)["epoch"] == 0
+    debris = sorted(p for p in tmp_path.iterdir() if p != target)
+    assert len(debris) == 1 and debris[0].stat().st_size > 0
+    assert sorted(remove_stale_temporaries(tmp_path)) == debris
+    assert list(tmp_path.iterdir()) == [target]
+
+
+class Payload:
+    """Unpickling this creates ``marker``: the stand-in for arbitrary code in a hostile checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_payload_checkpoint_is_refused_not_run(tmp_path):
+    marker, hostile = tmp_path / "payload-ran", tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0, "payload": Payload(marker)}, hostile)
+    run = tmp_path / "run"
+    # torch's pre-2.6 default: every torch.load without an explicit weights_only unpickles anything
+    proc = run_train(run, tmp_path / "cache", "model=mf", "model.dim=8", f"ckpt_path={hostile}",
+                     env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    assert not marker.exists()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "hostile.ckpt" in errors[0] and "refused" in errors[0], proc.stderr[-3000:]
+    assert json.loads((run / "results.json").read_text())["status"] == "failed"
+    # the payload is live: an unsafe load does run it
+    torch.load(hostile, weights_only=False)
+    assert marker.exists()
+
+
+def test_truncated_checkpoint_is_one_clear_error(compose_cfg, tmp_path):
+    from rectrain.errors import RectrainError
+
+    first = train(compose_cfg(*COMMON, *FAMILIES["mf"], "trainer.max_epochs=1", "test=false",
+                              f"paths.output_dir={tmp_path / 'first'}"))
+    blob = Path(first["best_checkpoint"]).read_bytes()
+    torn = tmp_path / "torn.ckpt"
+    torn.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(RectrainError, match="torn.ckpt: not a loadable rectrain checkpoint") as info:
+        train(compose_cfg(*COMMON, *FAMILIES["mf"], f"paths.output_dir={tmp_path / 'second'}", f"ckpt_path={torn}"))
+    assert "\n" not in str(info.value)
+
+
+DDP = ["trainer=ddp", "trainer.devices=2", *FAMILIES["two_tower_full_dropout"], "model.batch_size=8"]  # 4 steps per rank
+
+
+@pytest.mark.slow
+@pytest.mark.crash
+def test_ddp_killed_mid_epoch_resumes_exactly(tmp_path):
+    """Two gloo processes, each with its own data shard and random state, killed together."""
+    cache = tmp_path / "cache"
+    reference = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *COMMON, *DDP,
+                                  f"hydra.run.dir={tmp_path / 'full'}", f"paths.cache_dir={cache}"],
+                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+    try:
+        killed = run_train(tmp_path / "killed", cache, *DDP, *KILL_MID_EPOCH_2)
+        _, reference_err = reference.communicate(timeout=300)
+    finally:
+        if reference.poll() is None:
+            os.killpg(reference.pid, signal.SIGKILL)
+    assert reference.returncode == 0, reference_err[-3000:]
+    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(last)["epoch"] == 1
+    assert len(next(v for k, v in load_checkpoint(last)["callbacks"].items() if k == "RandomStateCheckpoint")["ranks"]) == 2
+
+    resumed_run = tmp_path / "resumed"
+    resumed = completed(run_train(resumed_run, cache, *DDP, f"ckpt_path={last}"), resumed_run)
+    assert_same_run(resumed, full, resumed_run, tmp_path / "full")
