@@ -28,9 +28,11 @@ COMMON = [*TINY_DATA, "trainer.max_epochs=3", "trainer.accelerator=cpu", "logger
 SMALL_TWO_TOWER = ["model=two_tower", "model.dim=16", "model.encoder.hidden=16", "model.net.item_hidden=[16]",
                    "model.batch_size=32", "model.optimizer.lr=0.05"]
 # Learning rates chosen so the best epoch (1) is not the last (2): the resumed run must carry the
-# best score over, not only the weights.
+# best score over, not only the weights. MF may run 4 epochs but early stopping (patience 1) ends it
+# after epoch 2, in the resumed run only if its state was carried over too.
 FAMILIES = {
-    "mf": ["model=mf", "model.dim=8", "model.optimizer.lr=0.1"],
+    "mf": ["model=mf", "model.dim=8", "model.optimizer.lr=0.1", "trainer.max_epochs=4",
+           "callbacks.early_stopping.patience=1"],
     # dropout: NeuMF resumed exactly before only because its default dropout is 0
     "neumf": ["model=neumf", "model.dim=8", "model.net.layers=[16,8]", "model.net.dropout=0.3",
               "model.optimizer.lr=0.05"],
@@ -81,6 +83,9 @@ def assert_same_run(resumed: dict, full: dict, resumed_run: Path, full_run: Path
     assert resumed["valid"] == full["valid"]
     assert resumed["test"] == full["test"]
     assert resumed["epochs_trained"] == full["epochs_trained"]
+    # last.ckpt is a real file of the newest epoch, not a copy or link of the best
+    last = resumed_run / "checkpoints" / "last.ckpt"
+    assert not last.is_symlink() and load_checkpoint(last)["epoch"] == resumed["epochs_trained"] - 1
     # the best over all epochs, as a file of the new run directory (complete on its own)
     best = Path(resumed["best_checkpoint"])
     assert best.parent == resumed_run / "checkpoints" and best.is_file()
@@ -99,6 +104,7 @@ def test_killed_mid_epoch_resumes_exactly(compose_cfg, tmp_path, family):
     full_cfg = compose_cfg(*overrides, f"paths.output_dir={tmp_path / 'full'}")
     full = train(full_cfg)
     assert Path(full["best_checkpoint"]).name == "best-epoch001.ckpt", "the config no longer has its best before the end"
+    assert full["epochs_trained"] == 3  # for MF: stopped early (max_epochs=4)
 
     killed_cfg = compose_cfg(*overrides, *KILL_MID_EPOCH_2, f"paths.output_dir={tmp_path / 'killed'}")
     train_killed(killed_cfg)
@@ -144,17 +150,17 @@ def test_global_random_streams_continue_across_a_resume(compose_cfg, tmp_path):
 
 
 @pytest.mark.crash
-def test_checkpoint_write_killed_midway_leaves_the_previous_file(tmp_path):
+def test_checkpoint_write_killed_midway_leaves_the_previous_file(compose_cfg, tmp_path):
     """SIGKILL while a checkpoint's bytes are being written: the old last.ckpt stays whole, and the
-    torn temporary is debris the next run's ``remove_stale_temporaries`` removes."""
+    torn temporary is debris that the next run in that directory removes."""
     import io
 
     import lightning_fabric.plugins.io.torch_io as torch_io
 
     from rectrain.tasks.callbacks import SafeCheckpointIO
-    from rectrain.utils.io import remove_stale_temporaries
 
-    plugin, target = SafeCheckpointIO(), tmp_path / "last.ckpt"
+    checkpoints = tmp_path / "run" / "checkpoints"
+    plugin, target = SafeCheckpointIO(), checkpoints / "last.ckpt"
     plugin.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 0}, target)
     pid = os.fork()
     if pid == 0:
@@ -175,10 +181,13 @@ def test_checkpoint_write_killed_midway_leaves_the_previous_file(tmp_path):
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
     assert load_checkpoint(target)["epoch"] == 0
-    debris = sorted(p for p in tmp_path.iterdir() if p != target)
+    debris = [p for p in checkpoints.iterdir() if p != target]
     assert len(debris) == 1 and debris[0].stat().st_size > 0
-    assert sorted(remove_stale_temporaries(tmp_path)) == debris
-    assert list(tmp_path.iterdir()) == [target]
+
+    train(compose_cfg(*COMMON, *FAMILIES["mf"], "trainer.max_epochs=1", "test=false",
+                      f"paths.output_dir={tmp_path / 'run'}"))
+    assert not debris[0].exists()
+    assert not [p for p in checkpoints.iterdir() if "tmp" in p.name]
 
 
 class Payload:
