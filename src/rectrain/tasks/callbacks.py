@@ -157,7 +157,7 @@ class RandomStateCheckpoint(pl.Callback):
         rank, world = _rank_world()
         if len(ranks) != world:
             rank_zero_warn(f"the checkpoint holds random states of {len(ranks)} process(es), this run has {world}: "
-                          "global random streams restart from the seed, so the run will not repeat exactly")
+                           "global random streams restart from the seed, so the run will not repeat exactly")
             return
         restore_rng_state(ranks[rank])
 
