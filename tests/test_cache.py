@@ -273,3 +273,63 @@ def test_sigkill_while_preparing_leaves_no_trusted_cache(tmp_path, fresh, caplog
     assert [p.name for p in cache_dir.iterdir() if p.name.startswith(".")] == []
     _assert_same(_load(cache_dir, verify=True), fresh)
     assert _warnings(caplog) == []
+
+
+def _read_only(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Make every write under ``root`` fail with EROFS, as on a read-only mount (root ignores chmod)."""
+    import builtins
+    import errno
+    import io
+
+    def inside(path: object) -> bool:
+        try:
+            return Path(os.fsdecode(path)).resolve().is_relative_to(root.resolve())
+        except (TypeError, ValueError):
+            return False
+
+    def refuse(path: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    real_open = builtins.open
+
+    def ro_open(file, mode="r", *args, **kwargs):
+        if inside(file) and any(c in mode for c in "wax+"):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", ro_open)
+    monkeypatch.setattr(io, "open", ro_open)
+    for name in ("mkdir", "rmdir", "unlink", "remove"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda p, *a, _real=real, **k: refuse(p) if inside(p) else _real(p, *a, **k))
+    for name in ("rename", "replace"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda s, d, *a, _real=real, **k: refuse(s) if inside(s) or inside(d)
+                            else _real(s, d, *a, **k))
+
+
+def test_a_damaged_cache_in_a_read_only_dir_is_bypassed_with_one_warning(cached, fresh, caplog, monkeypatch):
+    """It used to end the run with a traceback: OSError (read-only file system) opening the lock file."""
+    cache_dir, target = cached
+    _load(cache_dir)
+    _truncate(target)
+    damaged = sorted((p.name, p.stat().st_size) for p in target.iterdir())
+    _read_only(monkeypatch, cache_dir)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rectrain"):
+        for _ in range(3):  # a run loads its data several times: one warning, not three
+            _assert_same(_load(cache_dir), fresh)
+    (warning,) = _warnings(caplog)
+    assert str(target) in warning and "train_item.npy" in warning and "cannot be rebuilt" in warning
+    assert sorted((p.name, p.stat().st_size) for p in target.iterdir()) == damaged  # left as it was
+
+
+def test_no_cache_in_a_read_only_dir_prepares_without_one(tmp_path, fresh, caplog, monkeypatch):
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    _read_only(monkeypatch, cache_dir)
+    with caplog.at_level(logging.INFO, logger="rectrain"):
+        _assert_same(_load(cache_dir), fresh)
+    (warning,) = _warnings(caplog)
+    assert "could not write the prepared-data cache" in warning and "going on without it" in warning
+    assert list(cache_dir.iterdir()) == []

@@ -36,6 +36,10 @@ MANIFEST_NAME = "manifest.json"
 VERIFIED_NAME = "verified.json"
 
 
+class CacheUnwritable(Exception):
+    """The cache directory cannot be locked, discarded or written (e.g. a read-only shared cache)."""
+
+
 class CacheDamaged(Exception):
     """A cache directory failed a check; ``reason`` names the file and what failed."""
 
@@ -206,10 +210,15 @@ def identity(path: Path) -> tuple[int, int] | None:
 def exclusive(target: Path) -> Iterator[None]:
     """Hold the per-cache lock (``.<key>.lock`` beside it) that serialises discarding and rebuilding.
 
-    Only processes that found damage take it; ordinary loads never wait.
+    Only processes that found damage take it; ordinary loads never wait. Raises
+    :class:`CacheUnwritable` when the lock file cannot be opened (a read-only cache dir).
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "a") as fh:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(target.parent / f".{target.name}.lock", "a")
+    except OSError as exc:  # a read-only cache dir: nothing here can be discarded or rebuilt
+        raise CacheUnwritable(exc.strerror or str(exc)) from None
+    with fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -221,7 +230,8 @@ def discard_if_unchanged(target: Path, failed: tuple[int, int] | None) -> bool:
     """Remove ``target`` if it is still the directory that failed (``failed`` = its identity).
 
     Call under :func:`exclusive`. Returns False when ``target`` was replaced meanwhile (another
-    process rebuilt it: check the new one instead). The directory is first renamed to a temporary
+    process rebuilt it: check the new one instead); raises :class:`CacheUnwritable` when it cannot
+    be moved (a read-only cache dir). The directory is first renamed to a temporary
     name, so a kill while deleting leaves debris :func:`remove_stale_temporaries` recognises.
     """
     current = identity(target)
@@ -234,6 +244,8 @@ def discard_if_unchanged(target: Path, failed: tuple[int, int] | None) -> bool:
         os.rename(target, aside)
     except FileNotFoundError:
         return True
+    except OSError as exc:  # e.g. EROFS, EACCES: the damaged cache stays where it is
+        raise CacheUnwritable(exc.strerror or str(exc)) from None
     if identity(aside) != failed:  # an empty damaged dir was replaced between stat and rename: undo
         try:
             os.rename(aside, target)

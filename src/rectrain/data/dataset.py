@@ -462,7 +462,9 @@ def load_or_prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, cach
     ``source`` has ``load() -> RawLog``, optionally ``load_test() -> RawLog | None``, and
     ``fingerprint() -> dict`` (its parameters plus the size and mtime of its files). A cache that
     fails a check (see :mod:`rectrain.data.cache`; ``verify``: checksums on this load too) is
-    discarded and rebuilt with one warning. Temporaries of killed writers are removed first.
+    discarded and rebuilt with one warning. Temporaries of killed writers are removed first. In a
+    cache dir that cannot be written (read-only), a damaged or missing cache is left as it is and the
+    data is prepared without it (one warning per process).
     """
     key = cache_key(source.fingerprint(), pre, split)
     if not cache_dir:
@@ -483,13 +485,27 @@ def load_or_prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, cach
             return data
         except cache.CacheDamaged as exc:
             reason = exc.reason
-        with cache.exclusive(target):  # rebuilt under the lock: others that found the damage wait, then load it
-            if not cache.discard_if_unchanged(target, found):
-                log.info("prepared-data cache %s was rebuilt by another process; checking it", target)
-                continue
-            log.warning("prepared-data cache %s failed verification (%s); rebuilding", target, reason)
-            return _prepare_and_cache(source, pre, split, key, target)
+        try:
+            with cache.exclusive(target):  # rebuilt under the lock: others that found the damage wait, then load it
+                if not cache.discard_if_unchanged(target, found):
+                    log.info("prepared-data cache %s was rebuilt by another process; checking it", target)
+                    continue
+                log.warning("prepared-data cache %s failed verification (%s); rebuilding", target, reason)
+                return _prepare_and_cache(source, pre, split, key, target)
+        except cache.CacheUnwritable as exc:  # a read-only cache dir: use the data, leave the cache alone
+            _warn_once(f"prepared-data cache {target} failed verification ({reason}) and cannot be rebuilt "
+                       f"there ({exc}); preparing the data without the cache")
+            return _prepare(source, pre, split, key)
     return _prepare_and_cache(source, pre, split, key, target)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One warning per process (a run loads its data several times), later repeats at INFO level."""
+    log.log(logging.INFO if message in _warned else logging.WARNING, "%s", message)
+    _warned.add(message)
 
 
 def _prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, key: str) -> PreparedData:
@@ -506,7 +522,12 @@ def _prepare_and_cache(source: Any, pre: PreprocessConfig, split: SplitConfig, k
                        target: Path) -> PreparedData:
     """Prepare and write the cache atomically (if another process wins the rename, its copy stays)."""
     data = _prepare(source, pre, split, key)
-    with atomic_dir(target) as tmp:
-        data.save(tmp)
+    try:
+        with atomic_dir(target) as tmp:
+            data.save(tmp)
+    except OSError as exc:  # a read-only or full cache dir: the run goes on without a cache
+        _warn_once(f"could not write the prepared-data cache at {target} ({exc.strerror or exc}); "
+                   "going on without it")
+        return data
     log.info("cached dataset at %s", target)
     return data
