@@ -9,7 +9,7 @@ from rectrain.training import train
 from tests.conftest import TINY_DATA
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("cell", ["gru", "lstm", "transformer"])
 def test_query_is_the_state_at_the_last_valid_position(cell):
     torch.manual_seed(0)
     net = TwoTower(n_items=30, n_categories=4, dim=8, cell=cell, hidden=12, layers=2, max_length=6).eval()
@@ -27,7 +27,31 @@ def test_query_is_the_state_at_the_last_valid_position(cell):
         torch.testing.assert_close(batched[i], alone[0], atol=1e-6, rtol=1e-5)
     # whatever sits in the padding cannot change the query
     torch.testing.assert_close(net.query(garbage, lengths), batched, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(batched[0], batched[3])  # (and the query does depend on the history)
     assert net(padded, lengths).shape == (4, 30)
+    # a padded width beyond max_length (more padding) reads the same
+    wider = torch.cat([garbage, torch.randint(0, 30, (4, 3))], dim=1)
+    torch.testing.assert_close(net.query(wider, lengths), batched, atol=1e-6, rtol=1e-5)
+
+
+def test_transformer_positions_count_from_the_window_start_and_attention_is_causal():
+    """Every position's output is what its prefix alone gives (all-position training = evaluation), and
+    the learned positions matter: the same items in another order give another query."""
+    torch.manual_seed(0)
+    net = TwoTower(n_items=20, dim=8, cell="transformer", hidden=16, layers=2, heads=4, max_length=5).eval()
+    with torch.no_grad():
+        net.query_tower.position_embedding.weight.normal_()
+        items = torch.tensor([[3, 7, 1, 9, 4]])
+        every = net.query_all_positions(items)  # (1, 5, 8)
+        for p in range(5):
+            torch.testing.assert_close(every[0, p], net.query(items[:, :p + 1], torch.tensor([p + 1]))[0],
+                                       atol=1e-6, rtol=1e-5)
+        swapped = net.query(torch.tensor([[7, 3]]), torch.tensor([2]))[0]
+        assert (swapped - every[0, 1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="heads"):
+        TwoTower(n_items=5, dim=6, cell="transformer", heads=4)
+    with pytest.raises(ValueError, match="cell"):
+        TwoTower(n_items=5, dim=4, cell="rnn")
 
 
 def test_last_valid_gathers_by_length():
@@ -65,10 +89,11 @@ def test_padded_histories_keep_the_most_recent_items():
     assert lengths.tolist() == [1, 3, 2]
 
 
-def test_loss_decreases_on_a_deterministic_sequence():
+@pytest.mark.parametrize("cell", ["gru", "transformer"])
+def test_loss_decreases_on_a_deterministic_sequence(cell):
     """Item i is always followed by item (i + 1) mod 6: the model must learn the successor."""
     torch.manual_seed(0)
-    net = TwoTower(n_items=6, dim=8, hidden=16, embedding_dropout=0.0, dropout=0.0, max_length=5)
+    net = TwoTower(n_items=6, dim=8, cell=cell, hidden=16, embedding_dropout=0.0, dropout=0.0, max_length=5)
     starts = torch.arange(6).repeat(4)
     seqs = (starts[:, None] + torch.arange(6)[None, :]) % 6  # (24, 6)
     items, targets = seqs[:, :-1], seqs[:, 1:]
@@ -90,6 +115,8 @@ def test_loss_decreases_on_a_deterministic_sequence():
     ["model.encoder.cell=gru"],
     ["model.encoder.cell=lstm", "model.loss=sampled", "model.extra_negatives=16"],
     ["model.loss=bpr_max", "model.extra_negatives=16", "model.positions=last"],
+    ["model.encoder.cell=transformer", "model.encoder.layers=2", "model.encoder.heads=2"],
+    ["model.encoder.cell=transformer", "model.loss=sampled", "model.extra_negatives=16", "model.stride=4"],
 ])
 def test_two_tower_trains_end_to_end(compose_cfg, overrides):
     cfg = compose_cfg("model=two_tower", *TINY_DATA, "trainer.max_epochs=2", "logger=none", "model.dim=16",
@@ -142,16 +169,18 @@ def test_repeat_bonus_adds_the_recency_slot_value_per_occurrence():
         torch.testing.assert_close(plain(items, lengths), plain.score(plain.query(items, lengths), plain.item_vectors()))
 
 
-@pytest.mark.parametrize("loss, gate, mode", [("full", False, "bonus"), ("sampled", False, "bonus"),
-                                             ("full", True, "bonus"), ("full", True, "mixture")])
-def test_training_loss_with_repeat_bonus_equals_scoring_each_prefix(loss, gate, mode):
+@pytest.mark.parametrize("loss, gate, mode, cell", [("full", False, "bonus", "gru"), ("sampled", False, "bonus", "gru"),
+                                                   ("full", True, "bonus", "gru"), ("full", True, "mixture", "gru"),
+                                                   ("full", True, "bonus", "transformer"),
+                                                   ("sampled", False, "bonus", "transformer")])
+def test_training_loss_with_repeat_bonus_equals_scoring_each_prefix(loss, gate, mode, cell):
     """The batched all-positions loss gives every example exactly the score evaluation gives its prefix."""
     from rectrain.losses import candidate_logits
     from rectrain.tasks.two_tower import TwoTowerTask
 
     torch.manual_seed(0)
-    net = TwoTower(n_items=12, dim=6, hidden=8, embedding_dropout=0.0, dropout=0.0, repeat_slots=2, repeat_gate=gate,
-                   repeat_mode=mode)
+    net = TwoTower(n_items=12, dim=6, cell=cell, hidden=8, layers=2, heads=3, embedding_dropout=0.0, dropout=0.0,
+                   repeat_slots=2, repeat_gate=gate, repeat_mode=mode, max_length=4)
     with torch.no_grad():
         net.repeat_bonus.copy_(torch.tensor([0.7, -0.3]))
         if gate:  # a query-dependent bonus: each example must use its own position's query
@@ -216,3 +245,16 @@ def test_repeat_boost_is_chosen_on_validation_and_saved(compose_cfg, tmp_path):
     scores = {b: mrr(b) for b in (0.0, 1.0, 3.0)}
     assert scores[chosen] == max(scores.values())
     assert results["valid"]["mrr@10"] == pytest.approx(scores[chosen], abs=1e-6)
+
+
+@pytest.mark.parametrize("cell", ["gru", "transformer"])
+def test_query_tower_reads_user_features_at_every_position(cell):
+    torch.manual_seed(0)
+    net = TwoTower(n_items=10, dim=4, cell=cell, hidden=8, n_user_features=2, max_length=4).eval()
+    items, lengths = torch.tensor([[1, 2, 3, 0], [1, 2, 3, 0]]), torch.tensor([3, 3])
+    with torch.no_grad():
+        q = net.query(items, lengths, torch.tensor([[0.0, 0.0], [1.0, -1.0]]))
+        expected_shift = net.query_tower.project.weight[:, -2:] @ torch.tensor([1.0, -1.0])  # linear in the features
+    torch.testing.assert_close(q[1] - q[0], expected_shift, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="user features"):
+        net.query(items, lengths)

@@ -1,4 +1,5 @@
-"""Two-tower retrieval: an RNN session encoder as the query tower, an id + side-feature item tower.
+"""Two-tower retrieval: an RNN or causal self-attention session encoder as the query tower, an id +
+side-feature item tower.
 
 The query is the user's recent item history, so the model needs no user id (nothing personal in
 the model file) and serves new users and anonymous sessions alike. The item tower adds item side
@@ -9,6 +10,14 @@ Shapes: B batch, L history length, d output dim, H RNN hidden size, I catalog si
 Histories are right-padded; ``lengths`` says how many leading positions are real. The RNN is
 causal, so padding *after* the last real position cannot change the state there, and taking the
 state at ``lengths - 1`` needs no packed sequences (which do not export to ONNX).
+
+``cell=transformer`` (SASRec, Kang & McAuley 2018, trained with the full softmax as in Klenitskiy &
+Vasilev 2023) replaces the RNN by pre-norm self-attention blocks with a causal mask: position ``t``
+attends to positions ``0..t`` only, so right padding cannot reach a real position either, and the
+output at ``t`` is exactly what the prefix ``0..t`` alone gives (what all-position training needs).
+Positions are learned and counted from the start of the window, as in SASRec; with a causal mask
+that is the only indexing under which a training position and the evaluation of its prefix see the
+same position embeddings (counting from the end would move every embedding as the prefix grows).
 
 Repeat bonus (``repeat_slots > 0``): in click sessions the next item is often one already clicked
 (the reference item-kNN gets much of its MRR from recommending the last item itself). A dot product
@@ -26,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
+ENCODERS = (*CELLS, "transformer")
 REPEAT_MODES = ("bonus", "mixture")
 NO_REPEAT = -1e4  # log-space stand-in for log(0): finite, so exports and gradients stay clean
 
@@ -34,6 +44,98 @@ def last_valid(states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(B, L, H) states, (B,) lengths -> (B, H) state at position ``lengths - 1`` of each row."""
     index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, states.shape[-1])  # (B, 1, H)
     return states.gather(1, index).squeeze(1)
+
+
+def _attach_user_features(states: torch.Tensor, user_features: torch.Tensor | None, width: int) -> torch.Tensor:
+    """(B, L, H) states [+ (B, F) user features, repeated at every position] -> (B, L, H [+ F])."""
+    if not width:
+        return states
+    if user_features is None or user_features.shape[-1] != width:
+        raise ValueError(f"this query tower reads {width} user features per row; "
+                         f"got {None if user_features is None else tuple(user_features.shape)}")
+    per_position = user_features[:, None, :].expand(-1, states.shape[1], -1)  # (B, L, F)
+    return torch.cat([states, per_position.to(states.dtype)], dim=-1)  # (B, L, H + F)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where position t sees positions 0..t (explicit matmul + softmax:
+    no fused kernel, so the legacy ONNX exporter traces it with a symbolic length)."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"model.encoder.heads ({heads}) must divide the embedding width ({width})")
+        self.heads, self.head_dim = heads, width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, width = x.shape
+        q, k, v = self.qkv(x).view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, e)
+        logits = q @ k.transpose(-1, -2) / self.head_dim ** 0.5  # (B, h, L, L)
+        positions = torch.arange(length, device=x.device)
+        future = positions.view(1, -1) > positions.view(-1, 1)  # (L, L): key after query
+        logits = logits.masked_fill(future, float("-inf"))  # every row keeps its diagonal: never all -inf
+        weights = self.dropout(torch.softmax(logits, dim=-1))
+        return self.out((weights @ v).transpose(1, 2).reshape(b, length, width))  # (B, L, W)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(LN(x)), then x + FFN(LN(x)) (GELU, inner width ``hidden``)."""
+
+    def __init__(self, width: int, heads: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = CausalSelfAttention(width, heads, dropout)
+        self.ffn = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.norm1(x)))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class TransformerEncoder(nn.Module):
+    """SASRec-style query tower: item embedding + learned position embedding, ``layers`` pre-norm
+    causal self-attention blocks, a final LayerNorm and the output projection; a query at every position.
+
+    Args:
+        item_embedding: the input embedding table (its width is the model width).
+        dim: output (query) dimension.
+        hidden: inner width of each block's feed-forward layer.
+        layers: blocks.
+        heads: attention heads (must divide the embedding width).
+        embedding_dropout: dropout on the summed item + position embeddings.
+        dropout: dropout on attention weights, block outputs and before the projection.
+        max_length: positions with an embedding; a wider padded input reuses the last one for the
+            padding beyond (causal: real positions never read it).
+        n_user_features: as :class:`SessionEncoder`.
+    """
+
+    def __init__(self, item_embedding: nn.Embedding, dim: int, hidden: int = 128, layers: int = 2, heads: int = 2,
+                 embedding_dropout: float = 0.0, dropout: float = 0.0, max_length: int = 50,
+                 n_user_features: int = 0) -> None:
+        super().__init__()
+        width = item_embedding.embedding_dim
+        self.item_embedding = item_embedding
+        self.position_embedding = nn.Embedding(max_length, width)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        self.embedding_dropout = nn.Dropout(embedding_dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, hidden, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.dropout = nn.Dropout(dropout)
+        self.n_user_features, self.max_length = n_user_features, max_length
+        self.project = nn.Linear(width + n_user_features, dim)
+
+    def forward(self, items: torch.Tensor, user_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) item indices [, (B, F) user features] -> (B, L, d) query vectors, one per position."""
+        positions = torch.arange(items.shape[1], device=items.device).clamp(max=self.max_length - 1)  # (L,)
+        x = self.embedding_dropout(self.item_embedding(items) + self.position_embedding(positions)[None])  # (B, L, W)
+        for block in self.blocks:
+            x = block(x)
+        states = self.dropout(self.norm(x))
+        return self.project(_attach_user_features(states, user_features, self.n_user_features))  # (B, L, d)
 
 
 class SessionEncoder(nn.Module):
@@ -70,13 +172,7 @@ class SessionEncoder(nn.Module):
         x = self.embedding_dropout(self.item_embedding(items))  # (B, L, E)
         states, _ = self.rnn(x)  # (B, L, H)
         states = self.dropout(states)
-        if self.n_user_features:
-            if user_features is None or user_features.shape[-1] != self.n_user_features:
-                raise ValueError(f"this query tower reads {self.n_user_features} user features per row; "
-                                 f"got {None if user_features is None else tuple(user_features.shape)}")
-            per_position = user_features[:, None, :].expand(-1, states.shape[1], -1)  # (B, L, F)
-            states = torch.cat([states, per_position.to(states.dtype)], dim=-1)  # (B, L, H + F)
-        return self.project(states)  # (B, L, d)
+        return self.project(_attach_user_features(states, user_features, self.n_user_features))  # (B, L, d)
 
 
 class ItemTower(nn.Module):
@@ -123,7 +219,10 @@ class TwoTower(nn.Module):
         n_items: catalog size.
         n_categories: width of the item category features (0: id embeddings only).
         dim: size of query and item vectors.
-        cell, hidden, layers, embedding_dropout, dropout: the session encoder (see SessionEncoder).
+        cell, hidden, layers, embedding_dropout, dropout: the session encoder: ``gru``/``lstm`` (see
+            SessionEncoder) or ``transformer`` (see TransformerEncoder: ``hidden`` is the feed-forward
+            width, ``layers`` the blocks).
+        heads: attention heads of the transformer (ignored by the RNNs).
         item_hidden: hidden widths of the item tower's feature MLP.
         id_dropout: see ItemTower.
         tie_embeddings: the query tower reads the item tower's id embeddings (fewer parameters,
@@ -151,8 +250,10 @@ class TwoTower(nn.Module):
                  item_hidden: Sequence[int] = (64,), id_dropout: float = 0.0, tie_embeddings: bool = True,
                  normalize: bool = False, temperature: float = 1.0, max_length: int = 50,
                  repeat_slots: int = 0, repeat_gate: bool = False, repeat_mode: str = "bonus",
-                 n_user_features: int = 0) -> None:
+                 n_user_features: int = 0, heads: int = 2) -> None:
         super().__init__()
+        if cell not in ENCODERS:
+            raise ValueError(f"model.encoder.cell must be one of {list(ENCODERS)}, got {cell!r}")
         if temperature <= 0:
             raise ValueError("model.net.temperature must be > 0")
         if repeat_slots < 0:
@@ -164,13 +265,18 @@ class TwoTower(nn.Module):
                        "item_hidden": [int(h) for h in item_hidden], "id_dropout": id_dropout,
                        "tie_embeddings": tie_embeddings, "normalize": normalize, "temperature": temperature,
                        "max_length": max_length, "repeat_slots": repeat_slots, "repeat_gate": repeat_gate, "repeat_mode": repeat_mode,
-                       "n_user_features": n_user_features}
+                       "n_user_features": n_user_features, "heads": heads}
         self.n_items, self.max_length, self.n_user_features = n_items, max_length, n_user_features
         self.normalize, self.temperature = normalize, temperature
         self.item_tower = ItemTower(n_items, dim, n_categories, item_hidden, id_dropout)
         input_embedding = self.item_tower.id_embedding if tie_embeddings else nn.Embedding(n_items, dim)
-        self.query_tower = SessionEncoder(input_embedding, dim, cell, hidden, layers, embedding_dropout, dropout,
-                                          n_user_features)
+        self.query_tower: nn.Module
+        if cell == "transformer":
+            self.query_tower = TransformerEncoder(input_embedding, dim, hidden, layers, heads, embedding_dropout,
+                                                  dropout, max_length, n_user_features)
+        else:
+            self.query_tower = SessionEncoder(input_embedding, dim, cell, hidden, layers, embedding_dropout, dropout,
+                                              n_user_features)
         self.repeat_bonus = nn.Parameter(torch.zeros(repeat_slots)) if repeat_slots else None
         if repeat_slots:
             # added to slot 0 (the last item) outside training only: a decision rule chosen on validation
