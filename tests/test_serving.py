@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -625,3 +626,28 @@ def test_batch_cli_answers_every_bad_line_and_goes_on(tt, exports, tmp_path):
     assert result.returncode == 1 and len(answers) == 3 and "1 of 3 requests answered" in result.stderr
     assert "'k' must be an integer" in answers[0]["error"] and "not UTF-8" in answers[1]["error"]
     assert len(answers[2]["items"]) == 3
+
+
+def test_oversized_headers_are_refused_and_pipelined_bodies_are_not_mistaken_for_headers(tt):
+    """httptools buffered header bytes without limit (90 MB of one header in 20 s): now 431 past 64 KiB."""
+    with serve_in_thread(tt, limits=ServiceLimits(request_timeout=10.0)) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            start = time.monotonic()
+            reply = b""
+            try:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (256 * 1024))
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # closed while the rest of the oversized headers was still on its way
+            elapsed = time.monotonic() - start
+        assert elapsed < 5, "oversized headers were buffered until the header deadline"
+        assert reply == b"" or (reply.startswith(b"HTTP/1.1 431") and b"exceed the limit" in reply)
+        # headers below the limit, and a pipelined request's large body after another request, are fine
+        assert Client(srv.port).request("GET", "/healthz", headers={"X-Big": "a" * 40_000})[0] == 200
+        body = json.dumps({"history": [], "k": 2, "id": "x" * (200 * 1024)}).encode()
+        pipelined = (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"POST /recommend HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        statuses = re.findall(rb"HTTP/1\.1 (\d+)", _raw_exchange(srv.port, pipelined))
+        assert statuses == [b"200", b"200"], statuses

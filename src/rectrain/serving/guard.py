@@ -9,7 +9,9 @@
 * :class:`HeaderDeadlineProtocol` (uvicorn's h11 protocol; ``HttpToolsDeadlineProtocol`` the same on
   httptools when installed): a connection must complete each
   request's headers within the same timeout, counted from its opening or from its previous answer;
-  uvicorn itself waits forever for headers sent one byte at a time.
+  uvicorn itself waits forever for headers sent one byte at a time. The headers may also hold at
+  most ``MAX_HEADER_BYTES`` (else 431 and the connection is closed): uvicorn's httptools protocol
+  buffers header bytes without any limit (a client sent 90 MB of one header in 20 s).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from rectrain.serving.scorer import RequestError
 
 #: bodies up to this many times the limit are read and dropped before the 413
 DRAIN_FACTOR = 8
+#: the most bytes a request line plus headers may take (h11 is given the same limit)
+MAX_HEADER_BYTES = 64 * 1024
 
 
 class ClosingRequestError(RequestError):
@@ -99,14 +103,19 @@ class _HeaderDeadline:
 
     _deadline: asyncio.TimerHandle | None = None
     _armed_cycle: Any = None
+    _header_bytes = 0  # bytes received while the armed request's headers were incomplete
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self._deadline is not None and self._headers_pending():
+            self._header_bytes += len(data)
         super().data_received(data)
         self._disarm_once_started()
+        if self._deadline is not None and self._header_bytes > MAX_HEADER_BYTES:
+            self._refuse_headers()
 
     def on_response_complete(self) -> None:
         self._arm()  # before: pipelined bytes may start the next request inside the call
@@ -119,18 +128,38 @@ class _HeaderDeadline:
 
     def _arm(self) -> None:
         self._cancel()
+        self._header_bytes = 0
         self._armed_cycle = self.cycle
         timeout = float(getattr(self.config, "header_timeout", 30.0))
         self._deadline = self.loop.call_later(timeout, self._expire)
 
+    def _headers_pending(self) -> bool:
+        """True while no request is in progress: what arrives now is the next request's line and headers.
+
+        (A pipelined request already parsed is in progress once its predecessor's answer is complete:
+        its body's bytes are not header bytes, and its time is BodyGuard's.)
+        """
+        return self.cycle is self._armed_cycle and (self.cycle is None or self.cycle.response_complete)
+
     def _disarm_once_started(self) -> None:
-        if self._deadline is not None and self.cycle is not self._armed_cycle:
+        if self._deadline is not None and not self._headers_pending():
             self._cancel()  # the headers are in: the body's time is BodyGuard's
 
     def _cancel(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
+
+    def _refuse_headers(self) -> None:
+        """431 and close: the headers passed MAX_HEADER_BYTES and are still incomplete."""
+        self._cancel()
+        if self.transport.is_closing():
+            return
+        body = (b'{"error":"request headers exceed the limit of %d bytes","status":431}' % MAX_HEADER_BYTES)
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                             b"content-type: application/json; charset=utf-8\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
 
     def _expire(self) -> None:
         self._deadline = None

@@ -27,7 +27,7 @@ import uvicorn
 from uvicorn.supervisors.multiprocess import Multiprocess
 
 from rectrain.serving.auth import admin_token
-from rectrain.serving.guard import http_protocol
+from rectrain.serving.guard import MAX_HEADER_BYTES, http_protocol
 from rectrain.serving.model import ModelLoadError
 from rectrain.serving.scorer import Scorer
 from rectrain.serving.server import ServiceLimits, create_app
@@ -44,7 +44,7 @@ def uvicorn_config(app: Any, host: str, port: int, limits: ServiceLimits, *, fac
                             lifespan="off", loop="asyncio", server_header=False, access_log=False,
                             log_config=None, log_level=log_level.lower(), timeout_keep_alive=limits.keep_alive,
                             limit_concurrency=limits.max_connections, workers=limits.workers,
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     config.header_timeout = limits.request_timeout  # type: ignore[attr-defined]  (read by the protocol)
     return config
 
