@@ -85,6 +85,15 @@ def quiet_lightning() -> None:
 
 
 # --- two-tower benches: epoch timing inside rectrain.training.train, mean ± sd ---------------------
+ENCODER_NAMES = {"gru": "GRU", "lstm": "LSTM", "transformer": "transformer"}
+
+
+def encoder_name(cfg) -> str:
+    """The query tower of a composed two-tower config, as the tables name it (GRU, LSTM, transformer)."""
+    cell = str(cfg.model.encoder.cell)
+    return ENCODER_NAMES.get(cell, cell)
+
+
 def mean_std(values: list[float], digits: int = 4) -> str:
     """``mean ± sample sd`` (just the value for a single run)."""
     import statistics

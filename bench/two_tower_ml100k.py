@@ -1,4 +1,4 @@
-"""The two-tower GRU on ml-100k beside popularity, item-kNN (and optionally the best tuned NCF model).
+"""The two-tower model (GRU or transformer query tower) on ml-100k beside popularity, item-kNN (and optionally the best tuned NCF model).
 
 Protocol (as bench/baselines_ml100k.py): leave-one-out by time (ties in file order), full ranking of
 all 1,682 items with the user's training + validation items masked, score ties broken by the lower
@@ -11,7 +11,7 @@ RecBole 1.2.1's GRU4Rec / SASRec figures (../shared/data/README.md) are under th
 computed independently (2 threads, every prefix of every sequence re-encoded as a sample).
 
     python bench/two_tower_ml100k.py [--seeds 0,1,2] [--data ../shared/data/ml-100k] [--threads 1]
-        [--experiment ml100k_two_tower] [--ncf] [--ncf-models mf,gmf,mlp,neumf] [--set KEY=VALUE ...]
+        [--experiment ml100k_two_tower | ml100k_two_tower_transformer] [--ncf] [--ncf-models mf,gmf,mlp,neumf] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from common import (  # noqa: E402
     LEAN_OVERRIDES,
     TrainEpochTimer,
     compose_train_config,
+    encoder_name,
     mean_std,
 )
 
@@ -61,6 +62,7 @@ def run_one(experiment: str, seed: int, args: argparse.Namespace, tmp: Path) -> 
     timer = TrainEpochTimer.runs[-1]
     best = results["best_checkpoint"].rsplit("/", 1)[-1].removeprefix("best-epoch").removesuffix(".ckpt")
     return {"test": results["test"], "valid": results["valid"], "seconds": time.perf_counter() - start,
+            "encoder": encoder_name(cfg),
             "epochs": results["epochs_trained"], "best": int(best) if best.isdigit() else -1,
             "epoch_s": statistics.median(timer.train_seconds) if timer.train_seconds else float("nan"),
             "valid_s": statistics.median(timer.valid_seconds) if timer.valid_seconds else float("nan")}
@@ -82,6 +84,10 @@ def baselines(args: argparse.Namespace, tmp: Path) -> dict:
     print(f"ml-100k: {data.n_users} users, {data.n_items} items, {len(data.train)} train / {len(data.valid)} valid"
           f" / {len(data.test)} test events; {queries.protocol}\n")
     return rows
+
+
+def set_label(args: argparse.Namespace) -> str:
+    return f"; --set {' '.join(args.set)}" if args.set else ""
 
 
 def main() -> None:
@@ -122,7 +128,7 @@ def main() -> None:
     if ncf:
         best_ncf = max(ncf, key=lambda m: statistics.mean(r["test"]["ndcg@10"] for r in ncf[m]))
     table = {**({f"{NCF_NAMES.get(m, m)} (experiment=ml100k_{m})": rs for m, rs in ncf.items()}),
-             f"two-tower GRU (experiment={args.experiment})": runs}
+             f"two-tower {runs[0]['encoder']} (experiment={args.experiment}{set_label(args)})": runs}
     for name, rs in table.items():
         cells = [mean_std([r["test"][k] for r in rs]) for k in METRICS]
         epochs = ", ".join(f"{r['epochs']} ({r['best']})" for r in rs)
@@ -134,6 +140,9 @@ def main() -> None:
 
     hr = [r["test"]["hr@10"] for r in runs]
     ndcg = [r["test"]["ndcg@10"] for r in runs]
+    print("\nPer seed (HR@10 / NDCG@10, train s/epoch): " + ", ".join(
+        f"seed {seed}: {r['test']['hr@10']:.4f} / {r['test']['ndcg@10']:.4f}, {r['epoch_s']:.1f} s"
+        for seed, r in zip(seeds, runs)))
     print("\nTargets (test, full ranking):")
     contenders = {name: (row["hr@10"], row["ndcg@10"]) for name, row in base.items()}
     if best_ncf is not None:
@@ -149,8 +158,11 @@ def main() -> None:
               f"({statistics.mean(hr):.4f} vs {c_hr:.4f}, {statistics.mean(ndcg):.4f} vs {c_ndcg:.4f}); "
               f"every seed: {'yes' if every else 'no'} (worst {min(hr):.4f} / {min(ndcg):.4f})")
     epoch_s = statistics.mean(r["epoch_s"] for r in runs)
+    reference = REFERENCE["RecBole SASRec (reference)" if runs[0]["encoder"] == "transformer"
+                          else "RecBole GRU4Rec (reference)"]["epoch_s"]
     print(f"- training seconds per epoch: {epoch_s:.1f} ({args.threads} thread(s), shared 2-core machine) vs "
-          f"RecBole GRU4Rec 77 (2 threads)")
+          f"RecBole {'SASRec' if runs[0]['encoder'] == 'transformer' else 'GRU4Rec'} {reference} (2 threads): "
+          f"{reference / epoch_s:.1f}x faster")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The two-tower GRU on yoochoose-clicks-100k (train_full -> test) beside popularity, item-kNN and session-kNN.
+"""The two-tower model (GRU or transformer query tower) on yoochoose-clicks-100k (train_full -> test) beside popularity, item-kNN and session-kNN.
 
 GRU4Rec's protocol: every test event after the first of its session is predicted from the session
 prefix, ranked against the full catalog (items seen in training), **nothing masked** (a quarter of the
@@ -16,7 +16,7 @@ the latest ``data.split.valid_fraction`` of training sessions) once per seed; it
 evaluated on test.tsv. Table: mean ± sample sd over seeds.
 
     python bench/two_tower_sessions.py [--seeds 0,1,2] [--data ../shared/data/yoochoose-clicks-100k]
-        [--threads 1] [--experiment yoochoose_two_tower] [--sample-recent 500] [--set KEY=VALUE ...]
+        [--threads 1] [--experiment yoochoose_two_tower | yoochoose_two_tower_transformer] [--sample-recent 500] [--set KEY=VALUE ...]
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     LEAN_OVERRIDES,
     TrainEpochTimer,
     compose_train_config,
+    encoder_name,
     mean_std,
     quiet_lightning,
 )
@@ -76,6 +77,7 @@ def run_one(seed: int, args: argparse.Namespace, tmp: Path) -> dict:
     timer = TrainEpochTimer.runs[-1]
     best = results["best_checkpoint"].rsplit("/", 1)[-1].removeprefix("best-epoch").removesuffix(".ckpt")
     return {"test": results["test"], "valid": results["valid"], "seconds": time.perf_counter() - start,
+            "encoder": encoder_name(cfg),
             "epochs": results["epochs_trained"], "best": int(best) if best.isdigit() else -1,
             "epoch_s": statistics.median(timer.train_seconds) if timer.train_seconds else float("nan")}
 
@@ -145,6 +147,10 @@ def _worker_init(threads: int) -> None:
     quiet_lightning()
 
 
+def set_label(args: argparse.Namespace) -> str:
+    return f"; --set {' '.join(args.set)}" if args.set else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -185,7 +191,7 @@ def main() -> None:
     if runs:
         cells = [mean_std([r["test"][k] for r in runs]) for k in METRICS]
         epochs = ", ".join(f"{r['epochs']} ({r['best']})" for r in runs)
-        print(f"| two-tower GRU (experiment={args.experiment}) | {' | '.join(cells)} | "
+        print(f"| two-tower {runs[0]['encoder']} (experiment={args.experiment}{set_label(args)}) | {' | '.join(cells)} | "
               f"{mean_std([r['valid']['mrr@20'] for r in runs])} | {epochs} | "
               f"{statistics.mean(r['epoch_s'] for r in runs):.1f} | {statistics.mean(r['seconds'] for r in runs):.0f} |")
 
