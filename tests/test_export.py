@@ -299,3 +299,29 @@ def test_validation_queries_rebuild_the_training_data(checkpoints):
     _, facts = load_net(checkpoints["neumf"])
     queries = validation_queries(facts)
     assert len(queries) == facts["n_users"] and queries.n_items == facts["n_items"]
+
+
+def test_transformer_query_tower_trains_exports_and_serves(tmp_path):
+    """cell=transformer end to end: train, export (parity-checked), and the torch-free scorer answers what
+    the trained net ranks."""
+    from rectrain.serving import Scorer
+    from rectrain.training import train
+    from tests.test_export_fixtures import DATA, LEAN, _compose
+
+    results = train(_compose([*DATA, "model=two_tower", "model.dim=16", "model.encoder.cell=transformer",
+                              "model.encoder.hidden=32", "model.encoder.layers=2", "model.encoder.heads=2",
+                              "model.net.max_length=20", "model.net.repeat_slots=2", *LEAN,
+                              f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"]))
+    path = tmp_path / "tf.onnx"
+    export_checkpoint(Path(results["best_checkpoint"]), path)
+    net, _ = load_net(Path(results["best_checkpoint"]))
+    assert net.config["cell"] == "transformer" and len(net.query_tower.blocks) == 2
+    scorer = Scorer.load(path, max_k=50)
+    vocab = scorer.model.item_vocab
+    history = [4, 9, 4, 17, 2]
+    answer = scorer.recommend(history=[vocab[i] for i in history], k=5, exclude_seen=False)
+    with torch.no_grad():
+        scores = net.eval()(torch.tensor([history]), torch.tensor([len(history)]))[0]
+    top = torch.topk(scores, 5)
+    assert answer["items"] == [vocab[int(i)] for i in top.indices]
+    np.testing.assert_allclose(answer["scores"], top.values.numpy(), rtol=1e-4, atol=1e-4)
