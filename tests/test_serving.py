@@ -651,3 +651,35 @@ def test_oversized_headers_are_refused_and_pipelined_bodies_are_not_mistaken_for
                      + str(len(body)).encode() + b"\r\n\r\n" + body)
         statuses = re.findall(rb"HTTP/1\.1 (\d+)", _raw_exchange(srv.port, pipelined))
         assert statuses == [b"200", b"200"], statuses
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--request-timeout", "nan"], "--request-timeout must be a finite"),  # nan closed every connection at once
+    (["--request-timeout", "inf"], "--request-timeout must be a finite"),  # inf: no trickle cut-off at all
+    (["--max-k", "0"], "--max-k must be positive"),  # every request would be refused
+    (["--max-batch", "-1"], "--max-batch must be positive"),
+    (["--admin-token", ""], "--admin-token is empty"),  # reload left open although a token was meant
+    (["--admin-token", "  "], "whitespace"),  # accepted, then no header could ever match it
+    (["--admin-token", "s3cret\n"], "whitespace"),
+])
+def test_cli_refuses_flags_that_cannot_work(exports, flags, reason):
+    env = {k: v for k, v in os.environ.items() if k != "RECTRAIN_ADMIN_TOKEN"}
+    try:  # in a subprocess: before the checks, some of these served forever
+        result = subprocess.run([PYTHON, "serve_onnx.py", "serve", str(exports["two_tower"]), "--port", "0", *flags],
+                                cwd=ROOT, capture_output=True, text=True, timeout=30, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve_onnx.py started serving with {flags}")
+    assert result.returncode == 2 and reason in result.stderr, result.stderr[-500:]
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_log_level_in_any_case_and_batch_flags(exports, tmp_path, capsys):
+    """``--log-level debug`` ended in a ValueError traceback from logging.basicConfig."""
+    from rectrain.serving.cli import build_parser, main
+
+    assert build_parser().parse_args(["serve", "m.onnx", "--log-level", "debug"]).log_level == "DEBUG"
+    requests = tmp_path / "r.jsonl"
+    requests.write_text('{"history": []}\n')
+    for flags in (["--max-k", "0"], ["--batch-size", "0"]):
+        assert main(["batch", str(exports["two_tower"]), str(requests), *flags]) == 2
+        assert "must be positive" in capsys.readouterr().err

@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -38,6 +39,7 @@ from rectrain.utils.io import atomic_path
 log = logging.getLogger("rectrain.serving")
 
 LIST_FIELDS = ("history", "exclude", "items")
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds an idle keep-alive connection stays open")
     serve.add_argument("--max-connections", type=int, default=defaults.max_connections,
                        help="concurrent connections per worker; requests beyond are answered 503")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                       help="logging level (any case)")
     batch = sub.add_parser("batch", parents=[common], help="score a JSON-lines or CSV file of requests")
     batch.add_argument("input", help="requests file (.jsonl or .csv), or - for standard input")
     batch.add_argument("--output", "-o", default="-", help="answers as JSON lines (default: standard output)")
@@ -76,11 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format="%(asctime)s %(levelname)s %(message)s")
     token = admin_token(args.admin_token) if args.command == "serve" else None
-    if args.command == "serve":
-        problem = _serve_flags_problem(args, token)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
+    problem = _serve_flags_problem(args, token) if args.command == "serve" else _batch_flags_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         scorer = Scorer.load(args.model, threads=args.threads, max_k=args.max_k,
                              **({"max_batch": args.max_batch} if args.command == "serve" else {}))
@@ -97,11 +99,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve_flags_problem(args: argparse.Namespace, token: str | None) -> str | None:
+    if args.admin_token == "":
+        return "--admin-token is empty (omit it for no token, which only a loopback bind allows)"
+    if token is not None and token != token.strip():
+        # an HTTP client cannot send surrounding whitespace in a header: such a token never matches
+        return "the admin token begins or ends with whitespace; no Authorization header could carry it"
     if not is_loopback(args.host) and token is None:
         return (f"binding {args.host} exposes /admin/reload beyond this machine; set --admin-token or "
                 f"{TOKEN_ENV} (or bind 127.0.0.1)")
-    for name in ("workers", "max_body", "max_connections", "keep_alive", "request_timeout"):
-        if getattr(args, name) <= 0:
+    if not math.isfinite(args.request_timeout):  # nan closed every connection at once; inf: no deadline
+        return f"--request-timeout must be a finite number of seconds, got {args.request_timeout}"
+    return _positive(args, ("workers", "max_body", "max_connections", "keep_alive", "request_timeout",
+                            "max_k", "max_batch"))
+
+
+def _batch_flags_problem(args: argparse.Namespace) -> str | None:
+    return _positive(args, ("max_k", "batch_size"))
+
+
+def _positive(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
+    for name in names:
+        if not getattr(args, name) > 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
     return None
 
