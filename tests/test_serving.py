@@ -683,3 +683,21 @@ def test_cli_log_level_in_any_case_and_batch_flags(exports, tmp_path, capsys):
     for flags in (["--max-k", "0"], ["--batch-size", "0"]):
         assert main(["batch", str(exports["two_tower"]), str(requests), *flags]) == 2
         assert "must be positive" in capsys.readouterr().err
+
+
+def test_batch_cli_reads_a_csv_with_a_byte_order_mark(tt, exports, tmp_path, capsys):
+    """Spreadsheet CSVs start with a UTF-8 BOM: every line was refused with "unknown field '\\ufeffhistory'"."""
+    from rectrain.serving.cli import main
+
+    vocab = tt.model.item_vocab
+    csv_in = tmp_path / "requests.csv"
+    csv_in.write_bytes(b"\xef\xbb\xbfhistory,k\r\n" + f"{vocab[0]} {vocab[1]},2\r\n,3\r\n".encode())
+    out = tmp_path / "answers.jsonl"
+    assert main(["batch", str(exports["two_tower"]), str(csv_in), "-o", str(out)]) == 0
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [len(a["items"]) for a in answers] == [2, 3] and "error" not in answers[0]
+    # an output path that is a directory: the message names it, not the temporary beside it
+    assert main(["batch", str(exports["two_tower"]), str(csv_in), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"({tmp_path})" in err and "rectrain-tmp" not in err
+    assert not [p for p in tmp_path.parent.iterdir() if "rectrain-tmp" in p.name]

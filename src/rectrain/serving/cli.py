@@ -262,14 +262,18 @@ class _Answers:
 
 
 def _open_input(path: str, fmt: str) -> Any:
-    """JSON lines as bytes (decoded line by line); CSV as text keeping undecodable bytes as surrogates."""
+    """JSON lines as bytes (decoded line by line); CSV as text keeping undecodable bytes as surrogates.
+
+    A CSV's UTF-8 byte-order mark (spreadsheet exports write one) is dropped, not read into the first
+    column's name; JSON lines drop theirs line by line (:func:`parse_json`).
+    """
     if path == "-":
         if fmt == "jsonl":
             return sys.stdin.buffer
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline="")
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8-sig", errors="surrogateescape", newline="")
     if fmt == "jsonl":
         return open(path, "rb")
-    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
 def _score_all(answers: _Answers, source: Any, fmt: str, batch_size: int) -> None:
@@ -302,8 +306,9 @@ def batch(scorer: Scorer, args: argparse.Namespace) -> int:
             with atomic_path(args.output) as tmp, open(tmp, "w", encoding="utf-8") as sink:
                 answers = _Answers(scorer, args.endpoint, sink)
                 _score_all(answers, source, fmt, args.batch_size)
-    except OSError as exc:
-        print(f"error: {exc.strerror or exc} ({getattr(exc, 'filename', None) or args.input})", file=sys.stderr)
+    except OSError as exc:  # a failed rename names its destination second: name that, not the temporary
+        where = getattr(exc, "filename2", None) or getattr(exc, "filename", None) or args.input
+        print(f"error: {exc.strerror or exc} ({where})", file=sys.stderr)
         return 2
     print(f"{answers.total - answers.failed} of {answers.total} requests answered, {answers.failed} rejected",
           file=sys.stderr)
