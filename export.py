@@ -10,6 +10,13 @@ Same `key=value` style as train.py. Keys:
   threads     torch intra-op threads while checking parity (default 1)
   segments    segments.json from segment.py (default: <ckpt stem>-segments/segments.json when present);
               a calibration.json from calibrate.py beside the checkpoint is embedded automatically
+  ann         two-tower ANN index written beside the model as <stem>.ann.faiss: auto (default: hnsw when
+              the catalog has at least ann_min_items items, else none), hnsw, ivf or none
+  ann_min_items  catalog size from which ann=auto builds an index (default 100000)
+  ann_recall  recall@10 against exact top-10 the search effort is tuned to (default 0.99)
+  ann_m, ann_ef_construction  HNSW degree and build width (default 32, 80)
+  ann_fetch   candidates fetched per query and re-scored exactly (default 100)
+              (threads also sets the faiss build threads)
 
 A thin entry point: rectrain.export.export_checkpoint does the work. Bad input ends with a one-line
 message and exit code 2; a failed parity check writes nothing.
@@ -22,12 +29,13 @@ from typing import Any
 from rectrain.cli import UsageError, parse_key_values, run_command
 
 KEYS: dict[str, Any] = {"ckpt_path": None, "output": None, "quantize": False, "opset": 17, "tolerance": 1e-5,
-                        "user_vocab": None, "threads": 1, "segments": None}
+                        "user_vocab": None, "threads": 1, "segments": None, "ann": "auto", "ann_min_items": 100_000,
+                        "ann_recall": 0.99, "ann_m": 32, "ann_ef_construction": 80, "ann_fetch": 100}
 
 
 def parse(argv: list[str]) -> dict[str, Any]:
     """``key=value`` arguments -> settings (see the module docstring)."""
-    values, _ = parse_key_values(argv, KEYS, types={"output": str, "user_vocab": str, "segments": str})
+    values, _ = parse_key_values(argv, KEYS, types={"output": str, "user_vocab": str, "segments": str, "ann": str})
     if not values["ckpt_path"]:
         raise UsageError("ckpt_path=<checkpoint> is required, e.g. "
                          "python export.py ckpt_path=outputs/two_tower/<date>/checkpoints/last.ckpt")
@@ -38,11 +46,15 @@ def export(settings: dict[str, Any]) -> str:
     import torch
 
     from rectrain.export import export_checkpoint
+    from rectrain.export.onnx_export import AnnOptions
 
     torch.set_num_threads(settings["threads"])
+    ann = AnnOptions(kind=settings["ann"] or "none", min_items=settings["ann_min_items"], recall=settings["ann_recall"],
+                     m=settings["ann_m"], ef_construction=settings["ann_ef_construction"], fetch=settings["ann_fetch"],
+                     threads=settings["threads"])
     report = export_checkpoint(settings["ckpt_path"], settings["output"], opset=settings["opset"],
                                tolerance=settings["tolerance"], quantize=settings["quantize"],
-                               user_vocab=settings["user_vocab"], segments=settings["segments"])
+                               user_vocab=settings["user_vocab"], segments=settings["segments"], ann=ann)
     return report.summary()
 
 

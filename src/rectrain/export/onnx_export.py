@@ -8,7 +8,10 @@ What is written next to ``output`` (``model.onnx`` here):
 * NCF family: ``model.onnx`` (``recommend``: user, exclude, k -> items, scores), ``model.score.onnx``
   (user, item -> scores) and ``model.user_vocab.json`` (raw user ids: personal data, never inside a
   model file; the ONNX metadata pins it by sha256);
-* with ``quantize=True`` also ``model.int8.onnx`` (dynamic int8 ``recommend`` graph).
+* with ``quantize=True`` also ``model.int8.onnx`` (dynamic int8 ``recommend`` graph);
+* two-tower with an ANN index (``ann=auto`` and at least ``ann_min_items`` items, or ``ann=hnsw|ivf``):
+  ``model.ann.faiss``, a faiss index over the item vectors, pinned by sha256 like the other
+  companions, its build and tuned search settings in ``rectrain.ann`` (:mod:`rectrain.ann`).
 
 Order of work: trace every graph (legacy TorchScript exporter, dynamic batch/length/exclusion/k axes),
 check that those axes came out symbolic, compare onnxruntime with PyTorch (:mod:`rectrain.export.parity`),
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 
 from rectrain.errors import RectrainError
+from rectrain.export.ann_index import build_for_export, choose_kind
 from rectrain.export import metadata as md
 from rectrain.export.graphs import NCF, TWO_TOWER, GraphSpec, graph_specs, model_kind
 from rectrain.export.parity import DEFAULT_TOLERANCE, ParityError, TorchReference, check_graph
@@ -61,6 +65,7 @@ class ExportReport:
         parity: graph -> parity figures (cases, max abs/rel difference, top-K positions compared).
         metadata: the ``rectrain.*`` metadata of the main file (keys without the prefix).
         quantization: float vs int8 validation metrics, or None.
+        ann: the ANN index's settings (kind, build and search parameters, measured recall), or None.
         seconds: wall time of the whole export.
     """
 
@@ -71,6 +76,7 @@ class ExportReport:
     parity: dict[str, dict[str, Any]] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     quantization: dict[str, Any] | None = None
+    ann: dict[str, Any] | None = None
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -84,6 +90,12 @@ class ExportReport:
                 line += (f", {p['topk_positions_compared']} top-k positions identical "
                          f"({p['tied_positions_skipped']} within the tolerance of a neighbour, not compared)")
             lines.append(line)
+        if self.ann:
+            a = self.ann
+            search = ", ".join(f"{k} {v}" for k, v in a["search"].items())
+            lines.append(f"  ann {a['kind']}: {a['n_items']:,} items, recall@10 {a.get('recall_at_10', float('nan')):.4f} "
+                         f"against exact ({search}, {a['fetch']} candidates re-scored), built in "
+                         f"{a['build_seconds']:.1f} s")
         if self.quantization:
             q = self.quantization
             lines.append(f"  int8: validation ndcg@{q['k']} {q['float']['ndcg@' + str(q['k'])]:.4f} -> "
@@ -101,6 +113,7 @@ def output_paths(output: str | os.PathLike[str], kind: str) -> dict[str, Path]:
     if kind == TWO_TOWER:
         paths["query"] = folder / f"{stem}.query.onnx"
         paths["item_vectors"] = folder / f"{stem}.item_vectors.onnx"
+        paths["ann_index"] = folder / f"{stem}.ann.faiss"
     else:
         paths["score"] = folder / f"{stem}.score.onnx"
         paths["user_vocab"] = folder / f"{stem}.user_vocab.json"
@@ -138,12 +151,39 @@ def check_symbolic(model: onnx.ModelProto, spec: GraphSpec) -> None:
 
 
 def _session(model: onnx.ModelProto, threads: int = 1) -> Any:
+    return ort_session(model.SerializeToString(), threads)
+
+
+def ort_session(blob: bytes, threads: int = 1) -> Any:
+    """An onnxruntime CPU session over serialised model bytes."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+
+
+@dataclass
+class AnnOptions:
+    """``export.py ann*=`` settings (see :mod:`rectrain.export.ann_index` and :mod:`rectrain.ann`).
+
+    Attributes:
+        kind: ``auto`` (HNSW for two-tower catalogs of at least ``min_items`` items), ``hnsw``, ``ivf`` or ``none``.
+        min_items: the catalog size from which ``auto`` builds an index.
+        recall: the recall@10 against exact top-10 the search effort is tuned to reach.
+        m, ef_construction: HNSW graph degree and build width.
+        fetch: candidates fetched per query and re-scored exactly (at least; exclusions add to it).
+        threads: faiss build threads.
+    """
+
+    kind: str = "auto"
+    min_items: int = 100_000
+    recall: float = 0.99
+    m: int = 32
+    ef_construction: int = 80
+    fetch: int = 100
+    threads: int = 1
 
 
 def _prepare_net(net: nn.Module) -> nn.Module:
@@ -179,7 +219,7 @@ def locate_user_vocab(facts: dict[str, Any], ckpt_path: Path | None, user_vocab:
 def export_checkpoint(ckpt_path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *,
                       opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE, quantize: bool = False,
                       user_vocab: str | os.PathLike[str] | None = None, seed: int = 0,
-                      segments: str | os.PathLike[str] | None = None) -> ExportReport:
+                      segments: str | os.PathLike[str] | None = None, ann: AnnOptions | None = None) -> ExportReport:
     """Export a rectrain checkpoint to ONNX (see the module docstring for the files written).
 
     Args:
@@ -196,6 +236,8 @@ def export_checkpoint(ckpt_path: str | os.PathLike[str], output: str | os.PathLi
             into the metadata so the scorer answers a history's segment; for NCF the segment of
             every user index is precomputed. A ``calibration.json`` beside the checkpoint (from
             ``calibrate.py``) is embedded the same way.
+        ann: the ANN index settings (default :class:`AnnOptions`: an HNSW index for two-tower
+            catalogs of at least 100,000 items, exact scoring below).
 
     Raises:
         ExportError: parity fails, an axis froze, the user vocabulary is missing or does not match.
@@ -210,7 +252,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike[str], output: str | os.PathLi
     output = Path(output) if output else ckpt_path.with_suffix(".onnx")
     return export_model(net, facts, output, opset=opset, tolerance=tolerance, quantize=quantize,
                         validation=md.validation_metrics(ckpt, ckpt_path), ckpt_path=ckpt_path,
-                        user_vocab=user_vocab, seed=seed)
+                        user_vocab=user_vocab, seed=seed, ann=ann)
 
 
 def _analytics_facts(ckpt_path: Path, ckpt: dict[str, Any], net: nn.Module,
@@ -252,7 +294,8 @@ def _analytics_facts(ckpt_path: Path, ckpt: dict[str, Any], net: nn.Module,
 def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLike[str], *,
                  opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE, quantize: bool = False,
                  validation: dict[str, Any] | None = None, ckpt_path: Path | None = None,
-                 user_vocab: str | os.PathLike[str] | None = None, seed: int = 0) -> ExportReport:
+                 user_vocab: str | os.PathLike[str] | None = None, seed: int = 0,
+                 ann: AnnOptions | None = None) -> ExportReport:
     """Export a plain net with its checkpoint facts (``ckpt["rectrain"]``); see :func:`export_checkpoint`."""
     started = time.perf_counter()
     net = _prepare_net(net)
@@ -273,6 +316,10 @@ def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLik
     common = md.common_metadata(facts, kind, opset=opset, validation=validation or {"source": "none recorded", "metrics": {}},
                                 user_vocab=user_vocab_ref, checkpoint_sha256=checkpoint_sha)
     max_length = int(net.max_length) if kind == TWO_TOWER else None
+    ann = ann or AnnOptions()
+    ann_kind = choose_kind(ann.kind, kind=kind, n_items=int(facts.get("n_items") or getattr(net, "n_items", 0)),
+                           min_items=ann.min_items, repeat_mode=getattr(net, "repeat_mode", None)
+                           if getattr(net, "repeat_bonus", None) is not None else None)
 
     # trace and compare every graph before anything is written
     specs = graph_specs(net)
@@ -297,7 +344,20 @@ def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLik
         staged_bytes[spec.name] = models[spec.name].SerializeToString()
         _same_answers(checked[spec.name], staged_bytes[spec.name], spec)
         refs[spec.name] = {"file": paths[spec.name].name, "sha256": _sha256(staged_bytes[spec.name])}
-    main_meta = {**common, **md.graph_metadata(main, report.parity[main.name]), "companions": md.to_json(refs)}
+    ann_meta: dict[str, str] = {}
+    if ann_kind is not None:
+        index = build_for_export(
+            ort_session(staged_bytes["query"]), ort_session(staged_bytes["item_vectors"]), kind=ann_kind,
+            n_items=int(net.n_items), popularity=np.asarray(facts.get("item_popularity") or np.zeros(net.n_items)),
+            max_length=int(max_length or 1), user_width=int(getattr(net, "n_user_features", 0) or 0),
+            target_recall=ann.recall, m=ann.m, ef_construction=ann.ef_construction, fetch=ann.fetch,
+            threads=ann.threads, seed=seed)
+        staged_bytes["ann_index"] = index.to_bytes()
+        refs["ann_index"] = {"file": paths["ann_index"].name, "sha256": _sha256(staged_bytes["ann_index"])}
+        report.ann = index.settings
+        ann_meta["ann"] = md.to_json(index.settings)
+    main_meta = {**common, **md.graph_metadata(main, report.parity[main.name]), "companions": md.to_json(refs),
+                 **ann_meta}
     _finish(models[main.name], main_meta, main)
     staged_bytes[main.name] = models[main.name].SerializeToString()
     _same_answers(checked[main.name], staged_bytes[main.name], main)

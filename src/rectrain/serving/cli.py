@@ -4,6 +4,9 @@
         [--admin-token T] [--max-body 1048576] [--request-timeout 30] [--keep-alive 5] [--max-connections 256]
     python serve_onnx.py batch model.onnx requests.jsonl [--output answers.jsonl] [--endpoint recommend]
 
+Both use the export's ANN index when it has one (``export.py ann=...``); ``--exact`` scores the whole
+catalog instead.
+
 ``serve`` binds 127.0.0.1 by default; any other address needs an admin token (``--admin-token`` or
 ``RECTRAIN_ADMIN_TOKEN``) for ``/admin/reload``, else it refuses to start (exit 2). SIGHUP reloads
 the model file set (a broken one is rejected and the old model keeps serving).
@@ -12,7 +15,8 @@ Batch input is JSON lines (one request object per line, as the HTTP body) or CSV
 ``--format csv``) with a header naming request fields; list fields (``history``, ``exclude``,
 ``items``) hold space-separated ids. Output is JSON lines, one answer per input line in order, each
 with its ``line`` number; a bad line (not UTF-8, malformed JSON, a field the scorer refuses) gets
-``{"line": n, "error": reason}`` and the rest go on. The output file is written under a temporary
+``{"line": n, "error": reason}`` and the rest go on. Input and output stream (memory does not grow
+with the file); the closing line on standard error gives the requests/s. The output file is written under a temporary
 name and renamed when complete. Exit status: 0 all lines answered, 1 some lines rejected (their
 count on standard error), 2 the model or the input cannot be read, or ``serve`` refuses its flags.
 """
@@ -27,6 +31,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from typing import Any, BinaryIO, Iterator, TextIO
 
 from rectrain.serving.auth import TOKEN_ENV, admin_token, is_loopback
@@ -49,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("model", help="the main .onnx file written by export.py")
     common.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     common.add_argument("--max-k", type=int, default=DEFAULT_MAX_K, help="largest k a request may ask for")
+    common.add_argument("--exact", action="store_true",
+                        help="score the whole catalog for every request even when the export has an ANN index")
     defaults = ServiceLimits()
     serve = sub.add_parser("serve", parents=[common], help="HTTP JSON service")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        scorer = Scorer.load(args.model, threads=args.threads, max_k=args.max_k,
+        scorer = Scorer.load(args.model, threads=args.threads, max_k=args.max_k, exact=args.exact,
                              **({"max_batch": args.max_batch} if args.command == "serve" else {}))
     except ModelLoadError as exc:
         print(f"error: cannot serve {args.model}: {exc}", file=sys.stderr)
@@ -292,6 +299,7 @@ def batch(scorer: Scorer, args: argparse.Namespace) -> int:
     The output file is written under a temporary name and renamed when complete: a reader never
     sees half of it, and a failed run leaves any previous answers file as it was.
     """
+    started = time.perf_counter()
     fmt = args.format or ("csv" if str(args.input).lower().endswith(".csv") else "jsonl")
     try:
         source = _open_input(args.input, fmt)
@@ -310,6 +318,9 @@ def batch(scorer: Scorer, args: argparse.Namespace) -> int:
         where = getattr(exc, "filename2", None) or getattr(exc, "filename", None) or args.input
         print(f"error: {exc.strerror or exc} ({where})", file=sys.stderr)
         return 2
-    print(f"{answers.total - answers.failed} of {answers.total} requests answered, {answers.failed} rejected",
+    seconds = time.perf_counter() - started
+    retrieval = "ann" if scorer.model.ann is not None and not scorer.exact else "exact"
+    print(f"{answers.total - answers.failed} of {answers.total} requests answered, {answers.failed} rejected; "
+          f"{answers.total / max(seconds, 1e-9):,.0f} requests/s ({seconds:.1f} s, {retrieval} retrieval)",
           file=sys.stderr)
     return 1 if answers.failed else 0

@@ -2,11 +2,12 @@
 
 :meth:`OnnxModel.load` reads the file once (the sha256 is of exactly the bytes loaded), checks its
 ``rectrain.*`` metadata and graph signature, maps the vocabularies, opens the companion graphs it
-pins by sha256 (``score`` for NCF, ``query`` and ``item_vectors`` for two-tower) and the NCF user vocabulary
-sidecar, and runs a self-check. A file that fails any of these raises :class:`ModelLoadError`; a
+pins by sha256 (``score`` for NCF, ``query`` and ``item_vectors`` for two-tower, and a two-tower
+export's faiss ANN index when it has one) and the NCF user vocabulary sidecar, and runs a self-check. A file that fails any of these raises :class:`ModelLoadError`; a
 service that is reloading keeps its old model.
 
-Only numpy, onnxruntime and the standard library are imported here.
+Only numpy, onnxruntime, faiss (through :mod:`rectrain.ann`, when a file pins an index) and the
+standard library are imported here.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from rectrain.ann import AnnError, AnnIndex
 from rectrain.features import UserFeatureEncoder
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,9 @@ class OnnxModel:
         repeat_bonus: two-tower learned constant bonus per recency slot for items already in the
             history (None: the model has none); the recommend graph applies it, ``/score`` adds the
             query graph's per-query ``repeat_bonus`` output.
+        ann: two-tower faiss index over ``item_vectors`` (None: the export wrote none, or it was
+            not found, which ``warnings`` says); the scorer retrieves candidates with it and
+            re-scores them exactly.
     """
 
     path: Path
@@ -110,6 +115,7 @@ class OnnxModel:
     user_segments: np.ndarray | None = None  # NCF: (n_users,) segment per user index
     calibration: dict[str, Any] | None = None  # {"a", "b", ...}: p = sigmoid(a * score + b)
     missing: list[str] = field(default_factory=list)  # files the main file pins that were not found
+    ann: AnnIndex | None = None
 
     @property
     def n_items(self) -> int:
@@ -252,6 +258,28 @@ class OnnxModel:
         # the catalog's vectors, read once: a score request is then one query call and a dot product
         (vectors,) = sessions["item_vectors"].run(["item_vectors"], {"items": np.arange(self.n_items, dtype=np.int64)})
         self.item_vectors = vectors
+        if "ann_index" in companions:
+            self._load_ann(companions["ann_index"], threads)
+
+    def _load_ann(self, ref: dict[str, Any], threads: int) -> None:
+        """The pinned faiss index: absent -> exact scoring with a warning; different or unreadable -> refused."""
+        blob = self._companion_bytes("ann_index", ref)
+        if blob is None:
+            self.warnings[-1] = (f"ANN index {Path(str(ref.get('file'))).name} not found: recommendations are "
+                                 "scored exactly over the whole catalog")
+            return
+        settings = _json_meta(self.meta, "ann", self.path)
+        try:
+            index = AnnIndex.from_bytes(blob, settings)
+        except AnnError as exc:
+            raise ModelLoadError(f"{Path(str(ref.get('file'))).name}: {exc}") from exc
+        if self.item_vectors is None or index.settings.get("dim") != self.item_vectors.shape[1]:
+            raise ModelLoadError(f"{Path(str(ref.get('file'))).name}: index width {index.index.d} does not fit "
+                                 "the item vectors")
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, int(threads)))  # a search of a batch uses the service's thread budget
+        self.ann = index
 
     def _load_user_vocab(self) -> None:
         ref = _json_meta(self.meta, "user_vocab", self.path) or {}
@@ -315,6 +343,7 @@ class OnnxModel:
                 out[key] = value
         out.update(file=self.path.name, sha256=self.sha256, loaded_at=self.loaded_at,
                    score_available=self.score_session is not None,
+                   retrieval="ann" if self.ann is not None else "exact",
                    user_vocab_loaded=self.user_index is not None if self.kind == "ncf" else None,
                    warnings=list(self.warnings))
         return out

@@ -22,6 +22,14 @@ unknown user) is answered from training popularity with ``"cold_start": true`` a
 ``cold_start_reason``; scores are then popularity counts. ``k`` must be an integer in
 ``1..max_k``; a list holds fewer than ``k`` items only when the catalog minus exclusions is smaller.
 Any violation raises :class:`RequestError` (an HTTP 4xx with the reason).
+
+Retrieval: a two-tower export with a faiss index (``export.py ann=...``) answers ``recommend`` by
+searching the index for candidates (at least the tuned ``fetch``, twice ``k``, plus the request's
+exclusions), adding the history items (the repeat bonus can lift them), re-scoring all of them
+exactly as the recommend graph does and keeping the top ``k``; answers then say
+``"retrieval": "ann"``. A request whose exclusions swallow the candidates is searched again with
+four times the candidates, and after that answered exactly (``"retrieval": "exact"``), so it still
+gets ``k`` items. ``Scorer(exact=True)`` (``serve_onnx.py --exact``) always scores exactly.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rectrain.ann import rerank
 from rectrain.serving.model import ModelLoadError, OnnxModel
 
 log = logging.getLogger(__name__)
@@ -41,6 +50,7 @@ DEFAULT_K = 10
 DEFAULT_MAX_K = 1000
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_MAX_SCORE_ITEMS = 10_000
+EXACT_SCORES_PER_CALL = 1 << 25  # 128 MB of float32 scores per recommend-graph call
 
 FIELDS = {
     ("recommend", "two_tower"): ({"history"}, {"id", "history", "k", "exclude", "exclude_seen", "user_features"}),
@@ -104,6 +114,7 @@ class Scorer:
         max_k: the largest ``k`` a request may ask for (larger: RequestError, HTTP 400).
         max_batch: the most requests in one batch call.
         max_score_items: the most candidate items in one score request.
+        exact: never use the model's ANN index (score the whole catalog with the recommend graph).
 
     Example::
 
@@ -113,15 +124,16 @@ class Scorer:
     """
 
     def __init__(self, model: OnnxModel, *, max_k: int = DEFAULT_MAX_K, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_score_items: int = DEFAULT_MAX_SCORE_ITEMS, threads: int = 1) -> None:
+                 max_score_items: int = DEFAULT_MAX_SCORE_ITEMS, threads: int = 1, exact: bool = False) -> None:
         self._model = model
+        self.exact = exact
         self.max_k, self.max_batch, self.max_score_items, self.threads = max_k, max_batch, max_score_items, threads
         self._reload_lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, *, threads: int = 1, **limits: Any) -> "Scorer":
+    def load(cls, path: str | Path, *, threads: int = 1, exact: bool = False, **limits: Any) -> "Scorer":
         """Load ``path`` (raises ModelLoadError) with ``threads`` onnxruntime intra-op threads."""
-        return cls(OnnxModel.load(path, threads=threads), threads=threads, **limits)
+        return cls(OnnxModel.load(path, threads=threads), threads=threads, exact=exact, **limits)
 
     @property
     def model(self) -> OnnxModel:
@@ -145,6 +157,8 @@ class Scorer:
                 raise ModelLoadError(f"{new.path.name}: a {new.kind} model cannot replace the serving {old.kind} "
                                      "model (the request format would change); restart the service instead")
             lost = sorted(set(new.missing) - set(old.missing))
+            if new.ann is None and "ann" in new.meta and not self.exact:
+                lost = sorted({*lost, *new.missing})  # graph and index are swapped together, or not at all
             if lost:
                 raise ModelLoadError(f"{new.path.name}: {', '.join(lost)} (pinned by it) not found; the serving "
                                      "model has it, so the new set is incomplete")
@@ -172,8 +186,11 @@ class Scorer:
 
     def describe(self) -> dict[str, Any]:
         model = self._model
-        return {**model.describe(), "limits": {"max_k": self.max_k, "max_batch": self.max_batch,
-                                               "max_score_items": self.max_score_items, "threads": self.threads}}
+        described = model.describe()
+        if self.exact:
+            described["retrieval"] = "exact (--exact)"
+        return {**described, "limits": {"max_k": self.max_k, "max_batch": self.max_batch,
+                                        "max_score_items": self.max_score_items, "threads": self.threads}}
 
     # --- validation -----------------------------------------------------------------------------
     def _check_batch(self, requests: Sequence[Any]) -> None:
@@ -337,11 +354,7 @@ class Scorer:
         if model.kind == "two_tower":
             if model.score_session is None:
                 return out
-            length = max(len(queries[i].history) for i in warm)
-            history = np.zeros((len(warm), length), dtype=np.int64)
-            for r, i in enumerate(warm):
-                history[r, :len(queries[i].history)] = queries[i].history
-            lengths = np.array([len(queries[i].history) for i in warm], np.int64)
+            history, lengths = self._histories([queries[i] for i in warm])
             feed = self._with_user_features({"history": history, "lengths": lengths}, [queries[i] for i in warm], model)
             (vectors,) = model.score_session.run(["query"], feed)
             for i, s in zip(warm, model.segment_of_vectors(vectors).tolist()):
@@ -351,29 +364,99 @@ class Scorer:
                 out[i] = int(model.user_segments[queries[i].user])
         return out
 
-    def _recommend_rows(self, queries: list[Query], model: OnnxModel) -> list[dict[str, Any]]:
-        width = max(len(q.exclude) for q in queries)
-        exclude = np.full((len(queries), width), -1, dtype=np.int64)
+    @staticmethod
+    def _histories(queries: Sequence[Query]) -> tuple[np.ndarray, np.ndarray]:
+        """(B, L) right-padded histories (item 0 as padding) and (B,) lengths."""
+        length = max(len(q.history) for q in queries)
+        history = np.zeros((len(queries), length), dtype=np.int64)
+        for r, q in enumerate(queries):
+            history[r, :len(q.history)] = q.history
+        return history, np.array([len(q.history) for q in queries], np.int64)
+
+    @staticmethod
+    def _exclusions(queries: Sequence[Query]) -> np.ndarray:
+        """(B, E) excluded item indices, -1 padded."""
+        exclude = np.full((len(queries), max(len(q.exclude) for q in queries)), -1, dtype=np.int64)
         for r, q in enumerate(queries):
             exclude[r, :len(q.exclude)] = q.exclude
-        feed: dict[str, np.ndarray] = {"exclude": exclude, "k": np.array(max(q.k for q in queries), np.int64)}
+        return exclude
+
+    def _recommend_rows(self, queries: list[Query], model: OnnxModel) -> list[dict[str, Any]]:
+        if model.ann is not None and not self.exact and model.kind == "two_tower" and model.repeat_mode != "mixture":
+            return self._recommend_rows_ann(queries, model)
+        return self._recommend_rows_exact(queries, model)
+
+    def _recommend_rows_ann(self, queries: list[Query], model: OnnxModel) -> list[dict[str, Any]]:
+        """Index candidates re-scored exactly (see the module docstring); short rows retried, then exact."""
+        ann, vectors = model.ann, model.item_vectors
+        assert ann is not None and vectors is not None and model.score_session is not None
+        history, lengths = self._histories(queries)
+        feed = self._with_user_features({"history": history, "lengths": lengths}, queries, model)
+        names = ["query"] + (["repeat_bonus"] if model.repeat_bonus is not None else [])
+        outputs = model.score_session.run(names, feed)
+        query_vectors = outputs[0]
+        positions = np.arange(history.shape[1])[None, :]
+        real = positions < lengths[:, None]
+        seen = np.where(real, history, -1)  # (B, L): history items, candidates of their own
+        per_position = None
+        if len(outputs) > 1 and outputs[1].shape[1]:
+            slots = outputs[1]  # (B, R) slot values; slot = positions back from the last item, capped
+            back = np.clip(lengths[:, None] - 1 - positions, 0, slots.shape[1] - 1)
+            per_position = np.where(real, np.take_along_axis(slots, back, 1), 0.0).astype(np.float32)
+        exclude = self._exclusions(queries)
+        ks = np.array([q.k for q in queries])
+        wanted = np.minimum(ks, model.n_items - np.array([len(q.exclude) for q in queries]))
+        answers: list[dict[str, Any] | None] = [None] * len(queries)
+        todo = np.arange(len(queries))
+        fetch = max(ann.fetch, 2 * int(ks.max())) + exclude.shape[1]
+        while len(todo) and fetch < model.n_items:
+            candidates = np.concatenate([ann.search(query_vectors[todo], fetch), seen[todo]], axis=1)
+            bonus = None
+            if per_position is not None:
+                rows_seen, rows_values = seen[todo], per_position[todo]
+
+                def bonus(c: np.ndarray) -> np.ndarray:
+                    return ((c[:, :, None] == rows_seen[:, None, :]) * rows_values[:, None, :]).sum(-1)
+            items, scores = rerank(candidates, query_vectors[todo], vectors, int(ks[todo].max()), bonus,
+                                   exclude[todo])
+            found = (items >= 0).sum(1)
+            for row, r in enumerate(todo.tolist()):
+                if found[row] >= wanted[r]:
+                    answers[r] = self._answer(items[row, :ks[r]], scores[row, :ks[r]], model, "ann")
+            todo = np.array([r for r in todo.tolist() if answers[r] is None], dtype=np.int64)
+            fetch *= 4
+        if len(todo):  # exclusions swallowed every candidate the index offered: the whole catalog, exactly
+            exact = self._recommend_rows_exact([queries[r] for r in todo.tolist()], model)
+            for r, answer in zip(todo.tolist(), exact):
+                answers[r] = {**answer, "retrieval": "exact"}
+        return answers  # type: ignore[return-value]
+
+    @staticmethod
+    def _answer(items: np.ndarray, scores: np.ndarray, model: OnnxModel, retrieval: str | None = None
+                ) -> dict[str, Any]:
+        keep = items >= 0  # -1 marks "fewer allowed items than k"
+        answer = {"items": [model.item_vocab[i] for i in items[keep].tolist()], "scores": scores[keep].tolist(),
+                  "cold_start": False, "score_kind": "model"}
+        if retrieval is not None:
+            answer["retrieval"] = retrieval
+        return answer
+
+    def _recommend_rows_exact(self, queries: list[Query], model: OnnxModel) -> list[dict[str, Any]]:
+        """The recommend graph over the whole catalog, in calls of at most ``EXACT_SCORES_PER_CALL``
+        scores (a batch of 1,024 requests over 5M items would otherwise hold 20 GB of scores)."""
+        rows = max(1, EXACT_SCORES_PER_CALL // max(model.n_items, 1))
+        if len(queries) > rows:
+            return [a for i in range(0, len(queries), rows) for a in self._recommend_rows_exact(queries[i:i + rows], model)]
+        feed: dict[str, np.ndarray] = {"exclude": self._exclusions(queries),
+                                       "k": np.array(max(q.k for q in queries), np.int64)}
         if model.kind == "two_tower":
-            length = max(len(q.history) for q in queries)
-            history = np.zeros((len(queries), length), dtype=np.int64)  # right-padded with item 0
-            for r, q in enumerate(queries):
-                history[r, :len(q.history)] = q.history
-            feed["history"], feed["lengths"] = history, np.array([len(q.history) for q in queries], np.int64)
+            feed["history"], feed["lengths"] = self._histories(queries)
             self._with_user_features(feed, queries, model)
         else:
             feed["user"] = np.array([q.user for q in queries], dtype=np.int64)
         items, scores = model.run_recommend(feed)
-        answers = []
-        for r, q in enumerate(queries):
-            row_items, row_scores = items[r, :q.k], scores[r, :q.k]
-            keep = row_items >= 0  # -1 marks "fewer allowed items than k"
-            answers.append({"items": [model.item_vocab[i] for i in row_items[keep].tolist()],
-                            "scores": row_scores[keep].tolist(), "cold_start": False, "score_kind": "model"})
-        return answers
+        retrieval = "exact" if model.ann is not None else None
+        return [self._answer(items[r, :q.k], scores[r, :q.k], model, retrieval) for r, q in enumerate(queries)]
 
     def _cold_start(self, q: Query, model: OnnxModel) -> dict[str, Any]:
         if q.endpoint == "score":
