@@ -21,12 +21,13 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from rectrain.config_checks import check_constructor_args, resolve_target
 from rectrain.errors import ConfigError, RectrainError
 from rectrain.evaluation.ranking import format_table
+from rectrain.privacy import NO_PRIVACY
 from rectrain.tasks.callbacks import RandomStateCheckpoint, SafeCheckpointIO
 from rectrain.utils.io import remove_stale_temporaries, stable_hash, write_json_atomic, write_text_atomic
 
@@ -82,6 +83,42 @@ def build_net_and_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
     return build(task_cfg, net=net)
 
 
+def enable_privacy(cfg: DictConfig, datamodule: Any, task: pl.LightningModule) -> Any:
+    """``privacy=dp``: check that the run can be made user-level DP and attach the privacy state.
+
+    Returns the :class:`rectrain.privacy.UserLevelDP` now on ``task.privacy`` (None for ``privacy=none``).
+
+    Raises:
+        ConfigError: DDP, settings that read other users' data in a user's record, a layer Opacus
+            cannot train, or an epsilon that cannot be reached in ``trainer.max_epochs``.
+    """
+    block = cfg.get("privacy")
+    if not block or not block.get("_target_"):
+        return None
+    strategy, devices = str(cfg.trainer.get("strategy", "auto")), cfg.trainer.get("devices", 1)
+    if "ddp" in strategy or (isinstance(devices, int) and devices > 1) or str(devices) == "-1":
+        raise ConfigError("trainer.strategy", "privacy=dp trains on one device: Poisson sampling of users, "
+                          "per-user clipping and noise are not split across DDP ranks here; use trainer=cpu or gpu")
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        raise ConfigError("privacy", 'privacy=dp needs Opacus: pip install -e ".[privacy]"') from None
+    from rectrain.privacy import UserLevelDP, make_dp_compatible
+
+    values = OmegaConf.to_container(block, resolve=True)
+    check_constructor_args(values["_target_"], values, "privacy")
+    settings = build(block)
+    task.check_privacy()
+    make_dp_compatible(task.net)
+    n_users = len(datamodule.member_users())
+    task.privacy = UserLevelDP(settings, n_users, cfg.trainer.get("max_epochs"))
+    plan = task.privacy.plan
+    log.info("privacy: user-level (%.3g, %.3g)-DP over %d users, noise multiplier %.3f, sampling rate %.4f, "
+             "%d steps", settings.epsilon, plan["delta"], n_users, plan["noise_multiplier"], plan["sample_rate"],
+             plan["planned_steps"])
+    return task.privacy
+
+
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     """Hyperparameters for TensorBoard's hparams tab: the model, data and trainer settings that
     distinguish runs of a sweep, flattened to ``a/b/c`` keys with scalar values."""
@@ -101,7 +138,7 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
         elif isinstance(node, (int, float, str, bool)) or node is None:
             out[prefix.rstrip("/")] = "None" if node is None else node
 
-    for section in ("model", "data"):
+    for section in ("model", "data", "privacy"):
         walk(f"{section}/", container.get(section, {}))
     for key in ("max_epochs", "precision", "accelerator", "devices", "strategy"):
         if key in container.get("trainer", {}):
@@ -158,8 +195,13 @@ def train(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
 
     task = build_net_and_task(cfg, datamodule)
     task.run_config = OmegaConf.to_container(cfg, resolve=True)
+    privacy = enable_privacy(cfg, datamodule, task)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if privacy is not None:
+        # the noise is calibrated for every configured epoch, and choosing when to stop on the users'
+        # validation events would be a use of their data outside the accounting
+        callbacks = [c for c in callbacks if not isinstance(c, EarlyStopping)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     if not loggers:  # nothing to write learning rates to (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -176,6 +218,10 @@ def train(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
     safe = pinned_weights_only(trainer)
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), **safe)
     best_path = checkpoint_cb.best_model_path if checkpoint_cb else ""
+    if privacy is not None and checkpoint_cb is not None:
+        # DP: the model is the last one (what the accountant's budget covers); a checkpoint chosen on
+        # validation events would reveal more about those users than the accounting says
+        best_path = checkpoint_cb.last_model_path or best_path
     valid_metrics = dict(task.final_metrics.get("valid", {}))
     if best_path and checkpoint_cb.best_model_score is not None:
         # re-evaluate the best checkpoint on validation so the reported figures are the best model's
@@ -198,6 +244,7 @@ def train(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
         "data_fingerprint": data.fingerprint,
         "valid": {k.removeprefix("val/"): v for k, v in valid_metrics.items()},
         "test": {k.removeprefix("test/"): v for k, v in test_metrics.items()},
+        "privacy": privacy.report() if privacy is not None else dict(NO_PRIVACY),
         **(extra or {}),
     }
     if trainer.global_rank == 0:

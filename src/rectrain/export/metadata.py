@@ -86,6 +86,8 @@ def common_metadata(facts: dict[str, Any], kind: str, *, opset: int, validation:
         "version": str(facts.get("rectrain_version", "")),
         "export_version": rectrain.__version__,
         "checkpoint_sha256": checkpoint_sha256 or "",
+        # the differential-privacy guarantee the weights were trained under (privacy=dp), or none
+        "privacy": to_json(facts.get("privacy") or {"mechanism": "none", "differential_privacy": False}),
     }
     if facts.get("segments"):
         meta["segments"] = to_json(facts["segments"])

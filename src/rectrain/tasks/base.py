@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import nn
 
 import rectrain
+from rectrain.data.records import UserRecordSpec
+from rectrain.errors import ConfigError
 from rectrain.evaluation.queries import RankingQueries
 from rectrain.evaluation.ranking import RankingResult, evaluate_ranking
 
@@ -63,6 +65,8 @@ class RankingTask(pl.LightningModule):
         self.seed = seed
         self._eval_results: list[RankingResult] = []
         self.final_metrics: dict[str, dict[str, float]] = {}
+        # set by rectrain.training for privacy=dp (a rectrain.privacy.UserLevelDP); None: ordinary training
+        self.privacy: Any = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets this one string attribute around every hook call, about 30 times a step;
@@ -86,11 +90,30 @@ class RankingTask(pl.LightningModule):
         """(mean loss, number of examples) of one training batch."""
         raise NotImplementedError
 
+    def record_loss(self, record: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar loss of one user's record (a row of ``rectrain.data.records`` batches, no batch dim).
+
+        Called under ``torch.func.vmap`` for user-level DP: no data-dependent shapes (mask with
+        weights, never index with a boolean mask).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot train with user-level DP")
+
+    def check_privacy(self) -> None:
+        """Raise a ConfigError for settings that would read other users' data inside a user's record."""
+        if self.gradient_clip:
+            raise ConfigError("model.gradient_clip", "privacy=dp clips each user's gradient (privacy.max_grad_norm); "
+                              "leave model.gradient_clip null")
+
     # --- training -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
-            datamodule.train_spec = self.train_spec
+            spec = self.train_spec
+            if self.privacy is not None:  # one row per user, Poisson-sampled (rectrain.data.records)
+                settings = self.privacy.settings
+                spec = UserRecordSpec(spec, self.privacy.sample_rate, settings.events_per_user,
+                                      settings.windows_per_user)
+            datamodule.train_spec = spec
 
     def on_train_epoch_start(self) -> None:
         # Same randomness per epoch whether or not the run was resumed: the batches are seeded by
@@ -116,6 +139,8 @@ class RankingTask(pl.LightningModule):
             self.log("train/loss_step", loss, prog_bar=True, on_step=True, on_epoch=False)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.privacy is not None:
+            return self._private_step(batch)
         loss, n = self.compute_loss(batch)
         self.track_loss(loss, n)
         optimizer = self.optimizers()
@@ -126,7 +151,25 @@ class RankingTask(pl.LightningModule):
         optimizer.step()
         return loss
 
+    def _private_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """DP-SGD step: per-user gradients (torch.func), then Opacus's DPOptimizer clips each user's,
+        sums, adds noise, divides by the expected users per step and counts the step in the accountant."""
+        from rectrain.privacy import per_user_gradients
+
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        grads, losses = per_user_gradients(self.net, self.record_loss, batch)
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                param.grad_sample = grads[name]
+        loss = losses.mean() if losses.numel() else torch.zeros((), device=self.device)
+        self.track_loss(loss, int(losses.numel()))
+        optimizer.step()
+        return loss
+
     def on_train_epoch_end(self) -> None:
+        if self.privacy is not None:
+            self.log("privacy/epsilon", self.privacy.epsilon_spent(), prog_bar=True, on_step=False, on_epoch=True)
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -144,6 +187,8 @@ class RankingTask(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
+        if self.privacy is not None:
+            optimizer = self.privacy.wrap_optimizer(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer),
@@ -213,7 +258,26 @@ class RankingTask(pl.LightningModule):
         run_config = getattr(self, "run_config", None)
         if run_config is not None:
             facts["config"] = run_config
+        if self.privacy is not None:
+            from rectrain.privacy import dp_layer_aliases
+
+            facts["privacy"] = self.privacy.report()
+            facts["privacy_state"] = self.privacy.state()
+            for cell_key, _ in dp_layer_aliases(self.net):  # the plain GRU/LSTM names stay
+                checkpoint.get("state_dict", {}).pop(cell_key, None)
         checkpoint["rectrain"] = facts
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # resuming a DP run: the accountant continues from the steps already spent
+        state = (checkpoint.get("rectrain") or {}).get("privacy_state")
+        if self.privacy is not None and state is not None:
+            from rectrain.privacy import dp_layer_aliases
+
+            self.privacy.load_state(state)
+            weights = checkpoint.get("state_dict", {})
+            for cell_key, rnn_key in dp_layer_aliases(self.net):
+                if rnn_key in weights:
+                    weights.setdefault(cell_key, weights[rnn_key])
 
 
 def data_facts(datamodule: Any) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from rectrain.data.batching import (
     positive_keys,
     sequence_windows,
 )
+from rectrain.data.records import PointwiseUserRecords, SequenceUserRecords, UserRecordSpec
 from rectrain.data.dataset import PreparedData, SplitConfig, load_or_prepare
 from rectrain.data.preprocess import PreprocessConfig
 from rectrain.errors import ConfigError
@@ -101,12 +102,16 @@ class RecDataModule(pl.LightningDataModule):
         user_features: user attributes (columns of the log's user table, e.g. ``[age, gender,
             occupation]`` for MovieLens, ``[age, region]`` for the synthetic data) fed to models
             that read user-side features (the two-tower query tower). None: none.
+        train_user_fraction: train on the events of a seeded random share of the users only; the
+            others stay in the vocabulary and evaluation but are never trained on (held-out users,
+            what a membership-inference audit compares against: bench/privacy.py). 1: everyone.
     """
 
     def __init__(self, source: Any, preprocess: Mapping[str, Any] | None = None,
                  split: Mapping[str, Any] | None = None, cache_dir: str | None = None, batch_size: int = 1024,
                  eval_batch_size: int = 256, seed: int = 0, prefetch: int = 0,
-                 user_features: list[str] | tuple[str, ...] | None = None, verify_cache: bool = False) -> None:
+                 user_features: list[str] | tuple[str, ...] | None = None, verify_cache: bool = False,
+                 train_user_fraction: float = 1.0) -> None:
         super().__init__()
         self.source = source
         self.preprocess = dataclass_from_config(PreprocessConfig, preprocess, "data.preprocess")
@@ -119,6 +124,9 @@ class RecDataModule(pl.LightningDataModule):
         if prefetch < 0:
             raise ConfigError("data.prefetch", f"must be >= 0, got {prefetch}")
         self.batch_size, self.eval_batch_size, self.seed, self.prefetch = batch_size, eval_batch_size, seed, prefetch
+        if not 0.0 < train_user_fraction <= 1.0:
+            raise ConfigError("data.train_user_fraction", f"must be in (0, 1], got {train_user_fraction}")
+        self.train_user_fraction = float(train_user_fraction)
         self.user_features = [str(f) for f in user_features] if user_features else []
         self._user_encoder: UserFeatureEncoder | None = None
         self.data: PreparedData | None = None
@@ -183,24 +191,51 @@ class RecDataModule(pl.LightningDataModule):
             return 0, 1
         return int(trainer.global_rank), int(trainer.world_size)
 
-    def train_batches(self) -> PointwiseBatches | SequenceBatches:
+    def member_users(self) -> np.ndarray:
+        """Sorted indices of the users whose training events are trained on (see ``train_user_fraction``)."""
+        self.setup()
+        users = np.unique(self.data.train.user)
+        if self.train_user_fraction >= 1.0:
+            return users
+        rng = np.random.default_rng(self.seed + 7_777)
+        n = max(1, round(self.train_user_fraction * len(users)))
+        return np.sort(rng.choice(users, n, replace=False))
+
+    def training_events(self) -> tuple[np.ndarray, np.ndarray]:
+        """(users, items) of the training events trained on, in the log's order."""
+        self.setup()
+        train = self.data.train
+        if self.train_user_fraction >= 1.0:
+            return train.user, train.item
+        keep = np.isin(train.user, self.member_users())
+        return train.user[keep], train.item[keep]
+
+    def train_batches(self) -> PointwiseBatches | SequenceBatches | PointwiseUserRecords | SequenceUserRecords:
         """The epoch-aware batch builder for the task's spec (built once; ``set_epoch`` per epoch)."""
         if self._train_batches is None:
             self.setup()
             data, spec = self.data, self.train_spec
             rank, world = self._rank_world()
+            records = spec if isinstance(spec, UserRecordSpec) else None
+            spec = records.inner if records else spec
+            users, items = self.training_events()
             if isinstance(spec, PointwiseSpec):
-                train = data.train
-                keys = positive_keys(train.user, train.item, data.n_items) if spec.exclude_positives else None
+                keys = positive_keys(users, items, data.n_items) if spec.exclude_positives else None
                 sampler = NegativeSampler(data.n_items, data.item_popularity("valid"), spec.alpha, keys)
-                self._train_batches = PointwiseBatches(train.user, train.item, data.n_items, spec, self.batch_size,
-                                                       sampler, self.seed, rank, world)
+                if records:
+                    self._train_batches = PointwiseUserRecords(users, items, records, sampler, self.seed)
+                else:
+                    self._train_batches = PointwiseBatches(users, items, data.n_items, spec, self.batch_size,
+                                                           sampler, self.seed, rank, world)
             else:
-                windows, lengths, first, owner = sequence_windows(data.train.user, data.train.item,
-                                                                  spec.max_length, spec.stride)
-                self._train_batches = SequenceBatches(windows, lengths, spec.batch_size or self.batch_size,
-                                                      self.seed, rank, world, first_target=first,
-                                                      groups=owner if self.user_features else None)
+                windows, lengths, first, owner = sequence_windows(users, items, spec.max_length, spec.stride)
+                batches = SequenceBatches(windows, lengths, spec.batch_size or self.batch_size,
+                                          self.seed, rank, world, first_target=first,
+                                          groups=owner if self.user_features else None)
+                if records:  # the same windows and targets, one user per row
+                    batches = SequenceUserRecords(batches.inputs, batches.lengths, batches.targets, owner, records,
+                                                  self.seed)
+                self._train_batches = batches
         return self._train_batches
 
     def train_dataloader(self) -> DataLoader:

@@ -80,6 +80,24 @@ class NCFTask(RankingTask):
             loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
         return loss, batch["user"].numel()
 
+    def check_privacy(self) -> None:
+        super().check_privacy()
+        if self._spec.alpha != 0.0:
+            raise ConfigError("model.negatives.alpha", "popularity-weighted negatives read every user's events "
+                              "outside the privacy accounting; use 0 (uniform) with privacy=dp")
+
+    def record_loss(self, record: dict[str, torch.Tensor]) -> torch.Tensor:
+        # one user's record: user (), items (T,), weight (T,) 0 on padding (rectrain.data.records)
+        weight = record["weight"]
+        if self._spec.pairwise:
+            user = record["user"].expand_as(record["pos_item"])
+            losses = -F.logsigmoid(self.net(user, record["pos_item"]) - self.net(user, record["neg_item"]))
+        else:
+            user = record["user"].expand_as(record["item"])
+            losses = F.binary_cross_entropy_with_logits(self.net(user, record["item"]), record["label"],
+                                                        reduction="none")
+        return (losses * weight).sum() / weight.sum().clamp(min=1.0)
+
     def score_queries(self, queries: RankingQueries, rows: np.ndarray) -> torch.Tensor:
         users = torch.as_tensor(queries.users[rows], device=self.device)
         return self.net.score_all(users)

@@ -147,6 +147,34 @@ class TwoTowerTask(RankingTask):
             loss = self._sampled_loss(q, t, history)
         return loss, int(t.numel())
 
+    def check_privacy(self) -> None:
+        super().check_privacy()
+        if self.loss_name != "full":
+            raise ConfigError("model.loss", f"{self.loss_name!r} scores each example against the other users' "
+                              "targets and popularity (not one user's data): use model.loss=full with privacy=dp")
+        if self.tune_repeat_boost:
+            raise ConfigError("model.tune_repeat_boost", "chooses a setting on the users' validation events, "
+                              "outside the privacy accounting: leave it null with privacy=dp")
+
+    def record_loss(self, record: dict[str, torch.Tensor]) -> torch.Tensor:
+        # one user's record: items (K, L), lengths (K,), targets (K, L) (-1: no target), users ()
+        items, lengths, targets = record["items"], record["lengths"], record["targets"]
+        k, length = items.shape
+        user = record.get("users")
+        features = self.user_features_of(user.expand(k)) if user is not None and self.net.n_user_features else None
+        q = self.net.query_all_positions(items, features).reshape(k * length, -1)  # (K*L, d)
+        rows = torch.arange(k, device=items.device).repeat_interleave(length)  # (K*L,) window of each position
+        positions = torch.arange(length, device=items.device).repeat(k)  # (K*L,)
+        back = positions.view(-1, 1) - torch.arange(length, device=items.device).view(1, -1)  # (K*L, L)
+        logits = self.net.history_scores(q, self.net.item_vectors(), items[rows], back)  # (K*L, I)
+        t = targets.reshape(-1)
+        valid = t >= 0
+        if self.positions == "last":
+            valid = valid & (positions == lengths[rows] - 1)
+        weight = valid.to(logits.dtype)
+        losses = F.cross_entropy(logits, t.clamp(min=0), reduction="none")
+        return (losses * weight).sum() / weight.sum().clamp(min=1.0)
+
     def _sampled_loss(self, q: torch.Tensor, t: torch.Tensor,
                       history: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         candidates = t
