@@ -167,7 +167,8 @@ def test_dp_run_records_the_guarantee_everywhere(compose_cfg, tmp_path, model):
     from rectrain.export.metadata import read
     from rectrain.training import train
 
-    results = train(compose_cfg(*DP_RUN, f"model={model}"))
+    tensorboard = ["logger=tensorboard"] if model == "mf" else []
+    results = train(compose_cfg(*DP_RUN, f"model={model}", *tensorboard))
     privacy = results["privacy"]
     assert privacy["target_epsilon"] == 8.0 and 0 < privacy["epsilon"] <= 8.0 + 0.01
     assert privacy["steps"] == privacy["planned_steps"]  # the planned epochs ran: the target was spent
@@ -178,6 +179,15 @@ def test_dp_run_records_the_guarantee_everywhere(compose_cfg, tmp_path, model):
     assert saved["privacy"]["epsilon"] == privacy["epsilon"]
     facts = load_checkpoint(results["best_checkpoint"])["rectrain"]
     assert facts["privacy"]["epsilon"] == privacy["epsilon"] and facts["privacy_state"]["history"]
+    if tensorboard:  # the spent epsilon per epoch and, in the hparams tab, the guarantee reached
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        tags = set()
+        for event_file in (tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"):
+            acc = EventAccumulator(str(event_file))
+            acc.Reload()
+            tags |= set(acc.Tags()["scalars"])
+        assert {"privacy/epsilon", "hparam/privacy_epsilon"} <= tags
     if model == "two_tower":  # DPGRU trained, a plain GRU exported (same state-dict names)
         import onnx
 

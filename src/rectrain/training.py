@@ -249,7 +249,7 @@ def train(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
     }
     if trainer.global_rank == 0:
         write_json_atomic(output_dir / "results.json", results)
-        _log_hparams(loggers, cfg, valid_metrics, test_metrics)
+        _log_hparams(loggers, cfg, valid_metrics, test_metrics, results["privacy"])
         print(results_table(results))
     return results
 
@@ -263,11 +263,18 @@ def pinned_weights_only(trainer: pl.Trainer) -> dict[str, bool]:
     return {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
 
 
-def _log_hparams(loggers: list[Any], cfg: DictConfig, valid: dict[str, float], test: dict[str, float]) -> None:
+def _log_hparams(loggers: list[Any], cfg: DictConfig, valid: dict[str, float], test: dict[str, float],
+                 privacy: dict[str, Any] | None = None) -> None:
     metrics = {**{f"hparam/{k}": v for k, v in valid.items()}, **{f"hparam/{k}": v for k, v in test.items()}}
+    hparams = flat_hparams(cfg)
+    if privacy and privacy.get("differential_privacy", True) and "epsilon" in privacy:
+        # the guarantee actually reached, beside the settings: spent epsilon, the delta used, the accountant
+        metrics["hparam/privacy_epsilon"] = privacy["epsilon"]
+        hparams.update({"privacy/delta_used": privacy["delta"], "privacy/accountant": privacy["accountant"],
+                        "privacy/noise_multiplier": privacy["noise_multiplier"]})
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(flat_hparams(cfg), metrics)
+            logger.log_hyperparams(hparams, metrics)
             logger.finalize("success")
 
 
