@@ -10,10 +10,10 @@ Same `key=value` style as train.py. Keys:
   threads     torch intra-op threads while checking parity (default 1)
   segments    segments.json from segment.py (default: <ckpt stem>-segments/segments.json when present);
               a calibration.json from calibrate.py beside the checkpoint is embedded automatically
-  ann         two-tower ANN index written beside the model as <stem>.ann.faiss: auto (default: hnsw when
-              the catalog has at least ann_min_items items, else none), hnsw, ivf or none
+  ann         two-tower ANN index written beside the model as <stem>.ann.faiss: auto (default: ivf when
+              the catalog has at least ann_min_items items, else none), ivf, hnsw or none
   ann_min_items  catalog size from which ann=auto builds an index (default 100000)
-  ann_recall  recall@10 against exact top-10 the search effort is tuned to (default 0.99)
+  ann_recall  recall@10 against exact top-10 the search effort is tuned to (default 0.98)
   ann_m, ann_ef_construction  HNSW degree and build width (default 32, 80)
   ann_fetch   candidates fetched per query and re-scored exactly (default 100)
               (threads also sets the faiss build threads)
@@ -30,7 +30,7 @@ from rectrain.cli import UsageError, parse_key_values, run_command
 
 KEYS: dict[str, Any] = {"ckpt_path": None, "output": None, "quantize": False, "opset": 17, "tolerance": 1e-5,
                         "user_vocab": None, "threads": 1, "segments": None, "ann": "auto", "ann_min_items": 100_000,
-                        "ann_recall": 0.99, "ann_m": 32, "ann_ef_construction": 80, "ann_fetch": 100}
+                        "ann_recall": 0.98, "ann_m": 32, "ann_ef_construction": 80, "ann_fetch": 100}
 
 
 def parse(argv: list[str]) -> dict[str, Any]:

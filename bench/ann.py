@@ -71,13 +71,12 @@ def train_ml100k(workdir: Path, data: Path) -> Path:
         return Path(train(cfg)["best_checkpoint"])
 
 
-def drawn_export(ckpt: Path, n_items: int, kind: str, out: Path, seed: int) -> dict[str, Any]:
-    """Export the trained model with ``n_items`` drawn item vectors and an index of ``kind``."""
+def drawn_net(ckpt: Path, n_items: int, seed: int) -> tuple[Any, dict[str, Any], np.ndarray]:
+    """The trained two-tower net with ``n_items`` drawn item vectors, its export facts, Zipf popularity."""
     import torch
     from sklearn.mixture import GaussianMixture
 
     from rectrain.checkpoints import load_checkpoint, rebuild_model
-    from rectrain.export.onnx_export import AnnOptions, export_model
 
     ckpt_data = load_checkpoint(ckpt)
     trained = rebuild_model(ckpt_data).eval()
@@ -101,6 +100,14 @@ def drawn_export(ckpt: Path, n_items: int, kind: str, out: Path, seed: int) -> d
     facts = {**ckpt_data["rectrain"], "n_items": n_items, "model_config": config,
              "item_vocab": [f"i{j}" for j in range(n_items)], "item_titles": [], "item_popularity": popularity.tolist()}
     facts.pop("config", None)
+    return net, facts, popularity
+
+
+def drawn_export(ckpt: Path, n_items: int, kind: str, out: Path, seed: int) -> dict[str, Any]:
+    """Export the trained model with ``n_items`` drawn item vectors and an index of ``kind``."""
+    from rectrain.export.onnx_export import AnnOptions, export_model
+
+    net, facts, _ = drawn_net(ckpt, n_items, seed)
     started = time.perf_counter()
     report = export_model(net, facts, out, ann=AnnOptions(kind=kind, min_items=1, threads=2), seed=seed)
     return {"export_s": time.perf_counter() - started, "ann": report.ann,
@@ -182,6 +189,50 @@ def measure(model_path: Path, requests: int, batches: int, seed: int) -> dict[st
     for name, s in seconds.items():
         row[f"{name}_rows_s"] = 256 * batches / s
     row["exact_rows_per_call"] = rows_per_exact
+    return row
+
+
+def index_only(ckpt: Path, n_items: int, kind: str, seed: int, requests: int) -> dict[str, Any]:
+    """The index alone (no ONNX export, whose memory grows ~10 GB per 1M items): drawn vectors,
+    queries from the trained query tower (torch) on popularity-drawn histories, build + tune as the
+    export does, then recall, single-thread p50/p99 of search + exact re-rank against the numpy floor."""
+    import faiss
+    import torch
+
+    from rectrain.ann import build_index, exact_top_k, recall_at_k, rerank, tune
+    from rectrain.export.ann_index import tuning_histories
+
+    net, _, popularity = drawn_net(ckpt, n_items, seed)
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        vectors = net.item_vectors().numpy()
+
+        def queries_for(n: int, s: int) -> np.ndarray:
+            history, lengths = tuning_histories(popularity, int(net.max_length), n, s)
+            history, lengths = torch.from_numpy(history), torch.from_numpy(lengths)
+            return torch.cat([net.query(history[i:i + 256], lengths[i:i + 256]) / net.temperature
+                              for i in range(0, n, 256)]).numpy()
+        tuning, held_out = queries_for(2000, seed), queries_for(max(requests, 1000), seed + 1)
+    index = build_index(vectors, kind, threads=2, seed=seed)
+    tune(index, tuning, vectors, target_recall=0.98, fetch=100)
+    faiss.omp_set_num_threads(1)
+    found, _ = rerank(index.search(held_out, index.fetch), held_out, vectors, K)
+    row = {"kind": kind, "items": n_items, "build_s": index.settings["build_seconds"], "search": index.settings["search"],
+           "recall@10": recall_at_k(found, exact_top_k(held_out, vectors, K)), "index_mb": len(index.to_bytes()) / 1e6}
+    times: dict[str, list[float]] = {"ann": [], "floor": []}
+    for i in range(requests):
+        q = held_out[i:i + 1]
+        start = time.perf_counter()
+        rerank(index.search(q, index.fetch), q, vectors, K)
+        times["ann"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        scores = q @ vectors.T
+        top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
+        np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
+        times["floor"].append(time.perf_counter() - start)
+    for name, values in times.items():
+        warm = np.asarray(values[5:]) * 1e3
+        row[f"{name}_p50_ms"], row[f"{name}_p99_ms"] = float(np.percentile(warm, 50)), float(np.percentile(warm, 99))
     return row
 
 
@@ -275,6 +326,8 @@ def main() -> None:
     parser.add_argument("--batch-queries", type=int, default=0, help="also run the batch CLI over this many requests")
     parser.add_argument("--batch-size-items", type=int, default=1_000_000, help="catalog size of the batch CLI run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--index-only-sizes", default="",
+                        help="catalog sizes measured on the index alone, without an export (e.g. 5000000)")
     parser.add_argument("--compare-spaces", action="store_true",
                         help="also compare HNSW by inner product with HNSW and IVF on the L2 reduction (first size)")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # internal: one size in a fresh process
@@ -316,6 +369,18 @@ def main() -> None:
               f"{r['exact_p50_ms']:.2f} / {r['exact_p99_ms']:.2f} | {r['floor_p50_ms']:.2f} / {r['floor_p99_ms']:.2f} | "
               f"{r['exact_p50_ms'] / r['ann_p50_ms']:.0f}x | {r['exact_p50_ms'] / r['floor_p50_ms']:.2f} | "
               f"{r['ann_rows_s']:,.0f} | {r['exact_rows_s']:,.0f} | {r['floor_rows_s']:,.0f} | {r['rss_mb']:,.0f} |")
+    if args.index_only_sizes:
+        print()
+        print("| index alone | items | build s | index MB | search | recall@10 | search + re-rank p50 / p99 ms | "
+              "floor p50 / p99 ms | speed-up (p50) |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for size in [int(x) for x in args.index_only_sizes.split(",")]:
+            r = index_only(ckpt, size, args.kinds.split(",")[0], args.seed, args.requests)
+            search = ", ".join(f"{k} {v}" for k, v in r["search"].items())
+            print(f"| {r['kind']} | {size:,} | {r['build_s']:.0f} | {r['index_mb']:.0f} | {search}, fetch 100 | "
+                  f"{r['recall@10']:.4f} | {r['ann_p50_ms']:.2f} / {r['ann_p99_ms']:.2f} | "
+                  f"{r['floor_p50_ms']:.2f} / {r['floor_p99_ms']:.2f} | {r['floor_p50_ms'] / r['ann_p50_ms']:.0f}x |",
+                  flush=True)
     if args.compare_spaces:
         first = args.workdir / f"{args.kinds.split(',')[0]}-{args.sizes.split(',')[0]}" / "model.onnx"
         print()

@@ -95,12 +95,12 @@ def test_an_index_that_does_not_fit_the_model_is_refused():
 # --- export and scorer ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ann_export(checkpoints, tmp_path_factory) -> Path:
-    """The shared tiny two-tower model (128 items, repeat bonus) exported with an HNSW index."""
+    """The shared tiny two-tower model (128 items, repeat bonus) exported with an IVF index (the default kind)."""
     from rectrain.export import export_checkpoint
     from rectrain.export.onnx_export import AnnOptions
 
     out = tmp_path_factory.mktemp("ann") / "tt.onnx"
-    report = export_checkpoint(checkpoints["two_tower"], out, ann=AnnOptions(kind="hnsw", fetch=10, m=8))
+    report = export_checkpoint(checkpoints["two_tower"], out, ann=AnnOptions(kind="ivf", fetch=10, recall=0.99))
     assert report.ann is not None and report.files["ann_index"].name == "tt.ann.faiss"
     return out
 
@@ -115,7 +115,7 @@ def test_export_pins_the_index_and_records_its_settings(ann_export):
     import hashlib
 
     assert hashlib.sha256(index_file.read_bytes()).hexdigest() == companions["ann_index"]["sha256"]
-    assert settings["kind"] == "hnsw" and settings["n_items"] == 128 and settings["params"]["M"] == 8
+    assert settings["kind"] == "ivf" and settings["n_items"] == 128 and settings["params"]["nlist"] == 3
     assert settings["fetch"] == 10 and settings["recall_at_10"] >= 0.99 and settings["tuning"]["reached"]
 
 
@@ -123,7 +123,7 @@ def test_auto_builds_an_index_only_for_large_two_tower_catalogs():
     from rectrain.export.ann_index import AnnExportError, choose_kind
 
     assert choose_kind("auto", kind="two_tower", n_items=99_999, min_items=100_000, repeat_mode=None) is None
-    assert choose_kind("auto", kind="two_tower", n_items=100_000, min_items=100_000, repeat_mode=None) == "hnsw"
+    assert choose_kind("auto", kind="two_tower", n_items=100_000, min_items=100_000, repeat_mode=None) == "ivf"
     assert choose_kind("auto", kind="two_tower", n_items=10**6, min_items=100_000, repeat_mode="mixture") is None
     assert choose_kind("auto", kind="ncf", n_items=10**6, min_items=100_000, repeat_mode=None) is None
     with pytest.raises(AnnExportError, match="NCF"):
@@ -274,3 +274,17 @@ def test_exact_scoring_of_a_large_batch_runs_in_bounded_chunks(ann_export, monke
     monkeypatch.setattr(scorer.model, "run_recommend", lambda feed: calls.append(len(feed["history"])) or real(feed))
     assert scorer.recommend_many(requests) == whole
     assert max(calls) == 7 and sum(calls) == sum(1 for r in requests if r["history"])
+
+
+def test_an_hnsw_export_answers_as_the_exact_graph(checkpoints, tmp_path):
+    from rectrain.export import export_checkpoint
+    from rectrain.export.onnx_export import AnnOptions
+    from rectrain.serving.scorer import Scorer
+
+    report = export_checkpoint(checkpoints["two_tower"], tmp_path / "h.onnx",
+                               ann=AnnOptions(kind="hnsw", fetch=10, m=8, recall=0.99))
+    assert report.ann["kind"] == "hnsw" and report.ann["params"] == {"M": 8, "ef_construction": 80}
+    ann, exact = Scorer.load(tmp_path / "h.onnx"), Scorer.load(tmp_path / "h.onnx", exact=True)
+    requests = _requests(ann.model, 100, seed=7)
+    same = sum(a["items"] == b["items"] for a, b in zip(ann.recommend_many(requests), exact.recommend_many(requests)))
+    assert same >= 98

@@ -35,7 +35,7 @@ def choose_kind(ann: str, *, kind: str, n_items: int, min_items: int, repeat_mod
     if ann == "auto":
         if kind != "two_tower" or repeat_mode == "mixture" or n_items < min_items:
             return None
-        return "hnsw"
+        return "ivf"  # monotone in its effort and 7x quicker to build than HNSW at 1M items (README, Large catalogs)
     if kind != "two_tower":
         raise AnnExportError(f"ann={ann}: an index needs a dot-product model (two-tower); this is an NCF model, "
                              "whose recommend graph stays exact")

@@ -9,7 +9,7 @@ What is written next to ``output`` (``model.onnx`` here):
   (user, item -> scores) and ``model.user_vocab.json`` (raw user ids: personal data, never inside a
   model file; the ONNX metadata pins it by sha256);
 * with ``quantize=True`` also ``model.int8.onnx`` (dynamic int8 ``recommend`` graph);
-* two-tower with an ANN index (``ann=auto`` and at least ``ann_min_items`` items, or ``ann=hnsw|ivf``):
+* two-tower with an ANN index (``ann=auto``: IVF from ``ann_min_items`` items; or ``ann=ivf|hnsw``):
   ``model.ann.faiss``, a faiss index over the item vectors, pinned by sha256 like the other
   companions, its build and tuned search settings in ``rectrain.ann`` (:mod:`rectrain.ann`).
 
@@ -169,7 +169,7 @@ class AnnOptions:
     """``export.py ann*=`` settings (see :mod:`rectrain.export.ann_index` and :mod:`rectrain.ann`).
 
     Attributes:
-        kind: ``auto`` (HNSW for two-tower catalogs of at least ``min_items`` items), ``hnsw``, ``ivf`` or ``none``.
+        kind: ``auto`` (IVF for two-tower catalogs of at least ``min_items`` items), ``hnsw``, ``ivf`` or ``none``.
         min_items: the catalog size from which ``auto`` builds an index.
         recall: the recall@10 against exact top-10 the search effort is tuned to reach.
         m, ef_construction: HNSW graph degree and build width.
@@ -179,7 +179,7 @@ class AnnOptions:
 
     kind: str = "auto"
     min_items: int = 100_000
-    recall: float = 0.99
+    recall: float = 0.98
     m: int = 32
     ef_construction: int = 80
     fetch: int = 100
@@ -236,7 +236,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike[str], output: str | os.PathLi
             into the metadata so the scorer answers a history's segment; for NCF the segment of
             every user index is precomputed. A ``calibration.json`` beside the checkpoint (from
             ``calibrate.py``) is embedded the same way.
-        ann: the ANN index settings (default :class:`AnnOptions`: an HNSW index for two-tower
+        ann: the ANN index settings (default :class:`AnnOptions`: an IVF index for two-tower
             catalogs of at least 100,000 items, exact scoring below).
 
     Raises:
