@@ -108,10 +108,7 @@ class PointwiseUserRecords(_PoissonEpochs):
         k = self.inner.n_negatives
         for chosen, gen in self._steps():
             b = len(chosen)
-            counts = self.indptr[chosen + 1] - self.indptr[chosen]
-            event_rows = np.repeat(np.arange(b), counts)
-            events = np.concatenate([np.arange(s, e) for s, e in zip(self.indptr[chosen], self.indptr[chosen + 1])]) \
-                if b else np.zeros(0, np.int64)
+            event_rows, events = _group_members(self.indptr, chosen)
             picked, slot = _first_k_per_group(event_rows, self.spec.events_per_user, gen)
             rows, items = event_rows[picked], self.items[events[picked]]
             width = int(slot.max()) + 1 if len(slot) else 1
@@ -129,6 +126,15 @@ class PointwiseUserRecords(_PoissonEpochs):
                 yield {"user": user, "item": torch.cat([pos, neg.reshape(b, width * k)], dim=1),
                        "label": torch.cat([torch.ones(b, width), torch.zeros(b, width * k)], dim=1),
                        "weight": torch.cat([weight, weight[:, :, None].expand(-1, -1, k).reshape(b, width * k)], dim=1)}
+
+
+def _group_members(indptr: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the chosen groups of a CSR layout: (row of each member in ``chosen``, member positions), vectorised."""
+    starts = indptr[chosen]
+    counts = indptr[chosen + 1] - starts
+    rows = np.repeat(np.arange(len(chosen)), counts)
+    offsets = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, np.repeat(starts, counts) + offsets
 
 
 class SequenceUserRecords(_PoissonEpochs):
@@ -156,10 +162,7 @@ class SequenceUserRecords(_PoissonEpochs):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for chosen, gen in self._steps():
             b = len(chosen)
-            counts = self.indptr[chosen + 1] - self.indptr[chosen]
-            window_rows = np.repeat(np.arange(b), counts)
-            windows = np.concatenate([np.arange(s, e) for s, e in zip(self.indptr[chosen], self.indptr[chosen + 1])]) \
-                if b else np.zeros(0, np.int64)
+            window_rows, windows = _group_members(self.indptr, chosen)
             picked, slot = _first_k_per_group(window_rows, self.spec.windows_per_user, gen)
             rows, source = torch.from_numpy(window_rows[picked]), torch.from_numpy(windows[picked])
             slots = torch.from_numpy(slot)
