@@ -345,7 +345,7 @@ def main() -> None:
         ckpt = train_ml100k(args.workdir, args.data.resolve())
     rows = []
     for kind in args.kinds.split(","):
-        for size in [int(s) for s in args.sizes.split(",")]:
+        for size in [int(s) for s in args.sizes.split(",") if s]:
             out = args.workdir / f"{kind}-{size}" / "model.onnx"
             built = drawn_export(ckpt, size, kind, out, args.seed)
             measured = subprocess.run([sys.executable, __file__, "--measure", str(out), "--requests", str(args.requests),
