@@ -134,7 +134,7 @@ def test_factorised_diagonal_removal_is_exact():
 
 def test_session_knn_against_brute_force():
     from rectrain.evaluation.baselines import SessionKNN
-    from rectrain.evaluation.queries import RankingQueries
+    from rectrain.data.queries import RankingQueries
 
     # training sessions (index order = time order)
     sessions = [[0, 1, 2], [1, 3], [2, 3, 4], [0, 4], [1, 2]]

@@ -195,7 +195,7 @@ def test_segment_checkpoint_writes_the_report(tiny_checkpoints, model, tmp_path)
 def test_two_tower_vectors_read_the_whole_history_like_training(tiny_checkpoints):
     from rectrain.analytics.common import load_model_and_data
     from rectrain.analytics.user_vectors import full_histories, pad_histories, user_vectors
-    from rectrain.evaluation.queries import RankingQueries
+    from rectrain.data.queries import RankingQueries
     from rectrain.tasks.two_tower import padded_histories
 
     loaded = load_model_and_data(tiny_checkpoints["two_tower"])

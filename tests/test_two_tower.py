@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from rectrain.evaluation.queries import RankingQueries
+from rectrain.data.queries import RankingQueries
 from rectrain.models.two_tower import TwoTower, last_valid
 from rectrain.tasks.two_tower import padded_histories
 from rectrain.training import train

@@ -273,7 +273,7 @@ def score_pairs(net: Any, pairs: PairSet, batch_size: int = 65536, user_features
     import torch
 
     from rectrain.analytics.user_vectors import NCF, model_kind
-    from rectrain.evaluation.queries import pad_histories
+    from rectrain.data.queries import pad_histories
 
     net.eval()
     out = np.empty(len(pairs), dtype=np.float64)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rectrain.errors import RectrainError
-from rectrain.evaluation.queries import pad_histories
+from rectrain.data.queries import pad_histories
 
 NCF = "ncf"
 TWO_TOWER = "two_tower"
@@ -75,7 +75,7 @@ def ncf_user_vectors(net: nn.Module) -> UserVectors:
 def full_histories(data: Any) -> tuple[np.ndarray, np.ndarray]:
     """CSR ``(indptr, items)`` of every user's whole log (train + valid + test), oldest first."""
     from rectrain.data.dataset import Interactions
-    from rectrain.evaluation.queries import csr_from_groups
+    from rectrain.data.queries import csr_from_groups
 
     everything = Interactions.concat(Interactions.concat(data.train, data.valid), data.test)
     return csr_from_groups(everything.user, everything.item, data.n_users)

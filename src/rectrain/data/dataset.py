@@ -25,7 +25,7 @@ from rectrain.data import cache, splits
 from rectrain.data.preprocess import PreprocessConfig, build_vocabulary, filter_interactions
 from rectrain.data.schema import ITEM, SESSION, TIMESTAMP, USER, RawLog
 from rectrain.errors import ConfigError, DataError
-from rectrain.evaluation.queries import RankingQueries, csr_from_groups
+from rectrain.data.queries import RankingQueries, csr_from_groups
 from rectrain.utils.io import atomic_dir, remove_stale_temporaries, stable_hash
 
 log = logging.getLogger(__name__)

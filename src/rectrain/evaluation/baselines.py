@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import torch
 
-from rectrain.evaluation.queries import RankingQueries
+from rectrain.data.queries import RankingQueries
 from rectrain.evaluation.ranking import tie_ordered_topk
 
 

@@ -19,7 +19,7 @@ import torch
 
 from rectrain.errors import DataError
 from rectrain.evaluation import metrics as M
-from rectrain.evaluation.queries import RankingQueries
+from rectrain.data.queries import RankingQueries
 from rectrain.evaluation.ranking import (RankingResult, ScoreFn, check_ks, check_nan, check_queries, chunk_rows,
                                          score_chunk)
 

@@ -19,7 +19,7 @@ import onnx
 
 from rectrain.errors import RectrainError
 from rectrain.evaluation import metrics as M
-from rectrain.evaluation.queries import RankingQueries
+from rectrain.data.queries import RankingQueries
 from rectrain.features import user_feature_matrix
 
 

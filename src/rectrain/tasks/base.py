@@ -20,7 +20,7 @@ from torch import nn
 import rectrain
 from rectrain.data.records import UserRecordSpec
 from rectrain.errors import ConfigError
-from rectrain.evaluation.queries import RankingQueries
+from rectrain.data.queries import RankingQueries
 from rectrain.evaluation.ranking import RankingResult, evaluate_ranking
 
 STAGE_PREFIX = {"valid": "val", "test": "test"}

@@ -29,7 +29,7 @@ from rectrain.data.records import PointwiseUserRecords, SequenceUserRecords, Use
 from rectrain.data.dataset import PreparedData, SplitConfig, load_or_prepare
 from rectrain.data.preprocess import PreprocessConfig
 from rectrain.errors import ConfigError
-from rectrain.evaluation.queries import RankingQueries
+from rectrain.data.queries import RankingQueries
 from rectrain.features import UserFeatureEncoder
 
 

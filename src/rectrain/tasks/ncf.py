@@ -15,7 +15,7 @@ from torch import nn
 
 from rectrain.data.batching import PointwiseSpec
 from rectrain.errors import ConfigError
-from rectrain.evaluation.queries import RankingQueries
+from rectrain.data.queries import RankingQueries
 from rectrain.tasks.base import RankingTask
 
 LOSSES = ("bce", "bpr")

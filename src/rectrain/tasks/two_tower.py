@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from rectrain.data.batching import NegativeSampler, SequenceSpec
 from rectrain.errors import ConfigError
-from rectrain.evaluation.queries import RankingQueries, pad_histories
+from rectrain.data.queries import RankingQueries, pad_histories
 from rectrain.evaluation.ranking import evaluate_ranking
 from rectrain.losses import (
     bpr_max_loss,
@@ -34,7 +34,7 @@ LOSSES = ("full", "sampled", "bpr_max")
 
 def padded_histories(queries: RankingQueries, rows: np.ndarray, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The last ``max_length`` history items of each query row, right-padded, and their lengths,
-    as tensors (see :func:`rectrain.evaluation.queries.pad_histories`)."""
+    as tensors (see :func:`rectrain.data.queries.pad_histories`)."""
     items, lengths = pad_histories(queries.history_indptr, queries.history_items, rows, max_length)
     return torch.from_numpy(items), torch.from_numpy(lengths)
 
