@@ -15,7 +15,6 @@ Prints the markdown report; exit 2 with one line on bad input.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 from rectrain.cli import UsageError, parse_key_values
@@ -35,23 +34,17 @@ def parse(argv: list[str]) -> dict[str, Any]:
 
 
 def replay_from_checkpoint(ckpt_path: str, stage: str, needs_users: bool) -> list[dict[str, Any]]:
-    """Held-out requests of a checkpoint's data (imports the training stack, unlike the comparison)."""
-    import json
+    """Held-out requests of a checkpoint's data (opens the run: imports torch, unlike the comparison).
 
-    from omegaconf import OmegaConf
-
+    NCF replays carry raw user ids from the run's user vocabulary, read with its sha256 checked, so
+    users are never mapped through another run's vocabulary."""
     from rectrain.ab_compare import replay_requests_from_queries
-    from rectrain.checkpoints import load_checkpoint
-    from rectrain.training import build
+    from rectrain.runs import open_run
 
-    ckpt = load_checkpoint(ckpt_path)
-    dm = build(OmegaConf.create(ckpt["rectrain"]["config"]).data)
-    dm.setup()
-    users = None
-    if needs_users:
-        sidecar = Path(ckpt_path).parent / "user_vocab.json"
-        users = json.loads(sidecar.read_text())["user_vocab"]
-    return list(replay_requests_from_queries(dm.data.ranking_queries(stage), list(dm.data.item_vocab), users))
+    run = open_run(ckpt_path)
+    data = run.data()
+    users = run.user_vocab().ids if needs_users else None
+    return list(replay_requests_from_queries(data.ranking_queries(stage), list(data.item_vocab), users))
 
 
 def main(argv: list[str]) -> int:

@@ -76,10 +76,10 @@ def drawn_net(ckpt: Path, n_items: int, seed: int) -> tuple[Any, dict[str, Any],
     import torch
     from sklearn.mixture import GaussianMixture
 
-    from rectrain.checkpoints import load_checkpoint, rebuild_model
+    from rectrain.runs import open_run
 
-    ckpt_data = load_checkpoint(ckpt)
-    trained = rebuild_model(ckpt_data).eval()
+    run = open_run(ckpt)
+    trained = run.net
     with torch.no_grad():
         trained_vectors = trained.item_vectors().numpy().astype(np.float64)
     mixture = GaussianMixture(16, covariance_type="full", random_state=seed).fit(trained_vectors)
@@ -97,7 +97,7 @@ def drawn_net(ckpt: Path, n_items: int, seed: int) -> tuple[Any, dict[str, Any],
         net.item_tower.id_embedding.weight.copy_(torch.from_numpy(drawn))
     popularity = np.zeros(n_items, np.int64)
     popularity[rng.permutation(n_items)] = np.maximum(1, (1e6 / np.arange(1, n_items + 1)).astype(np.int64))
-    facts = {**ckpt_data["rectrain"], "n_items": n_items, "model_config": config,
+    facts = {**run.facts, "n_items": n_items, "model_config": config,
              "item_vocab": [f"i{j}" for j in range(n_items)], "item_titles": [], "item_popularity": popularity.tolist()}
     facts.pop("config", None)
     return net, facts, popularity

@@ -87,7 +87,7 @@ def run_one(seed: int, args: argparse.Namespace, tmp: Path, id_only: bool) -> di
     cfg = compose_train_config(overrides, tmp / f"seed{seed}-{'id' if id_only else 'full'}")
     with contextlib.redirect_stdout(io.StringIO()), (id_only_items() if id_only else contextlib.nullcontext()):
         results = training.train(cfg)
-    net, data = trained_net(cfg, results)
+    net, data = trained_net(results)
     queries = data.ranking_queries("test")
     cold = np.isin(queries.target_items, data.cold_items)  # one target per query (leave-one-out)
     cold_q, warm_q = queries.subset(np.flatnonzero(cold)), queries.subset(np.flatnonzero(~cold))

@@ -156,12 +156,10 @@ def ready_datamodule(cfg):
     return datamodule
 
 
-def trained_net(cfg, results: dict):
-    """(net, prepared data) of a finished run: the best checkpoint rebuilt, checked to be trained on this data."""
-    from rectrain.checkpoints import load_checkpoint, rebuild_model
+def trained_net(results: dict):
+    """(net, prepared data) of a finished run: its best checkpoint opened as a run (rectrain.runs), the
+    data rebuilt from the checkpoint's config and checked to be the training data."""
+    from rectrain.runs import open_run
 
-    data = ready_datamodule(cfg).data
-    ckpt = load_checkpoint(results["best_checkpoint"])
-    if ckpt["rectrain"]["data_fingerprint"] != data.fingerprint:
-        raise RuntimeError("checkpoint and prepared data disagree (data fingerprint)")
-    return rebuild_model(ckpt), data
+    run = open_run(results["best_checkpoint"])
+    return run.net, run.data()

@@ -71,7 +71,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, tmp: Path) -> dict:
     seconds = time.perf_counter() - start
 
     # the same prepared data as the run (same data config, cached), for the sampled protocol
-    net, data = trained_net(cfg, results)
+    net, data = trained_net(results)
     queries = data.ranking_queries("test")
     sampled = evaluate_sampled(net_score_fn(net), queries, n_negatives=99, ks=(10,), seed=0).summary()
     return {"test": results["test"], "valid": results["valid"], "sampled": sampled, "seconds": seconds,

@@ -95,11 +95,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(name: str, ckpt: Path, onnx_path: Path, threads: int, requests: int, batches: int) -> dict[str, Any]:
-    from rectrain.checkpoints import load_checkpoint, rebuild_model
-    from rectrain.export.graphs import graph_specs, model_kind
+    from rectrain.export.graphs import graph_specs
+    from rectrain.runs import open_run
 
-    net = rebuild_model(load_checkpoint(ckpt))
-    kind = model_kind(net)
+    run = open_run(ckpt)
+    net, kind = run.net, run.kind
     module = graph_specs(net)[0].module.eval()  # the exported recommend wrapper, run eagerly
     n_items = int(net.n_items if kind == "two_tower" else net.config["n_items"])
     n_users = 0 if kind == "two_tower" else int(net.config["n_users"])
@@ -162,9 +162,9 @@ def main() -> int:
         workdir = Path(tmp)
         started = time.perf_counter()
         if args.ckpt:
-            from rectrain.checkpoints import load_checkpoint
+            from rectrain.runs import open_run
 
-            checkpoints = {f"{load_checkpoint(c)['rectrain']['model_class'].rsplit('.', 1)[-1]} ({Path(c).name})": Path(c)
+            checkpoints = {f"{type(open_run(c).net).__name__} ({Path(c).name})": Path(c)
                            for c in args.ckpt}
         else:
             torch.set_num_threads(1)

@@ -95,7 +95,7 @@ def baselines(args: argparse.Namespace, tmp: Path) -> dict:
 @torch.no_grad()
 def event_losses(run: dict) -> tuple[np.ndarray, np.ndarray]:
     """(user of each training-split event, the trained model's loss on it), members and non-members alike."""
-    net, data = trained_net(run["cfg"], run["results"])
+    net, data = trained_net(run["results"])
     net.eval()
     users, items = data.train.user, data.train.item
     if not hasattr(net, "query_all_positions"):  # NCF: -log sigmoid(score) of each consumed item

@@ -111,7 +111,7 @@ def synthetic(args: argparse.Namespace, workdir: Path) -> None:
             ckpt = train_once(workdir, f"synthetic-{model}-seed{seed}", synthetic_overrides(model, seed, args.epochs))
             seconds[f"train {model}"] = seconds.get(f"train {model}", 0.0) + time.perf_counter() - started
             loaded = load_model_and_data(ckpt)
-            data = loaded.data
+            data = loaded.data()
             if truth is None:
                 params = OmegaConf.to_container(loaded.config.data.source, resolve=True)
                 params.pop("_target_", None)

@@ -9,8 +9,8 @@ import torch
 
 from rectrain.analytics.calibration import calibrate_checkpoint, load_calibration
 from rectrain.analytics.reports import segment_checkpoint
-from rectrain.analytics.segments import assign_segments, load_segments
-from rectrain.checkpoints import load_checkpoint, rebuild_model
+from rectrain.artifacts import assign_segments, load_segments
+from rectrain.runs import load_checkpoint, rebuild_model
 from rectrain.export import export_checkpoint
 from rectrain.serving import Scorer
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from rectrain.analytics.calibration import (
-    Calibration,
     calibration_metrics,
     expected_calibration_error,
     fit_calibration,
@@ -18,8 +17,8 @@ from rectrain.analytics.calibration import (
     log_loss,
     negative_sampling_rate,
     reliability_bins,
-    sigmoid,
 )
+from rectrain.artifacts import Calibration, sigmoid
 from rectrain.errors import RectrainError
 from tests.conftest import ROOT, TINY_DATA
 
@@ -137,7 +136,7 @@ def test_calibration_pairs_stand_for_every_unconsumed_pair(tiny_mf):
     from rectrain.analytics.calibration import calibration_pairs
     from rectrain.analytics.common import load_model_and_data
 
-    data = load_model_and_data(tiny_mf).data
+    data = load_model_and_data(tiny_mf).data()
     pairs = calibration_pairs(data, "valid", negatives=30, seed=0)
     users = pairs.queries.users[pairs.rows]
     everything = {(int(u), int(i)) for split in (data.train, data.valid, data.test) for u, i in zip(split.user, split.item)}

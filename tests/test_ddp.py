@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from rectrain.checkpoints import load_checkpoint, rebuild_model
+from rectrain.runs import load_checkpoint, rebuild_model
 from rectrain.evaluation.ranking import evaluate_ranking
 from rectrain.training import build
 from tests.conftest import ROOT

@@ -297,7 +297,7 @@ def test_export_cli_quantize_prints_the_ndcg_difference(checkpoints, tmp_path, c
 
 def test_validation_queries_rebuild_the_training_data(checkpoints):
     _, facts = load_net(checkpoints["neumf"])
-    queries = validation_queries(facts)
+    queries = validation_queries(checkpoints["neumf"])
     assert len(queries) == facts["n_users"] and queries.n_items == facts["n_items"]
 
 

@@ -89,16 +89,17 @@ def free_port() -> int:
 
 
 def load_net(ckpt: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from rectrain.checkpoints import load_checkpoint, rebuild_model
+    from rectrain.runs import load_checkpoint, rebuild_model
 
     ckpt_data = load_checkpoint(ckpt)
     return rebuild_model(ckpt_data), ckpt_data["rectrain"]
 
 
-def validation_queries(facts: dict[str, Any]) -> Any:
-    from rectrain.export.quantize import load_validation_queries
+def validation_queries(ckpt: Path) -> Any:
+    """The validation queries of the data a checkpoint was trained on (opened as a run)."""
+    from rectrain.runs import open_run
 
-    return load_validation_queries(facts)
+    return open_run(ckpt).data().ranking_queries("valid")
 
 
 def torch_topk(scores: torch.Tensor, exclude: list[list[int]], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -162,7 +162,7 @@ def test_unreachable_epsilon_and_bad_values_name_the_key():
 
 @pytest.mark.parametrize("model", ["mf", "two_tower"])
 def test_dp_run_records_the_guarantee_everywhere(compose_cfg, tmp_path, model):
-    from rectrain.checkpoints import load_checkpoint
+    from rectrain.runs import load_checkpoint
     from rectrain.export import export_checkpoint
     from rectrain.export.metadata import read
     from rectrain.training import train

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from rectrain.checkpoints import load_checkpoint
+from rectrain.runs import load_checkpoint
 from rectrain.training import train
 from tests.conftest import ROOT, TINY_DATA
 

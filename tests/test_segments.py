@@ -14,12 +14,8 @@ pytest.importorskip("matplotlib")
 
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
-from rectrain.analytics.segments import (  # noqa: E402
-    assign_segments,
-    fit_segments,
-    load_segments,
-    parse_k_range,
-)
+from rectrain.analytics.segments import fit_segments, parse_k_range  # noqa: E402
+from rectrain.artifacts import assign_segments, load_segments  # noqa: E402
 from rectrain.errors import RectrainError  # noqa: E402
 from tests.conftest import ROOT, TINY_DATA  # noqa: E402
 
@@ -172,7 +168,7 @@ def test_segment_checkpoint_writes_the_report(tiny_checkpoints, model, tmp_path)
     with open(tmp_path / "seg" / "user_segments.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["user_index", "segment"]
-    assert [int(r["user_index"]) for r in rows] == list(range(loaded.data.n_users))
+    assert [int(r["user_index"]) for r in rows] == list(range(loaded.data().n_users))
     labels = np.array([int(r["segment"]) for r in rows])
     # no raw user id column in any shared file
     for name in ("segments.md", "segments.csv", "segment_categories.csv", "segment_items.csv", "segments.json"):
@@ -187,9 +183,9 @@ def test_segment_checkpoint_writes_the_report(tiny_checkpoints, model, tmp_path)
         assert payload["centroids"].shape == (3, payload["dim"]) and payload["normalize"] == "l2"
         assert payload["vector"]["kind"] == payload["kind"]
         assert payload["checkpoint_sha256"] == file_sha256(ckpt)
-    vectors = user_vectors(loaded.net, loaded.data).vectors
+    vectors = user_vectors(loaded.net, loaded.data()).vectors
     np.testing.assert_array_equal(assign_segments(vectors, payload["centroids"]), labels)
-    assert sum(payload["sizes"]) == loaded.data.n_users
+    assert sum(payload["sizes"]) == loaded.data().n_users
 
 
 def test_two_tower_vectors_read_the_whole_history_like_training(tiny_checkpoints):
@@ -199,7 +195,7 @@ def test_two_tower_vectors_read_the_whole_history_like_training(tiny_checkpoints
     from rectrain.tasks.two_tower import padded_histories
 
     loaded = load_model_and_data(tiny_checkpoints["two_tower"])
-    data, net = loaded.data, loaded.net
+    data, net = loaded.data(), loaded.net
     indptr, items = full_histories(data)
     assert indptr[-1] == len(data.train) + len(data.valid) + len(data.test)
     rows = np.arange(data.n_users)

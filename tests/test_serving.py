@@ -431,7 +431,7 @@ def _start_service(model: Path, *extra: str) -> tuple[subprocess.Popen, int]:
 def test_end_to_end_train_export_serve_matches_torch(checkpoints, exports, tmp_path):
     """Trained checkpoint -> export -> HTTP service in its own process -> the torch model's top-K."""
     net, facts = load_net(checkpoints["two_tower"])
-    queries = validation_queries(facts)
+    queries = validation_queries(checkpoints["two_tower"])
     live = _copy_export(exports["two_tower"], tmp_path / "tt")
     proc, port = _start_service(live)
     client = Client(port)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from rectrain.checkpoints import load_checkpoint, rebuild_model
+from rectrain.runs import load_checkpoint, rebuild_model
 from rectrain.training import train
 from tests.conftest import TINY_DATA
 

@@ -211,7 +211,7 @@ def test_training_loss_with_repeat_bonus_equals_scoring_each_prefix(loss, gate, 
 
 def test_repeat_boost_is_chosen_on_validation_and_saved(compose_cfg, tmp_path):
     """Sessions that re-click the last item: the tuned boost is the validation-best one, kept in the checkpoint."""
-    from rectrain.checkpoints import load_checkpoint, rebuild_model
+    from rectrain.runs import load_checkpoint, rebuild_model
     from rectrain.evaluation.ranking import evaluate_ranking
     from rectrain.training import build
 

@@ -12,13 +12,13 @@ the verdict reads the primary metric: ``B better``, ``A better`` or ``no signifi
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
+from rectrain.evaluation.metrics import topk_metrics
 from rectrain.utils.io import write_json_atomic, write_text_atomic
 
 PRIMARY = "ndcg"
@@ -85,18 +85,11 @@ def _targets(request: dict[str, Any]) -> list[str]:
 
 def per_request_metrics(answers: Sequence[dict[str, Any]], requests: Sequence[dict[str, Any]], k: int
                         ) -> dict[str, np.ndarray]:
-    """HR/NDCG/MRR@k per request from the answered top-k lists (targets ranked by list position)."""
-    n = len(requests)
-    hr, ndcg, mrr = np.zeros(n), np.zeros(n), np.zeros(n)
-    for i, (answer, request) in enumerate(zip(answers, requests)):
-        targets = set(_targets(request))
-        positions = [p for p, item in enumerate(answer["items"][:k]) if str(item) in targets]
-        if positions:
-            hr[i] = 1.0
-            mrr[i] = 1.0 / (positions[0] + 1)
-            ideal = sum(1.0 / math.log2(p + 2) for p in range(min(len(targets), k)))
-            ndcg[i] = sum(1.0 / math.log2(p + 2) for p in positions) / ideal
-    return {f"hr@{k}": hr, f"ndcg@{k}": ndcg, f"mrr@{k}": mrr}
+    """HR/NDCG/MRR@k per request from the answered top-k lists (targets ranked by list position;
+    :func:`rectrain.evaluation.metrics.topk_metrics`, the int8 check's arithmetic too)."""
+    lists = [[str(item) for item in answer["items"][:k]] for answer in answers]
+    targets = [list(dict.fromkeys(_targets(request))) for request in requests]  # distinct, in order
+    return topk_metrics(lists, targets, k)
 
 
 def bootstrap_ci(diff: np.ndarray, n_boot: int, rng: np.random.Generator, level: float = 0.95,

@@ -13,7 +13,27 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rectrain.errors import ConfigError
+from rectrain.errors import ConfigError, RectrainError
+
+
+def build(config: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets rectrain's own errors through unwrapped.
+
+    Hydra wraps whatever a constructor raises in ``InstantiationException``; a ConfigError or
+    DataError already names the key or file, so the entry point should print that, not the wrapper.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(config, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, RectrainError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def resolve_target(path: str) -> Any:

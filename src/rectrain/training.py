@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import logging
 import time
 import warnings
@@ -18,16 +17,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from rectrain.config_checks import check_constructor_args, resolve_target
-from rectrain.errors import ConfigError, RectrainError
+from rectrain.config_checks import build, check_constructor_args, resolve_target
+from rectrain.errors import ConfigError
 from rectrain.evaluation.ranking import format_table
 from rectrain.privacy import NO_PRIVACY
+from rectrain.runs import USER_VOCAB_FILE, user_vocab_blob
 from rectrain.tasks.callbacks import RandomStateCheckpoint, SafeCheckpointIO
 from rectrain.utils.io import remove_stale_temporaries, stable_hash, write_json_atomic, write_text_atomic
 
@@ -40,23 +39,6 @@ warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and i
 #: top-level model keys that are shorthands interpolated into ``model.net`` (so ``model.dim=64`` and
 #: ``model.encoder.cell=lstm`` work from the command line); they are not arguments of the task.
 MODEL_SHORTHANDS = ("dim", "encoder")
-
-
-def build(config: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that lets rectrain's own errors through unwrapped.
-
-    Hydra wraps whatever a constructor raises in ``InstantiationException``; a ConfigError or
-    DataError already names the key or file, so the entry point should print that, not the wrapper.
-    """
-    try:
-        return instantiate(config, **kwargs)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        while cause is not None and not isinstance(cause, RectrainError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
 
 
 def build_net_and_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
@@ -153,9 +135,9 @@ def write_user_vocab_sidecar(datamodule: Any, directory: Path) -> str:
 
     Returns the sha256 of the file, which the checkpoint records so export can find and verify it.
     """
-    blob = json.dumps({"user_vocab": datamodule.data.user_vocab.tolist()}).encode()
+    blob = user_vocab_blob(datamodule.data.user_vocab.tolist())
     digest = hashlib.sha256(blob).hexdigest()
-    path = directory / "user_vocab.json"
+    path = directory / USER_VOCAB_FILE
     directory.mkdir(parents=True, exist_ok=True)
     if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
         write_text_atomic(path, blob.decode())

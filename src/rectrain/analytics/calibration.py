@@ -36,27 +36,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rectrain.artifacts import (CALIBRATION_FORMAT, Calibration, default_calibration_path, sigmoid,
+                                stored_calibration, write_calibration)
 from rectrain.errors import RectrainError
 
 N_BINS = 15
-FORMAT_VERSION = 1
+FORMAT_VERSION = CALIBRATION_FORMAT
 METHODS = ("platt", "temperature")
-CALIBRATION_FILE = "calibration.json"
 #: reliability diagrams leave out equal-width bins holding fewer pairs (their frequency is noise)
 MIN_PLOTTED = 20
 
 
 # --- metrics --------------------------------------------------------------------------------------
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    out = np.empty_like(z)
-    pos = z >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
-    e = np.exp(z[~pos])
-    out[~pos] = e / (1.0 + e)
-    return out
-
-
 def _weights(y: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     return np.ones(y.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
 
@@ -154,38 +145,6 @@ def fit_platt(scores: np.ndarray, y: np.ndarray, weights: np.ndarray | None = No
     return float(theta[0]), float(theta[1])
 
 
-@dataclass
-class Calibration:
-    """``p = sigmoid(a * score + b)`` and how it was obtained."""
-
-    method: str
-    a: float
-    b: float
-    score: str  # what ``score`` is: "ncf_logit" or "two_tower_score"
-    negative_sampling_rate: float | None = None
-    prior_correction: float | None = None  # log(negative_sampling_rate)
-    fitted_on: str = "valid"
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def probability(self, scores: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of raw model scores (numpy only: what the scorer runs)."""
-        return sigmoid(self.a * np.asarray(scores, dtype=np.float64) + self.b)
-
-    def metadata(self) -> dict[str, Any]:
-        """The small dict for ONNX metadata / a scorer: method, a, b, score, formula."""
-        return {"method": self.method, "a": self.a, "b": self.b, "score": self.score,
-                "formula": "p = 1 / (1 + exp(-(a * score + b)))", "fitted_on": self.fitted_on,
-                "negative_sampling_rate": self.negative_sampling_rate}
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Calibration":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
 def negative_sampling_rate(n_negatives: int, n_positive_events: int, n_unobserved_pairs: int) -> float:
     """Fraction of the unobserved (user, item) pairs an epoch of pointwise training samples as negatives."""
     if n_unobserved_pairs <= 0:
@@ -272,8 +231,8 @@ def score_pairs(net: Any, pairs: PairSet, batch_size: int = 65536, user_features
     score). ``user_features``: (n_users, F), for a query tower reading them."""
     import torch
 
-    from rectrain.analytics.user_vectors import NCF, model_kind
     from rectrain.data.queries import pad_histories
+    from rectrain.runs import NCF, model_kind
 
     net.eval()
     out = np.empty(len(pairs), dtype=np.float64)
@@ -366,11 +325,11 @@ def calibrate_checkpoint(ckpt_path: str | Path, *, negatives: int = 100, method:
         data_overrides: ``data.<key>=<value>`` applied to the checkpoint's data config.
     """
     from rectrain.analytics.common import load_model_and_data
-    from rectrain.analytics.user_vectors import NCF, model_kind
+    from rectrain.runs import NCF
 
     loaded = loaded or load_model_and_data(ckpt_path, data_overrides)
-    data, net = loaded.data, loaded.net
-    kind = model_kind(net)
+    data, net = loaded.data(), loaded.net
+    kind = loaded.kind
     model_cfg = (loaded.config.get("model") or {}) if loaded.config is not None else {}
     rate = None
     training: dict[str, Any] = {"kind": kind}
@@ -407,7 +366,7 @@ def calibrate_checkpoint(ckpt_path: str | Path, *, negatives: int = 100, method:
                  "held-out step of the split protocol",
     }
 
-    calibration_file = Path(output) if output else loaded.path.parent / CALIBRATION_FILE
+    calibration_file = Path(output) if output else default_calibration_path(loaded.path)
     write_calibration(calibration_file, loaded.sha256, calibration)
     files = [calibration_file]
     if into_checkpoint:
@@ -419,41 +378,19 @@ def calibrate_checkpoint(ckpt_path: str | Path, *, negatives: int = 100, method:
 
 
 # --- storage --------------------------------------------------------------------------------------
-def write_calibration(path: str | Path, checkpoint_sha256: str, calibration: Calibration) -> Path:
-    """Add (or replace) this checkpoint's entry in the calibration file, atomically."""
-    from rectrain.utils.io import write_json_atomic
-
-    p = Path(path)
-    payload: dict[str, Any] = {"format": FORMAT_VERSION, "checkpoints": {}}
-    if p.is_file():
-        try:
-            existing = json.loads(p.read_text())
-            if isinstance(existing, dict) and isinstance(existing.get("checkpoints"), dict):
-                payload["checkpoints"] = existing["checkpoints"]
-        except json.JSONDecodeError:
-            pass  # a broken file is replaced
-    payload["checkpoints"][checkpoint_sha256] = calibration.to_dict()
-    write_json_atomic(p, payload)
-    return p
-
-
 def load_calibration(ckpt_path: str | Path, calibration_file: str | Path | None = None) -> Calibration | None:
     """The calibration stored for a checkpoint (by its sha256), or None when there is none.
 
-    Looks in ``ckpt["rectrain"]["calibration"]`` of the checkpoint first, then in ``calibration_file``
-    (default: ``calibration.json`` beside it).
+    Looks in ``calibration_file`` (default: ``calibration.json`` beside the checkpoint) first, then in
+    ``ckpt["rectrain"]["calibration"]`` of the checkpoint (a ``.calibrated.ckpt`` copy).
     """
+    from rectrain.runs import load_checkpoint
     from rectrain.utils.io import file_sha256
 
     ckpt = Path(ckpt_path)
-    sha = file_sha256(ckpt)
-    file = Path(calibration_file) if calibration_file else ckpt.parent / CALIBRATION_FILE
-    if file.is_file():
-        entry = json.loads(file.read_text()).get("checkpoints", {}).get(sha)
-        if entry:
-            return Calibration.from_dict(entry)
-    from rectrain.checkpoints import load_checkpoint
-
+    found = stored_calibration(calibration_file or default_calibration_path(ckpt), file_sha256(ckpt))
+    if found is not None:
+        return found
     entry = (load_checkpoint(ckpt).get("rectrain") or {}).get("calibration")
     return Calibration.from_dict(entry) if entry else None
 

@@ -216,7 +216,7 @@ class SegmentReport:
 def write_segment_report(output: str | Path, fit: Any, profiles: SegmentProfiles, payload: dict[str, Any], *,
                          title: str = "", notes: Sequence[str] = ()) -> list[Path]:
     """Write every report file into ``output`` (see the module docstring); returns their paths."""
-    from rectrain.analytics.segments import write_segments_file
+    from rectrain.artifacts import write_segments_file
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,16 +261,17 @@ def segment_checkpoint(ckpt_path: str | Path, *, k: int | None = 8, k_range: str
     """
     from rectrain.analytics.common import load_model_and_data
     from rectrain.analytics.segments import fit_segments, segments_payload
+    from rectrain.artifacts import default_segments_path
     from rectrain.analytics.user_vectors import user_vectors
 
     loaded = loaded or load_model_and_data(ckpt_path, data_overrides)
-    vectors = user_vectors(loaded.net, loaded.data, user_features=loaded.user_features)
+    vectors = user_vectors(loaded.net, loaded.data(), user_features=loaded.user_features)
     fit = fit_segments(vectors.vectors, k, k_range, seed=seed, normalize=normalize, sample_size=sample_size)
-    profiles = segment_profiles(loaded.data, fit.labels)
+    profiles = segment_profiles(loaded.data(), fit.labels)
     payload = segments_payload(fit, vectors.definition, checkpoint_sha256=loaded.sha256,
                                extra={"checkpoint": loaded.path.name,
                                       "data_fingerprint": loaded.facts.get("data_fingerprint")})
-    out = Path(output) if output else loaded.path.parent / f"{loaded.path.stem}-segments"
+    out = Path(output) if output else default_segments_path(loaded.path).parent
     title = f"{type(loaded.net).__name__}, {loaded.path.name}"
     files = write_segment_report(out, fit, profiles, payload, title=title)
     return SegmentReport(out, fit, profiles, payload, files)

@@ -3,44 +3,24 @@
 Vectors are L2-normalised before clustering by default (``normalize=True``): the direction of a
 user embedding is the taste, its length mostly activity and training time, and the segment of a
 history must not depend on how long it is. Centroids live in the same (normalised) space, so
-assigning a new vector is ``argmin_j ||v / |v| - c_j||^2`` (:func:`assign_segments`, numpy only).
+assigning a new vector is ``argmin_j ||v / |v| - c_j||^2`` (:func:`rectrain.artifacts.assign_segments`, numpy only: the scorer runs it too).
 
 Segments are numbered by size, largest first, so the numbering is stable between runs that find the
 same partition.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from rectrain.artifacts import SEGMENTS_FORMAT, assign_segments, normalize_rows
 from rectrain.errors import RectrainError
 
 #: above this many users MiniBatchKMeans replaces KMeans (same objective, bounded memory and time)
 MINIBATCH_ABOVE = 50_000
-FORMAT_VERSION = 1
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-def assign_segments(vectors: np.ndarray, centroids: np.ndarray, normalize: bool = True) -> np.ndarray:
-    """(n, d) vectors -> (n,) index of the nearest centroid (squared Euclidean; numpy only).
-
-    This is what a torch-free scorer runs: with ``normalize`` the vectors are L2-normalised first,
-    as they were when the centroids were fitted.
-    """
-    x = normalize_rows(vectors) if normalize else np.asarray(vectors, dtype=np.float32)
-    c = np.asarray(centroids, dtype=np.float32)
-    d2 = (x * x).sum(1, keepdims=True) - 2.0 * x @ c.T + (c * c).sum(1)[None, :]
-    return d2.argmin(axis=1).astype(np.int64)
+FORMAT_VERSION = SEGMENTS_FORMAT
 
 
 @dataclass
@@ -183,36 +163,3 @@ def segments_payload(fit: SegmentFit, definition: dict[str, Any], *, checkpoint_
         "checkpoint_sha256": checkpoint_sha256,
         **(extra or {}),
     }
-
-
-def write_segments_file(directory: str | Path, payload: dict[str, Any]) -> tuple[Path, Path]:
-    """Write ``segments.json`` (lossless: float32 centroids as float64 decimals) and ``segments.npz``
-    (the same: ``centroids`` float32 (k, d) plus ``meta``, a JSON string; loads with allow_pickle=False)."""
-    from rectrain.utils.io import atomic_path, write_json_atomic
-
-    directory = Path(directory)
-    json_path, npz_path = directory / "segments.json", directory / "segments.npz"
-    write_json_atomic(json_path, payload)
-    meta = {k: v for k, v in payload.items() if k != "centroids"}
-    with atomic_path(npz_path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, centroids=np.asarray(payload["centroids"], dtype=np.float32),
-                     meta=np.array(json.dumps(meta, sort_keys=True)))
-    return json_path, npz_path
-
-
-def load_segments(path: str | Path) -> dict[str, Any]:
-    """Read ``segments.json`` or ``segments.npz``; ``centroids`` comes back as a float32 array."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "segments.json"
-    if not p.is_file():
-        raise RectrainError(f"segments file not found: {p}")
-    if p.suffix == ".npz":
-        with np.load(p, allow_pickle=False) as npz:
-            payload = json.loads(str(npz["meta"]))
-            payload["centroids"] = npz["centroids"].astype(np.float32)
-        return payload
-    payload = json.loads(p.read_text())
-    payload["centroids"] = np.asarray(payload["centroids"], dtype=np.float32)
-    return payload

@@ -20,11 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from rectrain.errors import RectrainError
 from rectrain.data.queries import pad_histories
-
-NCF = "ncf"
-TWO_TOWER = "two_tower"
+from rectrain.errors import RectrainError
+from rectrain.runs import NCF, TWO_TOWER
 
 
 @dataclass
@@ -41,35 +39,20 @@ class UserVectors:
 
 
 def model_kind(net: nn.Module) -> str:
-    """``ncf`` or ``two_tower`` (RectrainError for anything else)."""
-    from rectrain.models.ncf import GMF, MF, MLP, NeuMF
-    from rectrain.models.two_tower import TwoTower
+    """``ncf`` or ``two_tower`` (:func:`rectrain.runs.model_kind`; RectrainError for anything else)."""
+    from rectrain.runs import model_kind as kind_of
 
-    if isinstance(net, TwoTower):
-        return TWO_TOWER
-    if isinstance(net, (MF, GMF, MLP, NeuMF)):
-        return NCF
-    raise RectrainError(f"cannot compute user vectors for a {type(net).__name__} model (NCF family or two-tower)")
+    return kind_of(net)
 
 
-@torch.no_grad()
 def ncf_user_vectors(net: nn.Module) -> UserVectors:
-    """The user embedding table of an NCF-family model (see the module docstring)."""
-    from rectrain.models.ncf import GMF, MF, MLP, NeuMF
+    """The user embedding table of an NCF-family model (:func:`rectrain.models.ncf.user_vectors`)."""
+    from rectrain.models.ncf import user_vectors as ncf_vectors
 
-    if isinstance(net, (MF, MLP)):
-        vectors, source = net.user.weight, "user.weight"
-    elif isinstance(net, GMF):
-        vectors, source = net.user.weight * net.out.weight[0], "user.weight * out.weight"
-    elif isinstance(net, NeuMF):
-        d = net.gmf.user.embedding_dim
-        vectors = torch.cat([net.gmf.user.weight * net.out.weight[0, :d], net.mlp.user.weight], dim=1)
-        source = "concat(gmf.user.weight * out.weight[:dim], mlp.user.weight)"
-    else:
-        raise RectrainError(f"{type(net).__name__} is not an NCF-family model")
+    vectors, source = ncf_vectors(net)
     definition = {"kind": NCF, "vector": "user_embedding", "model_class": type(net).__name__, "source": source,
                   "input": "user index (the training user vocabulary)", "dim": int(vectors.shape[1])}
-    return UserVectors(vectors.detach().cpu().numpy().astype(np.float32), NCF, definition)
+    return UserVectors(vectors, NCF, definition)
 
 
 def full_histories(data: Any) -> tuple[np.ndarray, np.ndarray]:

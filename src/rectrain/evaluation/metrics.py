@@ -8,6 +8,8 @@ across chunks and shards, so a sharded evaluation gives exactly the single-proce
 """
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import numpy as np
 
 
@@ -83,6 +85,36 @@ def ranking_metrics(ranks: np.ndarray, ks: tuple[int, ...] | list[int], indptr: 
         out[f"recall@{k}"] = recall(ranks, k, indptr)
         out[f"precision@{k}"] = precision(ranks, k, indptr)
     return out
+
+
+def topk_ranks(answers: Sequence[Sequence[Any]], targets: Sequence[Sequence[Any]], k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks of every target in its row's answered top-``k`` list (``k`` when absent) and the CSR indptr.
+
+    What a served model answers is a list, not scores: this turns lists into the ranks the metrics
+    above read, so an exported graph (int8 check) and a replayed service (offline A/B) are scored by
+    the same arithmetic as the evaluator. Items compare by ``==`` (indices or raw ids alike).
+    """
+    ranks: list[int] = []
+    indptr = np.zeros(len(targets) + 1, dtype=np.int64)
+    for row, (answer, wanted) in enumerate(zip(answers, targets)):
+        position: dict[Any, int] = {}
+        for p, item in enumerate(list(answer)[:k]):
+            position.setdefault(item, p)
+        ranks += [position.get(t, k) for t in wanted]
+        indptr[row + 1] = len(ranks)
+    return np.asarray(ranks, dtype=np.int64), indptr
+
+
+def topk_metrics(answers: Sequence[Sequence[Any]], targets: Sequence[Sequence[Any]], k: int
+                 ) -> dict[str, np.ndarray]:
+    """HR@k, NDCG@k and MRR@k per row of answered top-``k`` lists (see :func:`topk_ranks`).
+
+    A row's targets should be distinct (a repeated target would count twice).
+    """
+    ranks, indptr = topk_ranks(answers, targets, k)
+    return {f"hr@{k}": hit_rate(ranks, k, indptr), f"ndcg@{k}": ndcg(ranks, k, indptr),
+            f"mrr@{k}": mrr(ranks, k, indptr)}
 
 
 # ---- catalog metrics from per-item recommendation counts (n_items,) -------------------------------

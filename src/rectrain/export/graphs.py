@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rectrain.runs import NCF, TWO_TOWER, model_kind  # noqa: F401  (re-exported: the kinds have one home)
 from rectrain.export.wrappers import (
     NCFRecommend,
     NCFScore,
@@ -26,7 +27,6 @@ from rectrain.export.wrappers import (
     TwoTowerRecommendWithUser,
 )
 
-TWO_TOWER, NCF = "two_tower", "ncf"
 
 EXCLUDE_MEANING = ("item indices never to recommend for the row (already purchased, seen), padded with -1; "
                    "indices outside 0..n_items-1 are ignored; shape (batch, 0) when there is nothing to exclude")
@@ -63,15 +63,6 @@ class GraphSpec:
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
                 for t in (*self.inputs, *self.outputs) if any(isinstance(d, str) for d in t.shape)}
-
-
-def model_kind(net: nn.Module) -> str:
-    """``two_tower`` for a query-from-history model, ``ncf`` for a user x item model."""
-    if hasattr(net, "query") and hasattr(net, "item_vectors"):
-        return TWO_TOWER
-    if hasattr(net, "score_all"):
-        return NCF
-    raise TypeError(f"cannot export {type(net).__name__}: it has neither query/item_vectors nor score_all")
 
 
 def graph_specs(net: nn.Module) -> list[GraphSpec]:

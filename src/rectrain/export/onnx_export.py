@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import tempfile
@@ -40,8 +39,9 @@ from torch import nn
 from rectrain.errors import RectrainError
 from rectrain.export.ann_index import build_for_export, choose_kind
 from rectrain.export import metadata as md
-from rectrain.export.graphs import NCF, TWO_TOWER, GraphSpec, graph_specs, model_kind
+from rectrain.export.graphs import NCF, TWO_TOWER, GraphSpec, graph_specs
 from rectrain.export.parity import DEFAULT_TOLERANCE, ParityError, TorchReference, check_graph
+from rectrain.runs import model_kind
 from rectrain.utils.io import file_sha256, remove_stale_temporaries, temp_prefix
 
 log = logging.getLogger(__name__)
@@ -195,25 +195,16 @@ def _prepare_net(net: nn.Module) -> nn.Module:
 
 def locate_user_vocab(facts: dict[str, Any], ckpt_path: Path | None, user_vocab: str | os.PathLike[str] | None
                       ) -> tuple[bytes, str]:
-    """The user vocabulary sidecar's bytes and sha256, verified against the checkpoint's record."""
-    path = Path(user_vocab) if user_vocab else (ckpt_path.parent / "user_vocab.json" if ckpt_path else None)
-    if path is None or not path.is_file():
-        raise ExportError(f"user vocabulary sidecar not found at {path}: an NCF model cannot map raw user ids "
-                          "without it. Pass user_vocab=<path to the run's checkpoints/user_vocab.json>")
-    blob = path.read_bytes()
-    digest = hashlib.sha256(blob).hexdigest()
-    expected = facts.get("user_vocab_sha256")
-    if expected and digest != expected:
-        raise ExportError(f"{path}: sha256 {digest[:12]} does not match the checkpoint's user_vocab_sha256 "
-                          f"{expected[:12]}: this vocabulary belongs to another run")
+    """The user vocabulary sidecar's bytes and sha256, verified against the checkpoint's record
+    (:func:`rectrain.runs.read_user_vocab`)."""
+    from rectrain.runs import USER_VOCAB_FILE, read_user_vocab
+
+    path = Path(user_vocab) if user_vocab else (ckpt_path.parent / USER_VOCAB_FILE if ckpt_path else None)
     try:
-        vocab = json.loads(blob)["user_vocab"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ExportError(f"{path}: not a rectrain user vocabulary ({exc})") from exc
-    n_users = int(facts.get("n_users") or 0)
-    if n_users and len(vocab) != n_users:
-        raise ExportError(f"{path}: {len(vocab)} users, but the model was trained on {n_users}")
-    return blob, digest
+        vocab = read_user_vocab(facts, path)
+    except RectrainError as exc:
+        raise ExportError(str(exc)) from exc
+    return vocab.blob, vocab.sha256
 
 
 def export_checkpoint(ckpt_path: str | os.PathLike[str], output: str | os.PathLike[str] | None = None, *,
@@ -242,51 +233,43 @@ def export_checkpoint(ckpt_path: str | os.PathLike[str], output: str | os.PathLi
     Raises:
         ExportError: parity fails, an axis froze, the user vocabulary is missing or does not match.
     """
-    from rectrain.checkpoints import load_checkpoint, rebuild_model
+    from rectrain.runs import open_run
 
-    ckpt_path = Path(ckpt_path)
-    ckpt = load_checkpoint(ckpt_path)
-    facts = dict(ckpt.get("rectrain") or {})
-    net = rebuild_model(ckpt)
-    facts.update(_analytics_facts(ckpt_path, ckpt, net, segments))
-    output = Path(output) if output else ckpt_path.with_suffix(".onnx")
-    return export_model(net, facts, output, opset=opset, tolerance=tolerance, quantize=quantize,
-                        validation=md.validation_metrics(ckpt, ckpt_path), ckpt_path=ckpt_path,
-                        user_vocab=user_vocab, seed=seed, ann=ann)
+    run = open_run(ckpt_path)
+    facts = dict(run.facts)
+    facts.update(_analytics_facts(run, segments))
+    output = Path(output) if output else run.path.with_suffix(".onnx")
+    return export_model(run.net, facts, output, opset=opset, tolerance=tolerance, quantize=quantize,
+                        validation=md.validation_metrics(run.ckpt, run.path), ckpt_path=run.path,
+                        user_vocab=user_vocab, seed=seed, ann=ann, run=run)
 
 
-def _analytics_facts(ckpt_path: Path, ckpt: dict[str, Any], net: nn.Module,
-                     segments: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """Segments and calibration fitted for this checkpoint, checked against its sha256."""
-    import numpy as np
-
-    from rectrain.analytics.calibration import load_calibration
-    from rectrain.analytics.segments import assign_segments, load_segments
-    from rectrain.utils.io import file_sha256, remove_stale_temporaries, temp_prefix
+def _analytics_facts(run: Any, segments: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Segments and calibration fitted for this run's checkpoint, checked against its sha256
+    (formats and checks: :mod:`rectrain.artifacts`)."""
+    from rectrain import artifacts
 
     out: dict[str, Any] = {}
-    digest = file_sha256(ckpt_path)
-    calibration = load_calibration(ckpt_path)
+    calibration = artifacts.stored_calibration(artifacts.default_calibration_path(run.path), run.sha256)
     if calibration is not None:
         out["calibration"] = calibration.metadata()
-    elif (ckpt.get("rectrain") or {}).get("calibration"):
-        out["calibration"] = ckpt["rectrain"]["calibration"]
-    path = Path(segments) if segments else ckpt_path.parent / f"{ckpt_path.stem}-segments" / "segments.json"
+    elif run.facts.get("calibration"):
+        out["calibration"] = artifacts.Calibration.from_dict(run.facts["calibration"]).metadata()
+    path = Path(segments) if segments else artifacts.default_segments_path(run.path)
     if segments is None and not path.is_file():
         return out
-    payload = load_segments(path)
-    if payload.get("checkpoint_sha256") not in (None, "", digest):
-        raise ExportError(f"{path} was fitted on another checkpoint (sha256 {payload['checkpoint_sha256'][:12]}, "
-                          f"this one {digest[:12]}); run segment.py on {ckpt_path}")
-    centroids = np.asarray(payload["centroids"], dtype=np.float32)
-    seg: dict[str, Any] = {"k": int(centroids.shape[0]), "centroids": centroids.tolist(),
-                           "normalize": payload.get("normalize", "l2"), "vector": payload.get("vector", {}),
-                           "distance": "squared_euclidean"}
+    try:
+        payload = artifacts.load_segments(path)
+        artifacts.check_segments_belong(payload, path, run.sha256, run.path)
+    except artifacts.ArtifactError as exc:
+        raise ExportError(str(exc)) from exc
+    seg = artifacts.segments_metadata(payload)
     if payload.get("kind") == "ncf":
-        from rectrain.analytics.user_vectors import ncf_user_vectors
+        from rectrain.models.ncf import user_vectors
 
-        vectors = ncf_user_vectors(net).vectors
-        seg["user_segments"] = assign_segments(vectors, centroids, seg["normalize"] == "l2").astype(int).tolist()
+        vectors, _ = user_vectors(run.net)
+        seg["user_segments"] = artifacts.assign_segments(vectors, payload["centroids"],
+                                                         seg["normalize"] == "l2").astype(int).tolist()
     out["segments"] = seg
     return out
 
@@ -295,8 +278,11 @@ def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLik
                  opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE, quantize: bool = False,
                  validation: dict[str, Any] | None = None, ckpt_path: Path | None = None,
                  user_vocab: str | os.PathLike[str] | None = None, seed: int = 0,
-                 ann: AnnOptions | None = None) -> ExportReport:
-    """Export a plain net with its checkpoint facts (``ckpt["rectrain"]``); see :func:`export_checkpoint`."""
+                 ann: AnnOptions | None = None, run: Any = None) -> ExportReport:
+    """Export a plain net with its checkpoint facts (``ckpt["rectrain"]``); see :func:`export_checkpoint`.
+
+    ``run``: the :class:`rectrain.runs.Run` the net came from, whose data the int8 check ranks
+    (default: a run made of ``net`` and ``facts``, its data rebuilt from ``facts["config"]``)."""
     started = time.perf_counter()
     net = _prepare_net(net)
     kind = model_kind(net)
@@ -364,7 +350,12 @@ def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLik
     report.metadata = main_meta
 
     if quantize:
-        int8_model, report.quantization = _quantize(checked[main.name], facts, kind, max_length, len(staged_bytes[main.name]))
+        if run is None:
+            from rectrain.runs import Run
+
+            run = Run(path=ckpt_path or Path(str(output)), ckpt={}, facts=facts, net=net)
+        int8_model, report.quantization = _quantize(checked[main.name], run, kind, max_length,
+                                                    len(staged_bytes[main.name]))
         _finish(int8_model, {**main_meta, "graph": "recommend", "quantization": md.to_json(report.quantization),
                              "parity": md.to_json({"note": "int8: compared by validation metrics, not by tolerance"})},
                 main)
@@ -409,15 +400,13 @@ def _finish(model: onnx.ModelProto, meta: dict[str, str], spec: GraphSpec) -> No
     check_symbolic(model, spec)
 
 
-def _quantize(model: onnx.ModelProto, facts: dict[str, Any], kind: str, max_length: int | None,
+def _quantize(model: onnx.ModelProto, run: Any, kind: str, max_length: int | None,
               float_bytes: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    from rectrain.export.quantize import onnx_ranking_metrics, quantize_int8, rebuild_data
-    from rectrain.features import user_feature_matrix
+    from rectrain.export.quantize import onnx_ranking_metrics, quantize_int8
 
     int8 = quantize_int8(model)
-    data = rebuild_data(facts)
-    queries = data.ranking_queries("valid")
-    features = user_feature_matrix(facts.get("user_features"), data.user_attributes, data.n_users)
+    queries = run.data().ranking_queries("valid")
+    features = run.user_features
     k = 10
     scores = {name: onnx_ranking_metrics(_session(m), kind, queries, max_length=max_length or 50, k=k,
                                          user_features=features)

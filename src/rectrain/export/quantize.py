@@ -1,9 +1,9 @@
 """Dynamic int8 quantisation (onnxruntime's quantiser) and what it costs in ranking quality.
 
 The cost is measured, not assumed: the float and the int8 ``recommend`` graphs both rank the
-validation split of the data the checkpoint was trained on (rebuilt from the checkpoint's config
-and checked against its data fingerprint), under the evaluator's protocol: full catalog, seen items
-excluded when the protocol masks them, a row's own targets never excluded, ties to the lower index.
+validation split of the data the checkpoint was trained on (:meth:`rectrain.runs.Run.data`), under
+the evaluator's protocol: full catalog, seen items excluded when the protocol masks them, a row's own
+targets never excluded, ties to the lower index.
 """
 from __future__ import annotations
 
@@ -17,10 +17,8 @@ from typing import Any, Iterator
 import numpy as np
 import onnx
 
-from rectrain.errors import RectrainError
-from rectrain.evaluation import metrics as M
 from rectrain.data.queries import RankingQueries
-from rectrain.features import user_feature_matrix
+from rectrain.evaluation.metrics import topk_metrics
 
 
 def quantize_int8(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -46,36 +44,6 @@ def _quiet_root_logger() -> Iterator[None]:
         root.setLevel(level)
 
 
-def load_validation_queries(facts: dict[str, Any]) -> RankingQueries:
-    """The validation queries of the data behind a checkpoint; fails when that data has changed."""
-    return rebuild_data(facts).ranking_queries("valid")
-
-
-def rebuild_data(facts: dict[str, Any]) -> Any:
-    """The PreparedData behind a checkpoint (from the cache when present); fails when it has changed."""
-    from hydra.utils import instantiate
-
-    from rectrain.data.dataset import SplitConfig, load_or_prepare
-    from rectrain.data.preprocess import PreprocessConfig
-
-    data_cfg = (facts.get("config") or {}).get("data")
-    if not data_cfg or "source" not in data_cfg:
-        raise RectrainError("the checkpoint carries no data config: cannot measure validation quality")
-    try:
-        source = instantiate(data_cfg["source"])
-        pre = PreprocessConfig(**(data_cfg.get("preprocess") or {}))
-        split = SplitConfig(**(data_cfg.get("split") or {}))
-        data = load_or_prepare(source, pre, split, data_cfg.get("cache_dir"))
-    except RectrainError:
-        raise
-    except Exception as exc:  # a moved file, a missing source class
-        raise RectrainError(f"cannot rebuild the training data to measure quality: {type(exc).__name__}: {exc}") from exc
-    if facts.get("data_fingerprint") and data.fingerprint != facts["data_fingerprint"]:
-        raise RectrainError(f"the training data changed since the checkpoint was written (fingerprint "
-                            f"{data.fingerprint} != {facts['data_fingerprint']}): quality cannot be compared")
-    return data
-
-
 def _rows_csr(indptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
     return [values[indptr[r]:indptr[r + 1]] for r in rows]
 
@@ -94,7 +62,7 @@ def onnx_ranking_metrics(session: Any, kind: str, queries: RankingQueries, *, ma
 
     ``user_features``: (n_users, F) rows fed to a graph with a ``user_features`` input."""
     n = len(queries)
-    ranks = np.empty(queries.target_items.size, dtype=np.int64)
+    answered: list[np.ndarray] = []
     for start in range(0, n, batch):
         rows = np.arange(start, min(start + batch, n))
         targets = _rows_csr(queries.target_indptr, queries.target_items, rows)
@@ -111,11 +79,8 @@ def onnx_ranking_metrics(session: Any, kind: str, queries: RankingQueries, *, ma
         else:
             feed["user"] = queries.users[rows].astype(np.int64)
         items, _ = session.run(["items", "scores"], feed)
-        for i, t in enumerate(targets):
-            lo = queries.target_indptr[rows[i]]
-            for j, item in enumerate(t):
-                hit = np.flatnonzero(items[i] == item)
-                ranks[lo + j] = hit[0] if hit.size else k
-    per_query = M.ranking_metrics(ranks, (k,), queries.target_indptr)
+        answered += list(items)
+    targets = _rows_csr(queries.target_indptr, queries.target_items, np.arange(n))
+    per_query = topk_metrics(answered, targets, k)
     return {name: math.fsum(values.tolist()) / max(values.size, 1) for name, values in per_query.items()
             if name in (f"hr@{k}", f"ndcg@{k}")}

@@ -180,3 +180,26 @@ class NeuMF(nn.Module):
         self.mlp.load_state_dict(mlp_body, strict=True)
         self.out.weight.copy_(torch.cat([alpha * gmf_state["out.weight"], (1 - alpha) * mlp_state["out.weight"]], dim=1))
         self.out.bias.copy_(alpha * gmf_state["out.bias"] + (1 - alpha) * mlp_state["out.bias"])
+
+
+@torch.no_grad()
+def user_vectors(net: nn.Module) -> tuple["np.ndarray", str]:
+    """(n_users, d) float32 vector of every user index as the model uses it, and where it comes from.
+
+    MF/MLP: the user embedding row; GMF: ``user.weight * out.weight`` (what is dot-multiplied with
+    the item embedding); NeuMF: ``[gmf.user.weight * out.weight[:d], mlp.user.weight]``. Customer
+    segments cluster these vectors, and export assigns every user index its segment from them.
+    """
+    import numpy as np
+
+    if isinstance(net, (MF, MLP)):
+        vectors, source = net.user.weight, "user.weight"
+    elif isinstance(net, GMF):
+        vectors, source = net.user.weight * net.out.weight[0], "user.weight * out.weight"
+    elif isinstance(net, NeuMF):
+        d = net.gmf.user.embedding_dim
+        vectors = torch.cat([net.gmf.user.weight * net.out.weight[0, :d], net.mlp.user.weight], dim=1)
+        source = "concat(gmf.user.weight * out.weight[:dim], mlp.user.weight)"
+    else:
+        raise TypeError(f"{type(net).__name__} is not an NCF-family model")
+    return vectors.detach().cpu().numpy().astype(np.float32), source

@@ -23,6 +23,8 @@ import numpy as np
 import onnxruntime as ort
 
 from rectrain.ann import AnnError, AnnIndex
+from rectrain.artifacts import (ArtifactError, assign_segments, centroids_of, check_calibration_metadata,
+                                platt_probability)
 from rectrain.features import UserFeatureEncoder
 
 log = logging.getLogger(__name__)
@@ -195,33 +197,30 @@ class OnnxModel:
         return model
 
     def _load_analytics(self) -> None:
-        """Optional customer segments and probability calibration carried in the metadata."""
+        """Optional customer segments and probability calibration carried in the metadata
+        (formats and checks: :mod:`rectrain.artifacts`, shared with analytics and export)."""
         if "segments" in self.meta:
             seg = _json_meta(self.meta, "segments", self.path)
-            self.segment_centroids = np.asarray(seg["centroids"], dtype=np.float32)
-            self.segments_normalize = seg.get("normalize", "l2") == "l2"
+            self.segment_centroids, self.segments_normalize = centroids_of(seg)
             if self.kind == "ncf":
                 self.user_segments = np.asarray(seg.get("user_segments", []), dtype=np.int64)
         if "calibration" in self.meta:
             cal = _json_meta(self.meta, "calibration", self.path)
-            if not {"a", "b"} <= set(cal):
-                raise ModelLoadError(f"{self.path.name}: calibration metadata needs 'a' and 'b'")
+            try:
+                check_calibration_metadata(cal, self.path.name)
+            except ArtifactError as exc:
+                raise ModelLoadError(str(exc)) from None
             self.calibration = cal
 
     def segment_of_vectors(self, vectors: np.ndarray) -> np.ndarray:
         """Nearest centroid (squared Euclidean, after L2 normalisation when the segments used it)."""
         assert self.segment_centroids is not None
-        v = np.asarray(vectors, dtype=np.float32)
-        if self.segments_normalize:
-            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        d = (v * v).sum(1)[:, None] - 2 * v @ self.segment_centroids.T + (self.segment_centroids ** 2).sum(1)[None, :]
-        return d.argmin(1)
+        return assign_segments(vectors, self.segment_centroids, self.segments_normalize)
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of the graph's scores: sigmoid(a * score + b)."""
         assert self.calibration is not None
-        z = float(self.calibration["a"]) * np.asarray(scores, dtype=np.float64) + float(self.calibration["b"])
-        return 1.0 / (1.0 + np.exp(-z))
+        return platt_probability(scores, self.calibration["a"], self.calibration["b"])
 
     # --- companions -------------------------------------------------------------------------
     def _companion_bytes(self, name: str, ref: dict[str, Any]) -> bytes | None:

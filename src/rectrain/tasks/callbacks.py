@@ -18,7 +18,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
-from rectrain.checkpoints import load_checkpoint
+from rectrain.runs import load_checkpoint
 from rectrain.errors import RectrainError
 from rectrain.utils.io import atomic_path
 

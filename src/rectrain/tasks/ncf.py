@@ -58,7 +58,7 @@ class NCFTask(RankingTask):
         return self._spec
 
     def _load_pretrained(self, pretrained: Mapping[str, Any]) -> None:
-        from rectrain.checkpoints import load_checkpoint
+        from rectrain.runs import load_checkpoint
 
         if not hasattr(self.net, "load_pretrained"):
             raise ConfigError("model.pretrained", f"{type(self.net).__name__} cannot be initialised from GMF/MLP")
