@@ -1,16 +1,41 @@
-"""The logQ term and the accidental-hit mask do what they claim, on hand-made batches."""
+"""Every training loss by hand on hand-made batches (BCE, BPR, full softmax, the logQ term, the
+accidental-hit mask, BPR-max), and the tasks' losses are these functions' values."""
 import math
 
 import torch
 
 from rectrain.losses import (
     NEG_INF,
+    bce_loss,
+    bpr_loss,
     bpr_max_loss,
     candidate_logits,
     expected_count_log_q,
     full_softmax_loss,
     sampled_softmax_loss,
 )
+
+
+def _sig(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def test_bce_by_hand_mean_and_weighted():
+    logits, labels = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
+    each = [-math.log(_sig(2.0)), -math.log(1 - _sig(-1.0)), -math.log(1 - _sig(0.5))]
+    assert math.isclose(bce_loss(logits, labels).item(), sum(each) / 3, rel_tol=1e-6)
+    # weight 0 is padding: the weighted mean counts the others only
+    weight = torch.tensor([1.0, 1.0, 0.0])
+    assert math.isclose(bce_loss(logits, labels, weight).item(), (each[0] + each[1]) / 2, rel_tol=1e-6)
+
+
+def test_bpr_by_hand_mean_and_weighted():
+    pos, neg = torch.tensor([3.0, 0.0]), torch.tensor([1.0, 2.0])
+    each = [-math.log(_sig(2.0)), -math.log(_sig(-2.0))]
+    assert math.isclose(bpr_loss(pos, neg).item(), sum(each) / 2, rel_tol=1e-6)
+    assert math.isclose(bpr_loss(pos, neg, torch.tensor([0.0, 1.0])).item(), each[1], rel_tol=1e-6)
+    # all-padding record: weight sum clamped to 1, loss 0 (no division by zero)
+    assert bpr_loss(pos, neg, torch.zeros(2)).item() == 0.0
 
 
 def test_logq_subtracts_log_expected_counts_exactly():
@@ -99,10 +124,61 @@ def test_bpr_max_prefers_a_higher_positive_and_ignores_masked_columns():
 
 
 def test_full_softmax_is_cross_entropy_over_the_catalog():
-    q = torch.tensor([[1.0, 2.0]])
-    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    expected = -torch.log_softmax(torch.tensor([1.0, 2.0, 3.0]) / 2.0, 0)[1]
-    torch.testing.assert_close(full_softmax_loss(q, torch.tensor([1]), items, temperature=2.0), expected)
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, math.log(2.0)]])
+    row0 = -math.log(math.exp(2.0) / (math.exp(1.0) + math.exp(2.0) + math.exp(3.0)))
+    row1 = -math.log(2.0 / 4.0)
+    targets = torch.tensor([1, 2])
+    assert math.isclose(full_softmax_loss(logits, targets).item(), (row0 + row1) / 2, rel_tol=1e-6)
+    assert math.isclose(full_softmax_loss(logits, targets, torch.tensor([0.0, 1.0])).item(), row1, rel_tol=1e-6)
+
+
+def _ncf_task(loss: str):
+    from rectrain.models.ncf import MF
+    from rectrain.tasks.ncf import NCFTask
+
+    torch.manual_seed(0)
+    return NCFTask(MF(n_users=3, n_items=4, dim=2), loss=loss)
+
+
+def test_ncf_task_trains_with_bce_and_bpr_from_losses():
+    task = _ncf_task("bce")
+    batch = {"user": torch.tensor([0, 1, 2]), "item": torch.tensor([1, 2, 3]), "label": torch.tensor([1.0, 0.0, 1.0])}
+    logits = task.net(batch["user"], batch["item"]).detach()
+    loss, n = task.compute_loss(batch)
+    by_hand = sum(-math.log(_sig(x)) if y else -math.log(1 - _sig(x)) for x, y in zip(logits.tolist(), [1, 0, 1])) / 3
+    assert n == 3 and math.isclose(loss.item(), by_hand, rel_tol=1e-5)
+    task = _ncf_task("bpr")
+    batch = {"user": torch.tensor([0, 2]), "pos_item": torch.tensor([1, 3]), "neg_item": torch.tensor([0, 0])}
+    pos = task.net(batch["user"], batch["pos_item"]).detach()
+    neg = task.net(batch["user"], batch["neg_item"]).detach()
+    by_hand = sum(-math.log(_sig(p - q)) for p, q in zip(pos.tolist(), neg.tolist())) / 2
+    assert math.isclose(task.compute_loss(batch)[0].item(), by_hand, rel_tol=1e-5)
+    # a user's record (user-level DP): the weighted mean, padding excluded
+    record = {"user": torch.tensor(0), "pos_item": torch.tensor([1, 3, 0]), "neg_item": torch.tensor([0, 0, 0]),
+              "weight": torch.tensor([1.0, 1.0, 0.0])}
+    user = torch.zeros(3, dtype=torch.long)
+    d = (task.net(user, record["pos_item"]) - task.net(user, record["neg_item"])).detach().tolist()
+    assert math.isclose(task.record_loss(record).item(), (-math.log(_sig(d[0])) - math.log(_sig(d[1]))) / 2,
+                        rel_tol=1e-5)
+
+
+def test_two_tower_task_full_loss_is_catalog_cross_entropy():
+    from rectrain.models.two_tower import TwoTower
+    from rectrain.tasks.two_tower import TwoTowerTask
+
+    torch.manual_seed(0)
+    net = TwoTower(n_items=6, dim=4, hidden=8, max_length=3, embedding_dropout=0.0, dropout=0.0).eval()
+    task = TwoTowerTask(net, loss="full")
+    items = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    targets = torch.tensor([[2, 3, 4], [5, -1, -1]])  # -1: no target (padding)
+    batch = {"items": items, "lengths": torch.tensor([3, 1]), "targets": targets}
+    loss, n = task.compute_loss(batch)
+    with torch.no_grad():
+        queries = net.query_all_positions(items)  # (B, L, d): position p has read items[:, :p+1]
+        scores = queries @ net.item_vectors().T / net.temperature  # (B, L, I)
+    picked = [(0, 0), (0, 1), (0, 2), (1, 0)]
+    by_hand = sum(-torch.log_softmax(scores[b, p], 0)[targets[b, p]].item() for b, p in picked) / 4
+    assert n == 4 and math.isclose(loss.item(), by_hand, rel_tol=1e-5)
 
 
 def test_history_bonus_reaches_every_column_holding_the_item():

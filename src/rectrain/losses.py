@@ -1,7 +1,16 @@
-"""Retrieval losses over sampled candidates: in-batch negatives with logQ correction and
-accidental-hit masking, extra shared negatives (GRU4Rec's mixed negatives), softmax or BPR-max.
+"""Every loss the tasks train with, as plain torch functions tested on hand-made batches
+(tests/test_losses.py); ``tasks/`` computes scores and calls these, so a test here tests training.
 
-Plain torch functions, tested on hand-made batches (tests/test_losses.py).
+* NCF family (:mod:`rectrain.tasks.ncf`): pointwise binary cross-entropy (:func:`bce_loss`) or
+  pairwise BPR (:func:`bpr_loss`);
+* two-tower (:mod:`rectrain.tasks.two_tower`): softmax over the whole catalog
+  (:func:`full_softmax_loss`), or over sampled candidates: in-batch negatives with logQ correction
+  and accidental-hit masking, extra shared negatives (GRU4Rec's mixed negatives), softmax
+  (:func:`sampled_softmax_loss`) or BPR-max (:func:`bpr_max_loss`).
+
+Each of the first three takes an optional per-example ``weight`` (0 on padding): then the loss is
+``sum(weight * loss) / max(sum(weight), 1)``, the per-user record loss of user-level DP training
+(:mod:`rectrain.privacy`); without it, the plain mean.
 
 Why logQ: with in-batch negatives an item is a candidate as often as it is a target, so popular
 items are over-represented as negatives and the model learns to push them down. Subtracting the
@@ -18,6 +27,35 @@ import torch
 import torch.nn.functional as F
 
 NEG_INF = -1e9  # finite, so a row whose negatives are all masked gives a defined loss
+
+
+def _reduce(losses: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean, or the weighted mean over the examples that count (``weight`` 0 on padding)."""
+    if weight is None:
+        return losses.mean()
+    return (losses * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def bce_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Pointwise binary cross-entropy on (user, item) logits: positives (label 1) and sampled negatives
+    (label 0), NCF's recipe. Shapes: (N,) logits and labels, optional (N,) weight."""
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    return _reduce(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"), weight)
+
+
+def bpr_loss(positive: torch.Tensor, negative: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Pairwise BPR, ``-log sigmoid(s(u, i+) - s(u, i-))``: (N,) positive and negative scores."""
+    return _reduce(-F.logsigmoid(positive - negative), weight)
+
+
+def full_softmax_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Cross-entropy over the whole catalog: (N, I) logits (the model's scores of every item, repeat
+    bonus included), (N,) target items. Exact, and affordable for catalogs up to ~10^5 items."""
+    if weight is None:
+        return F.cross_entropy(logits, targets)
+    return _reduce(F.cross_entropy(logits, targets, reduction="none"), weight)
 
 
 def candidate_logits(queries: torch.Tensor, targets: torch.Tensor, candidate_items: torch.Tensor,
@@ -105,11 +143,5 @@ def history_bonus_columns(candidate_items: torch.Tensor, history_items: torch.Te
     return per_item[:, inverse]  # (N, C)
 
 
-def full_softmax_loss(queries: torch.Tensor, targets: torch.Tensor, item_vectors: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """Cross-entropy over the whole catalog: exact, and affordable for catalogs up to ~10^5 items."""
-    return F.cross_entropy(queries @ item_vectors.T / temperature, targets)
-
-
-__all__ = ["candidate_logits", "history_bonus_columns", "sampled_softmax_loss", "bpr_max_loss", "expected_count_log_q",
-           "full_softmax_loss", "NEG_INF"]
+__all__ = ["bce_loss", "bpr_loss", "full_softmax_loss", "candidate_logits", "history_bonus_columns",
+           "sampled_softmax_loss", "bpr_max_loss", "expected_count_log_q", "NEG_INF"]

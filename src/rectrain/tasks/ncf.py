@@ -1,7 +1,7 @@
 """Training NCF-family models (MF, GMF, MLP, NeuMF) from implicit feedback.
 
 Pointwise: binary cross-entropy on each positive and ``n_negatives`` sampled negatives (NCF's
-recipe). Pairwise: BPR, -log sigmoid(s(u, i+) - s(u, i-)). Negatives come from the data module,
+recipe). Pairwise: BPR, -log sigmoid(s(u, i+) - s(u, i-)). Both in :mod:`rectrain.losses`. Negatives come from the data module,
 redrawn every epoch, uniform or popularity^alpha, optionally excluding the user's positives.
 """
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rectrain.data.batching import PointwiseSpec
 from rectrain.errors import ConfigError
+from rectrain.losses import bce_loss, bpr_loss
 from rectrain.data.queries import RankingQueries
 from rectrain.tasks.base import RankingTask
 
@@ -72,12 +72,9 @@ class NCFTask(RankingTask):
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         if self._spec.pairwise:
-            pos = self.net(batch["user"], batch["pos_item"])
-            neg = self.net(batch["user"], batch["neg_item"])
-            loss = -F.logsigmoid(pos - neg).mean()
+            loss = bpr_loss(self.net(batch["user"], batch["pos_item"]), self.net(batch["user"], batch["neg_item"]))
         else:
-            logits = self.net(batch["user"], batch["item"])
-            loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
+            loss = bce_loss(self.net(batch["user"], batch["item"]), batch["label"])
         return loss, batch["user"].numel()
 
     def check_privacy(self) -> None:
@@ -91,12 +88,9 @@ class NCFTask(RankingTask):
         weight = record["weight"]
         if self._spec.pairwise:
             user = record["user"].expand_as(record["pos_item"])
-            losses = -F.logsigmoid(self.net(user, record["pos_item"]) - self.net(user, record["neg_item"]))
-        else:
-            user = record["user"].expand_as(record["item"])
-            losses = F.binary_cross_entropy_with_logits(self.net(user, record["item"]), record["label"],
-                                                        reduction="none")
-        return (losses * weight).sum() / weight.sum().clamp(min=1.0)
+            return bpr_loss(self.net(user, record["pos_item"]), self.net(user, record["neg_item"]), weight)
+        user = record["user"].expand_as(record["item"])
+        return bce_loss(self.net(user, record["item"]), record["label"], weight)
 
     def score_queries(self, queries: RankingQueries, rows: np.ndarray) -> torch.Tensor:
         users = torch.as_tensor(queries.users[rows], device=self.device)

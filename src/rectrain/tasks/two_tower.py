@@ -14,16 +14,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rectrain.data.batching import NegativeSampler, SequenceSpec
-from rectrain.errors import ConfigError
 from rectrain.data.queries import RankingQueries, pad_histories
+from rectrain.errors import ConfigError
 from rectrain.evaluation.ranking import evaluate_ranking
 from rectrain.losses import (
     bpr_max_loss,
     candidate_logits,
     expected_count_log_q,
+    full_softmax_loss,
     sampled_softmax_loss,
 )
 from rectrain.models.two_tower import TwoTower
@@ -139,7 +139,7 @@ class TwoTowerTask(RankingTask):
         back = positions.view(-1, 1) - torch.arange(items.shape[1], device=items.device).view(1, -1)  # (N, L)
         if self.loss_name == "full":
             logits = self.net.history_scores(q, self.net.item_vectors(), items[rows], back)  # (N, I)
-            loss = F.cross_entropy(logits, t)
+            loss = full_softmax_loss(logits, t)
         else:
             history = None
             if self.net.repeat_bonus is not None:
@@ -171,9 +171,7 @@ class TwoTowerTask(RankingTask):
         valid = t >= 0
         if self.positions == "last":
             valid = valid & (positions == lengths[rows] - 1)
-        weight = valid.to(logits.dtype)
-        losses = F.cross_entropy(logits, t.clamp(min=0), reduction="none")
-        return (losses * weight).sum() / weight.sum().clamp(min=1.0)
+        return full_softmax_loss(logits, t.clamp(min=0), valid.to(logits.dtype))
 
     def _sampled_loss(self, q: torch.Tensor, t: torch.Tensor,
                       history: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
