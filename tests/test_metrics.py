@@ -59,3 +59,18 @@ def test_coverage_popularity_gini_by_hand():
     # [1,2,3]: (-2*1 + 0*2 + 2*3) / (3*6) = 4/18
     assert M.gini(np.array([3, 1, 2])) == pytest.approx(4 / 18)
     assert M.gini(np.zeros(4)) == 0.0
+
+
+def test_topk_metrics_of_answered_lists_by_hand():
+    """What the int8 check and ab_compare score: target positions in answered top-k lists."""
+    answers = [["a", "b", "c"], ["c", "x", "a"], ["b", "b", "d"]]
+    targets = [["b"], ["a", "z"], ["q"]]
+    ranks, indptr = M.topk_ranks(answers, targets, k=3)
+    assert ranks.tolist() == [1, 2, 3, 3] and indptr.tolist() == [0, 1, 3, 4]
+    out = M.topk_metrics(answers, targets, k=3)
+    np.testing.assert_array_equal(out["hr@3"], [1, 1, 0])
+    np.testing.assert_allclose(out["mrr@3"], [1 / 2, 1 / 3, 0])
+    # row 1: one hit at position 2 of two targets; ideal DCG places both first
+    np.testing.assert_allclose(out["ndcg@3"], [1 / math.log2(3), (1 / math.log2(4)) / (1 + 1 / math.log2(3)), 0])
+    # only the first k answers count, and a repeated answer counts at its first position
+    assert M.topk_ranks([["x", "b", "b"]], [["b"]], k=1)[0].tolist() == [1]

@@ -1,8 +1,9 @@
 """Training NCF-family models (MF, GMF, MLP, NeuMF) from implicit feedback.
 
 Pointwise: binary cross-entropy on each positive and ``n_negatives`` sampled negatives (NCF's
-recipe). Pairwise: BPR, -log sigmoid(s(u, i+) - s(u, i-)). Both in :mod:`rectrain.losses`. Negatives come from the data module,
-redrawn every epoch, uniform or popularity^alpha, optionally excluding the user's positives.
+recipe). Pairwise: BPR, -log sigmoid(s(u, i+) - s(u, i-)). Both live in :mod:`rectrain.losses`.
+Negatives come from the data module, redrawn every epoch, uniform or popularity^alpha, optionally
+excluding the user's positives.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 
 from rectrain.data.batching import PointwiseSpec
+from rectrain.data.queries import RankingQueries
 from rectrain.errors import ConfigError
 from rectrain.losses import bce_loss, bpr_loss
-from rectrain.data.queries import RankingQueries
 from rectrain.tasks.base import RankingTask
 
 LOSSES = ("bce", "bpr")
