@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from rectrain.data import cache, splits
+from rectrain.data.engine import EngineConfig, run_prepare
 from rectrain.data.preprocess import PreprocessConfig, build_vocabulary, filter_interactions
 from rectrain.data.schema import ITEM, SESSION, TIMESTAMP, USER, RawLog
 from rectrain.errors import ConfigError, DataError
@@ -195,7 +196,11 @@ class PreparedData:
         for i, name in enumerate(attribute_names):  # files by position: attribute names may be any text
             arrays[f"user_attribute_{i}"] = self.user_attributes[name]
         for name, value in arrays.items():
-            np.save(directory / f"{name}.npy", np.asarray(value), allow_pickle=False)
+            target = directory / f"{name}.npy"
+            if isinstance(value, np.memmap) and value.filename and Path(value.filename) == target.resolve():
+                value.flush()  # written in place by the engine (prepare(directory=...)): no second copy
+                continue
+            np.save(target, np.asarray(value), allow_pickle=False)
         meta = {"split": self.split, "mask_seen": self.mask_seen, "stats": self.stats,
                 "fingerprint": self.fingerprint, "format": CACHE_FORMAT_VERSION, "arrays": sorted(arrays),
                 "user_attributes": attribute_names}
@@ -274,19 +279,58 @@ def _session_queries(events: Interactions, n_items: int, mask_seen: bool) -> Ran
 
 
 # --- building ---------------------------------------------------------------------------------
-def prepare(log_: RawLog, pre: PreprocessConfig, split: SplitConfig, test_log: RawLog | None = None) -> PreparedData:
-    """Filter, index and split a raw log.
+def prepare(log_: RawLog, pre: PreprocessConfig, split: SplitConfig, test_log: RawLog | None = None,
+            engine: EngineConfig | None = None, directory: Path | None = None, scan: Any = None,
+            test_scan: Any = None) -> PreparedData:
+    """Filter, index and split a raw log on the preprocessing engine (DuckDB unless ``engine`` says).
 
     Args:
-        log_: the interaction log (for ``session`` with ``test_log``: the training period only).
+        log_: the interaction log (for ``session`` with ``test_log``: the training period only); with
+            ``scan`` only its side tables (items, users) and ``source`` are used.
         pre: filtering.
         split: how to split; see :class:`SplitConfig`.
         test_log: a predefined test period (e.g. yoochoose ``test.tsv``); only with ``kind=session``.
+        engine: which engine and its resources; default DuckDB with its default memory cap.
+        directory: write the split arrays there as ``.npy`` files, memory-mapped (the cache's
+            temporary directory): the arrays never need to fit in memory. None: in memory.
+        scan / test_scan: ``engine -> ibis table`` that reads the events on the engine itself (a
+            Parquet log of any size) instead of from ``log_``.
     """
+    _check_split(split, test_log is not None or test_scan is not None)
+    started = time.perf_counter()
+
+    def allocate(name: str, dtype: Any, length: int) -> np.ndarray:
+        if directory is None:
+            return np.empty(length, dtype=dtype)
+        return np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype, shape=(length,))
+
+    out = run_prepare(scan or log_, pre, split, log_.source, allocate, engine or EngineConfig(),
+                      scratch_root=directory.parent if directory is not None else None,
+                      test_events=test_scan or test_log)
+    arrays = out.arrays
+    parts = {name: Interactions(arrays[f"{name}_user"], arrays[f"{name}_item"], arrays[f"{name}_timestamp"])
+             for name in ("train", "valid", "test")}
+    mask_seen = split.mask_seen if split.mask_seen is not None else split.kind != "session"
+    data = PreparedData(**parts, user_vocab=out.user_vocab, item_vocab=out.item_vocab, split=split.kind,
+                        mask_seen=bool(mask_seen), stats=out.stats, cold_items=out.cold_items)
+    _attach_item_features(data, log_)
+    if split.kind != "session":  # for session logs the "user" is a session: a user table does not apply
+        _attach_user_attributes(data, log_)
+    data.stats["prepare_seconds"] = round(time.perf_counter() - started, 3)
+    return data
+
+
+def _check_split(split: SplitConfig, has_test_file: bool) -> None:
     if split.kind not in SPLIT_KINDS:
         raise ConfigError("data.split.kind", f"must be one of {SPLIT_KINDS}, got {split.kind!r}")
-    if test_log is not None and split.kind != "session":
+    if has_test_file and split.kind != "session":
         raise ConfigError("data.test_path", "a separate test file is only supported with data.split.kind=session")
+
+
+def prepare_in_memory(log_: RawLog, pre: PreprocessConfig, split: SplitConfig,
+                      test_log: RawLog | None = None) -> PreparedData:
+    """The former pandas implementation of :func:`prepare`, kept while the engine is proved equal."""
+    _check_split(split, test_log is not None)
     started = time.perf_counter()
     frame, report = filter_interactions(log_, pre)
     stats: dict[str, Any] = {"rows_read": report.rows_read, "removed": dict(report.removed)}
@@ -456,19 +500,21 @@ def cache_key(source_fingerprint: dict[str, Any], pre: PreprocessConfig, split: 
 
 
 def load_or_prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, cache_dir: str | Path | None,
-                    verify: bool = False) -> PreparedData:
+                    verify: bool = False, engine: EngineConfig | None = None) -> PreparedData:
     """Return the prepared dataset for ``source``, from the cache when its key matches and it is intact.
 
     ``source`` has ``load() -> RawLog``, optionally ``load_test() -> RawLog | None``, and
     ``fingerprint() -> dict`` (its parameters plus the size and mtime of its files). A cache that
     fails a check (see :mod:`rectrain.data.cache`; ``verify``: checksums on this load too) is
-    discarded and rebuilt with one warning. Temporaries of killed writers are removed first. In a
+    discarded and rebuilt with one warning. Temporaries of killed writers are removed first (the
+    engine's spill folders too). ``engine`` prepares the data (default DuckDB); it is not part of the
+    cache key: every engine gives the same arrays (tests/test_engine.py). In a
     cache dir that cannot be written (read-only), a damaged or missing cache is left as it is and the
     data is prepared without it (one warning per process).
     """
     key = cache_key(source.fingerprint(), pre, split)
     if not cache_dir:
-        return _prepare(source, pre, split, key)
+        return _prepare(source, pre, split, key, engine)
     root = Path(cache_dir)
     try:
         remove_stale_temporaries(root)
@@ -491,12 +537,12 @@ def load_or_prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, cach
                     log.info("prepared-data cache %s was rebuilt by another process; checking it", target)
                     continue
                 log.warning("prepared-data cache %s failed verification (%s); rebuilding", target, reason)
-                return _prepare_and_cache(source, pre, split, key, target)
+                return _prepare_and_cache(source, pre, split, key, target, engine)
         except cache.CacheUnwritable as exc:  # a read-only cache dir: use the data, leave the cache alone
             _warn_once(f"prepared-data cache {target} failed verification ({reason}) and cannot be rebuilt "
                        f"there ({exc}); preparing the data without the cache")
-            return _prepare(source, pre, split, key)
-    return _prepare_and_cache(source, pre, split, key, target)
+            return _prepare(source, pre, split, key, engine)
+    return _prepare_and_cache(source, pre, split, key, target, engine)
 
 
 _warned: set[str] = set()
@@ -508,26 +554,43 @@ def _warn_once(message: str) -> None:
     _warned.add(message)
 
 
-def _prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, key: str) -> PreparedData:
-    """Prepare from the source (no cache involved); the result carries its cache key as fingerprint."""
-    raw = source.load()
-    test_raw = source.load_test() if hasattr(source, "load_test") else None
-    data = prepare(raw, pre, split, test_raw)
+def _prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, key: str, engine: EngineConfig | None = None,
+             directory: Path | None = None) -> PreparedData:
+    """Prepare from the source (no cache involved); the result carries its cache key as fingerprint.
+
+    A source that the engine can read itself (``engine_inputs()``: a Parquet log) is scanned there;
+    any other is loaded into a RawLog first.
+    """
+    inputs = source.engine_inputs() if hasattr(source, "engine_inputs") else None
+    if inputs is not None:
+        raw, scan, test_scan = inputs
+        data = prepare(raw, pre, split, engine=engine, directory=directory, scan=scan, test_scan=test_scan)
+    else:
+        raw = source.load()
+        test_raw = source.load_test() if hasattr(source, "load_test") else None
+        data = prepare(raw, pre, split, test_raw, engine=engine, directory=directory)
     data.fingerprint = key
     data.stats["source"] = raw.source
     return data
 
 
 def _prepare_and_cache(source: Any, pre: PreprocessConfig, split: SplitConfig, key: str,
-                       target: Path) -> PreparedData:
-    """Prepare and write the cache atomically (if another process wins the rename, its copy stays)."""
-    data = _prepare(source, pre, split, key)
+                       target: Path, engine: EngineConfig | None = None) -> PreparedData:
+    """Prepare straight into a temporary cache directory and rename it into place.
+
+    The engine writes the split arrays into the temporary directory (memory-mapped), so a log
+    larger than memory is never held in it. If another process wins the rename, its copy stays;
+    if the cache cannot be written (read-only, full), the data is prepared in memory instead.
+    """
     try:
         with atomic_dir(target) as tmp:
+            data = _prepare(source, pre, split, key, engine, directory=tmp)
             data.save(tmp)
     except OSError as exc:  # a read-only or full cache dir: the run goes on without a cache
         _warn_once(f"could not write the prepared-data cache at {target} ({exc.strerror or exc}); "
                    "going on without it")
-        return data
+        return _prepare(source, pre, split, key, engine)
     log.info("cached dataset at %s", target)
-    return data
+    # memory-mapped from the cache just written; its checksums are left for the next run's first load
+    meta = json.loads((target / "meta.json").read_text())
+    return PreparedData._load_checked(target, {f"{name}.npy" for name in meta["arrays"]})

@@ -6,19 +6,36 @@ the cache without hashing gigabytes on every run.
 """
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import pandas as pd
 
 from rectrain.data.schema import RawLog
 
 
+def _is_parquet(path: str, fmt: str | None) -> bool:
+    """A Parquet log: declared so, a .parquet/.pq file, a directory of them, or a glob naming them."""
+    if fmt is not None:
+        return str(fmt).lower() in ("parquet", "pq")
+    text = str(path)
+    if text.endswith((".parquet", ".pq")):
+        return True
+    p = Path(text)
+    return p.is_dir() and any(f.suffix in (".parquet", ".pq") for f in p.rglob("*") if f.is_file())
+
+
 def _file_stamp(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
+    if any(ch in str(path) for ch in "*?["):  # a glob of Parquet files: every file it matches
+        return {"glob": str(path), "files": [_file_stamp(f) for f in sorted(map(Path, glob.glob(str(path),
+                                                                                       recursive=True)))]}
     if not p.exists():
         return {"path": str(p), "missing": True}
     if p.is_dir():
-        return {"path": str(p.resolve()), "files": [_file_stamp(f) for f in sorted(p.iterdir()) if f.is_file()]}
+        return {"path": str(p.resolve()), "files": [_file_stamp(f) for f in sorted(p.rglob("*")) if f.is_file()]}
     st = p.stat()
     return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
@@ -53,6 +70,20 @@ class InteractionFileSource:
 
         return read_interactions(self.path, self.columns, sep=self.sep, fmt=self.fmt, encoding=self.encoding,
                                  item_features=self.item_features, timestamp_format=self.timestamp_format)
+
+    def engine_inputs(self) -> tuple[RawLog, Callable[[Any], Any], None] | None:
+        """For a Parquet log (file, directory or glob): the side tables and a scan the engine runs itself.
+
+        None for delimited files: they are read and validated by :mod:`rectrain.data.readers` first.
+        """
+        if not _is_parquet(self.path, self.fmt):
+            return None
+        from rectrain.data.engine.scan import from_parquet
+        from rectrain.data.readers import read_item_features
+
+        items = read_item_features(self.item_features) if self.item_features else None
+        side = RawLog(interactions=pd.DataFrame(), items=items, source=str(self.path))
+        return side, lambda engine: from_parquet(engine, self.path, self.columns, self.timestamp_format), None
 
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": "file", "file": _file_stamp(self.path), "columns": self.columns, "sep": self.sep,
@@ -93,6 +124,19 @@ class SessionFileSource:
         from rectrain.data.readers import read_sessions
 
         return read_sessions(self.test_path, sep=self.sep, encoding=self.encoding)
+
+    def engine_inputs(self) -> tuple[RawLog, Callable[[Any], Any], Callable[[Any], Any] | None] | None:
+        """Parquet session logs are scanned by the engine itself (see :class:`InteractionFileSource`)."""
+        if not _is_parquet(self.path, None) or (self.test_path and not _is_parquet(self.test_path, None)):
+            return None
+        from rectrain.data.engine.scan import from_parquet
+        from rectrain.data.readers import SESSION_COLUMNS
+
+        def scan(path: str) -> Callable[[Any], Any]:
+            return lambda engine: from_parquet(engine, path, SESSION_COLUMNS)
+
+        side = RawLog(interactions=pd.DataFrame(), source=str(self.path))
+        return side, scan(self.path), scan(self.test_path) if self.test_path else None
 
     def fingerprint(self) -> dict[str, Any]:
         stamp = {"kind": "sessions", "file": _file_stamp(self.path), "sep": self.sep, "encoding": self.encoding}

@@ -27,6 +27,7 @@ from rectrain.data.batching import (
 )
 from rectrain.data.records import PointwiseUserRecords, SequenceUserRecords, UserRecordSpec
 from rectrain.data.dataset import PreparedData, SplitConfig, load_or_prepare
+from rectrain.data.engine import EngineConfig
 from rectrain.data.preprocess import PreprocessConfig
 from rectrain.errors import ConfigError
 from rectrain.data.queries import RankingQueries
@@ -105,15 +106,18 @@ class RecDataModule(pl.LightningDataModule):
         train_user_fraction: train on the events of a seeded random share of the users only; the
             others stay in the vocabulary and evaluation but are never trained on (held-out users,
             what a membership-inference audit compares against: bench/privacy.py). 1: everyone.
+        engine: fields of :class:`rectrain.data.engine.EngineConfig`: which engine preprocesses
+            the log (``duckdb`` by default, ``spark`` for a cluster) and its memory cap.
     """
 
     def __init__(self, source: Any, preprocess: Mapping[str, Any] | None = None,
                  split: Mapping[str, Any] | None = None, cache_dir: str | None = None, batch_size: int = 1024,
                  eval_batch_size: int = 256, seed: int = 0, prefetch: int = 0,
                  user_features: list[str] | tuple[str, ...] | None = None, verify_cache: bool = False,
-                 train_user_fraction: float = 1.0) -> None:
+                 train_user_fraction: float = 1.0, engine: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.source = source
+        self.engine = dataclass_from_config(EngineConfig, engine, "data.engine")
         self.preprocess = dataclass_from_config(PreprocessConfig, preprocess, "data.preprocess")
         self.split = dataclass_from_config(SplitConfig, split, "data.split")
         self.cache_dir = cache_dir
@@ -146,7 +150,8 @@ class RecDataModule(pl.LightningDataModule):
     def _load_or_prepare(self) -> PreparedData:
         """The prepared data; checksummed (``verify_cache``) on this datamodule's first load only."""
         verify = self.verify_cache and not self._cache_checked
-        data = load_or_prepare(self.source, self.preprocess, self.split, self.cache_dir, verify=verify)
+        data = load_or_prepare(self.source, self.preprocess, self.split, self.cache_dir, verify=verify,
+                               engine=self.engine)
         self._cache_checked = True
         return data
 

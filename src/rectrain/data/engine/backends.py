@@ -1,0 +1,175 @@
+"""Engines that run the preprocessing pipeline: DuckDB embedded (the default) or Spark.
+
+The pipeline itself (:mod:`rectrain.data.engine.pipeline`) is written once in Ibis; this module
+owns what differs per engine: how to connect (memory cap, spill folder, threads), how to keep an
+intermediate result (a DuckDB temp table, a cached Spark DataFrame) so that an iterative step
+does not grow an ever longer query plan, and how to stream a result out as Arrow batches.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from rectrain.errors import ConfigError
+from rectrain.utils.io import remove_stale_temporaries, temp_prefix
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("duckdb", "spark")
+
+
+@dataclass
+class EngineConfig:
+    """Which engine prepares the data, and with what resources (``data.engine.*``).
+
+    Attributes:
+        name: ``duckdb`` (embedded, out-of-core, no server) or ``spark`` (a cluster, or ``local[N]``).
+        memory_limit: DuckDB's memory cap (``"4GB"``); beyond it DuckDB spills to a temporary folder
+            inside the cache directory (removed afterwards, or by the next run if this one is killed).
+        threads: DuckDB worker threads (None: all cores).
+        master: Spark master URL (``local[2]``, ``spark://host:7077``, ``yarn``).
+        spark_conf: extra Spark settings (``spark.executor.memory``, ...).
+    """
+
+    name: str = "duckdb"
+    memory_limit: str = "4GB"
+    threads: int | None = None
+    master: str = "local[2]"
+    spark_conf: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in ENGINES:
+            raise ConfigError("data.engine.name", f"must be one of {', '.join(ENGINES)}, got {self.name!r}")
+        self.spark_conf = {str(k): str(v) for k, v in dict(self.spark_conf).items()} if self.spark_conf else None
+        if self.threads is not None and int(self.threads) < 1:
+            raise ConfigError("data.engine.threads", f"must be >= 1 or null, got {self.threads}")
+
+
+class Engine:
+    """A connected Ibis backend plus the few operations the pipeline needs beyond Ibis itself."""
+
+    def __init__(self, con: Any, name: str, workdir: Path) -> None:
+        self.con, self.name, self.workdir = con, name, workdir
+        self._names = itertools.count()
+        self._kept: list[Any] = []
+
+    # --- intermediate results -----------------------------------------------------------------
+    def keep(self, expr: Any) -> Any:
+        """Compute ``expr`` once and return a table reading the result (an iterative step's input)."""
+        name = f"rectrain_step_{next(self._names)}"
+        if self.name == "duckdb":
+            return self.con.create_table(name, expr, temp=True)
+        # computed now, its lineage cut: the next step's plan starts from this result, not from the log
+        frame = self.con._session.sql(self._sql(expr)).localCheckpoint(eager=True)
+        self._kept.append(frame)
+        frame.createOrReplaceTempView(name)
+        return self.con.table(name)
+
+    def register(self, table: Any) -> Any:
+        """An engine table holding a pyarrow Table (a log or a lookup that is already in memory)."""
+        name = f"rectrain_input_{next(self._names)}"
+        if self.name == "duckdb":
+            return self.con.create_table(name, table, temp=True)
+        frame = self.con._session.createDataFrame(table).localCheckpoint(eager=True)
+        self._kept.append(frame)
+        frame.createOrReplaceTempView(name)
+        return self.con.table(name)
+
+    def scalar(self, expr: Any) -> Any:
+        """The value of a scalar expression (a count, a max)."""
+        return expr.execute()
+
+    def batches(self, expr: Any, rows: int = 1 << 20) -> Iterator[Any]:
+        """Stream ``expr``'s rows, in its order, as pyarrow RecordBatches of about ``rows`` rows."""
+        if self.name == "duckdb":
+            relation = self.con.con.sql(self._sql(expr))  # streamed: no copy of the whole result
+            reader = relation.to_arrow_reader(rows) if hasattr(relation, "to_arrow_reader") else \
+                relation.fetch_arrow_reader(rows)
+            yield from reader
+            return
+        yield from expr.to_pyarrow_batches(chunk_size=rows)
+
+    def _sql(self, expr: Any) -> str:
+        import ibis
+
+        return str(ibis.to_sql(expr, dialect="duckdb" if self.name == "duckdb" else "pyspark"))
+
+    def close(self) -> None:
+        for frame in self._kept:
+            frame.unpersist()
+        self._kept.clear()
+        if self.name == "duckdb":
+            self.con.disconnect()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def connect(cfg: EngineConfig, scratch_root: str | Path | None) -> Engine:
+    """Connect the configured engine; its spill/scratch folder lives under ``scratch_root``.
+
+    The folder is named like every rectrain temporary (pid-marked), so a run killed mid-way leaves
+    nothing a later run trusts, and the next run over the same cache directory removes it.
+    """
+    root = Path(scratch_root) if scratch_root else Path(tempfile.gettempdir())
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(root)
+    workdir = Path(tempfile.mkdtemp(prefix=temp_prefix("engine"), suffix=".tmp", dir=root))
+    try:
+        if cfg.name == "duckdb":
+            return Engine(_connect_duckdb(cfg, workdir), "duckdb", workdir)
+        return Engine(_connect_spark(cfg, workdir), "spark", workdir)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _connect_duckdb(cfg: EngineConfig, workdir: Path) -> Any:
+    import ibis
+
+    config = {"memory_limit": str(cfg.memory_limit), "temp_directory": str(workdir / "spill"),
+              "preserve_insertion_order": True}
+    if cfg.threads:
+        config["threads"] = int(cfg.threads)
+    try:
+        return ibis.duckdb.connect(**config)
+    except Exception as exc:  # duckdb raises its own types for a bad memory_limit and the like
+        raise ConfigError("data.engine", f"DuckDB refused its settings {config}: {exc}") from None
+
+
+_spark_dirs: Path | None = None
+
+
+def _spark_scratch() -> Path:
+    """Spark's local and warehouse folders: one per process, like its session (the JVM outlives a run
+    of the pipeline, so they cannot live in a per-run folder); removed when the process exits."""
+    global _spark_dirs
+    if _spark_dirs is None:
+        import atexit
+
+        _spark_dirs = Path(tempfile.mkdtemp(prefix=temp_prefix("spark"), suffix=".tmp"))
+        atexit.register(shutil.rmtree, _spark_dirs, True)
+    return _spark_dirs
+
+
+def _connect_spark(cfg: EngineConfig, workdir: Path) -> Any:
+    try:
+        import ibis
+        from pyspark.sql import SparkSession
+    except ImportError as exc:
+        raise ConfigError("data.engine.name", f"spark needs pyspark ({exc}); pip install -e '.[spark]'") from None
+    scratch = _spark_scratch()
+    builder = (SparkSession.builder.master(cfg.master).appName("rectrain-preprocess")
+               .config("spark.ui.enabled", "false")
+               .config("spark.sql.warehouse.dir", str(scratch / "warehouse"))
+               .config("spark.local.dir", str(scratch / "local"))
+               .config("spark.sql.session.timeZone", "UTC")
+               .config("spark.sql.shuffle.partitions", os.environ.get("RECTRAIN_SPARK_PARTITIONS", "8")))
+    for key, value in (cfg.spark_conf or {}).items():
+        builder = builder.config(str(key), str(value))
+    session = builder.getOrCreate()
+    return ibis.pyspark.connect(session)

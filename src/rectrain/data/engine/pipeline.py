@@ -1,0 +1,327 @@
+"""The preprocessing pipeline, written once in Ibis and run by DuckDB or Spark.
+
+From canonical events (``user, item, timestamp`` [, ``rating``, ``session``] and ``_order``, the
+event's position in the file) to split, indexed arrays, with the semantics rectrain has always had:
+
+    implicit threshold -> dedup (first/last/none) -> iterative k-core -> split labels
+    -> vocabularies by first appearance in the file -> drops the protocol needs -> arrays
+
+Every tie is broken by file order (``_order``). Nothing here holds the log in Python memory: the
+engine computes; the only things fetched are counts, the vocabularies (one row per user/item) and
+the final arrays, streamed in Arrow batches straight into their (memory-mapped) destination.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from rectrain.data.engine.backends import Engine
+from rectrain.data.preprocess import PreprocessConfig
+from rectrain.data.schema import ITEM, RATING, SESSION, TIMESTAMP, USER
+from rectrain.data.splits import TEST, TRAIN, VALID
+from rectrain.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+ORDER = "_order"
+LABEL = "_label"
+USER_CODE = "_user_code"
+ITEM_CODE = "_item_code"
+#: allocates the destination of one output array: (name, dtype, length) -> writable ndarray
+Allocate = Callable[[str, Any, int], np.ndarray]
+
+
+@dataclass
+class EngineOutput:
+    """What the pipeline produced: split arrays (in their destination), vocabularies, stats."""
+
+    arrays: dict[str, np.ndarray]
+    user_vocab: np.ndarray
+    item_vocab: np.ndarray
+    cold_items: np.ndarray
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def run(engine: Engine, events: Any, pre: PreprocessConfig, split: Any, source: str, allocate: Allocate,
+        test_events: Any | None = None) -> EngineOutput:
+    """Filter, label, index and write ``events`` (an Ibis table on ``engine``); see the module doc."""
+    stats: dict[str, Any] = {}
+    kept = filter_events(engine, events, pre, source, stats)
+    if split.kind == "session":
+        labelled = _label_sessions(engine, kept, pre, split, test_events, source)
+    elif split.kind == "leave_one_out":
+        labelled = _label_leave_one_out(kept)
+    else:
+        labelled = _label_time(engine, kept, split)
+    labelled = engine.keep(labelled)
+    return _index_and_write(engine, labelled, split, stats, source, allocate)
+
+
+# --- filtering --------------------------------------------------------------------------------
+def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: str, stats: dict[str, Any]) -> Any:
+    """Threshold, dedup and iterative k-core; counts what each stage removed into ``stats``."""
+    import ibis
+
+    removed: dict[str, int] = {}
+    rows_read = int(engine.scalar(events.count()))
+    stats.update(rows_read=rows_read, removed=removed)
+    table = events
+    n = rows_read
+    if pre.min_rating is not None:
+        if RATING not in table.columns:
+            raise ConfigError("data.preprocess.min_rating", f"{source} has no rating column to threshold")
+        rating = table[RATING]
+        table = table.filter(rating.notnull() & ~rating.isnan() & (rating >= float(pre.min_rating)))
+    if pre.dedup not in ("first", "last", "none"):
+        raise ConfigError("data.preprocess.dedup", f"must be first, last or none, got {pre.dedup!r}")
+    if pre.min_rating is not None or pre.dedup != "none":
+        if pre.dedup != "none":
+            ordering = [table[TIMESTAMP], table[ORDER]]
+            if pre.dedup == "last":
+                ordering = [ibis.desc(table[TIMESTAMP]), ibis.desc(table[ORDER])]
+            window = ibis.window(group_by=[table[USER], table[ITEM]], order_by=ordering)
+            table = table.mutate(_rank=ibis.row_number().over(window)).filter(ibis._._rank == 0).drop("_rank")
+        table = engine.keep(table)
+        after = int(engine.scalar(table.count()))
+        if pre.min_rating is not None:
+            thresholded = int(engine.scalar(events.filter(
+                events[RATING].notnull() & ~events[RATING].isnan() & (events[RATING] >= float(pre.min_rating))
+            ).count()))
+            removed["below_min_rating"] = n - thresholded
+            n = thresholded
+        if pre.dedup != "none":
+            removed["duplicates"] = n - after
+        n = after
+    table = _k_core(engine, table, pre.min_user_interactions, pre.min_item_interactions, n, removed)
+    if int(engine.scalar(table.count())) == 0:
+        raise DataError(f"no interactions left after filtering {rows_read} rows ({removed}); lower the thresholds",
+                        path=source, key="data.preprocess")
+    return table
+
+
+def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, removed: dict[str, int]) -> Any:
+    """Drop users and items with too few events until both thresholds hold (the unique fixed point).
+
+    Each pass keeps only the small sets of surviving users and items; the event table is read
+    through semi-joins and never rewritten until the end.
+    """
+    import ibis
+
+    if min_user <= 1 and min_item <= 1:
+        return table
+    users = engine.keep(table.select(USER).distinct())
+    items = engine.keep(table.select(ITEM).distinct())
+    sizes = (int(engine.scalar(users.count())), int(engine.scalar(items.count())))
+    while True:
+        for column, minimum in ((ITEM, min_item), (USER, min_user)):
+            if minimum <= 1:
+                continue
+            current = table.filter(table[USER].isin(users[USER]) & table[ITEM].isin(items[ITEM]))
+            good = engine.keep(current.group_by(column).agg(_n=ibis._.count())
+                               .filter(ibis._._n >= int(minimum)).select(column))
+            if column == ITEM:
+                items = good
+            else:
+                users = good
+        new_sizes = (int(engine.scalar(users.count())), int(engine.scalar(items.count())))
+        if new_sizes == sizes:
+            break
+        sizes = new_sizes
+    result = engine.keep(table.filter(table[USER].isin(users[USER]) & table[ITEM].isin(items[ITEM])))
+    removed["k_core"] = n - int(engine.scalar(result.count()))
+    return result
+
+
+# --- split labels -----------------------------------------------------------------------------
+def _label_leave_one_out(table: Any) -> Any:
+    """Per user by (time, file order): last event -> test, second to last -> valid (users with >= 3)."""
+    import ibis
+
+    back = ibis.window(group_by=table[USER], order_by=[ibis.desc(table[TIMESTAMP]), ibis.desc(table[ORDER])])
+    n_user = table[ORDER].count().over(ibis.window(group_by=table[USER]))
+    position = ibis.row_number().over(back)
+    label = ibis.cases(((n_user >= 3) & (position == 0), TEST), ((n_user >= 3) & (position == 1), VALID),
+                       else_=TRAIN)
+    return table.mutate(**{LABEL: label.cast("int8")})
+
+
+def _label_time(engine: Engine, table: Any, split: Any) -> Any:
+    """Global cut by event rank in (time, file order): exact fractions even with tied timestamps."""
+    import ibis
+
+    n = int(engine.scalar(table.count()))
+    n_test, n_valid = int(round(n * split.test_fraction)), int(round(n * split.valid_fraction))
+    rank = ibis.row_number().over(ibis.window(order_by=[table[TIMESTAMP], table[ORDER]]))
+    label = ibis.cases((rank >= n - n_test, TEST), (rank >= n - n_test - n_valid, VALID), else_=TRAIN)
+    return table.mutate(**{LABEL: label.cast("int8")})
+
+
+def _label_sessions(engine: Engine, table: Any, pre: PreprocessConfig, split: Any, test_events: Any | None,
+                    source: str) -> Any:
+    """Session keys (cut at inactivity gaps for user logs) in USER, and whole-session split labels."""
+    import ibis
+
+    has_session = SESSION in table.columns
+    table = table.mutate(_test=ibis.literal(False))
+    if test_events is not None:
+        test_kept = filter_events(engine, test_events, _without_item_core(pre), source, {})
+        offset = int(engine.scalar(table[ORDER].max())) + 2
+        test_kept = test_kept.mutate(**{ORDER: test_kept[ORDER] + offset}, _test=ibis.literal(True))
+        table = engine.keep(table.union(test_kept.select(table.columns)))
+    use_session = has_session and int(engine.scalar(table[SESSION].isnull().sum())) == 0
+    key = table[SESSION] if use_session else table[USER]
+    table = table.mutate(_key=key.cast("string") + ibis.ifelse(table._test, "#test", ""))
+    keys = engine.keep(table.group_by("_key").agg(_first=table[ORDER].min())
+                       .mutate(_code=ibis.row_number().over(ibis.window(order_by="_first"))).select("_key", "_code"))
+    table = table.join(keys, "_key")
+    if not use_session and not has_session:  # a user log: a new session after `session_gap` of silence
+        window = ibis.window(order_by=[table._code, table[TIMESTAMP], table[ORDER]])
+        prev_code, prev_time = table._code.lag().over(window), table[TIMESTAMP].lag().over(window)
+        new = prev_code.isnull() | (prev_code != table._code) | (table[TIMESTAMP] - prev_time > float(split.session_gap))
+        table = table.mutate(_new=new.cast("int64"))
+        table = table.mutate(_code=table._new.sum().over(ibis.window(order_by=[table._code, table[TIMESTAMP],
+                                                                                 table[ORDER]],
+                                                                       preceding=None, following=0)) - 1)
+    table = engine.keep(table.mutate(**{USER: table._code.cast("string")}))
+    train_part = table.filter(~table._test) if test_events is not None else table
+    sessions = train_part.group_by("_code").agg(_end=train_part[TIMESTAMP].max())
+    n_sessions = int(engine.scalar(sessions.count()))
+    test_fraction = 0.0 if test_events is not None else split.test_fraction
+    n_test, n_valid = int(round(n_sessions * test_fraction)), int(round(n_sessions * split.valid_fraction))
+    rank = ibis.row_number().over(ibis.window(order_by=[sessions._end, sessions._code]))
+    sessions = sessions.mutate(_session_label=ibis.cases(
+        (rank >= n_sessions - n_test, TEST), (rank >= n_sessions - n_test - n_valid, VALID), else_=TRAIN))
+    labelled = table.left_join(sessions.select("_code", "_session_label"), "_code")
+    label = ibis.ifelse(labelled._test, TEST, labelled._session_label)
+    return labelled.mutate(**{LABEL: label.cast("int8")}).select(*[c for c in table.columns if c not in (
+        "_key", "_code", "_new", "_test")], LABEL)
+
+
+def _without_item_core(pre: PreprocessConfig) -> PreprocessConfig:
+    import dataclasses
+
+    return dataclasses.replace(pre, min_item_interactions=1)
+
+
+# --- vocabularies, drops, arrays --------------------------------------------------------------
+def _first_appearance(engine: Engine, table: Any, column: str, code: str) -> Any:
+    """Vocabulary of ``column`` by first appearance in the file: (raw id, contiguous code)."""
+    import ibis
+
+    firsts = table.group_by(column).agg(_first=table[ORDER].min())
+    return engine.keep(firsts.mutate(**{code: ibis.row_number().over(ibis.window(order_by="_first"))})
+                       .select(column, code))
+
+
+def _fetch_vocab(engine: Engine, vocab: Any, column: str, code: str) -> np.ndarray:
+    """The raw ids as ``str`` in code order (one row per user/item, fetched in batches)."""
+    ordered = vocab.select(vocab[column].cast("string").name(column), vocab[code]).order_by(code)
+    parts = [batch.column(0).to_numpy(zero_copy_only=False) for batch in engine.batches(ordered)]
+    values = np.concatenate(parts) if parts else np.zeros(0, dtype=object)
+    return values.astype(str) if values.size else np.zeros(0, dtype="<U1")
+
+
+def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, Any], source: str,
+                     allocate: Allocate) -> EngineOutput:
+    """Vocabularies, the drops each protocol needs, then the arrays sorted by (user, time, file order)."""
+    import ibis
+
+    is_train = table[LABEL] == TRAIN
+    items = _first_appearance(engine, table if split.kind == "leave_one_out" else table.filter(is_train),
+                              ITEM, ITEM_CODE)
+    if split.kind != "leave_one_out":
+        before = int(engine.scalar(table.count()))
+        table = engine.keep(table.join(items, ITEM))
+        stats["eval_events_unseen_item_dropped"] = before - int(engine.scalar(table.count()))
+    else:
+        table = table.join(items, ITEM)
+    users = _first_appearance(engine, table, USER, USER_CODE)
+    if split.kind == "session":
+        # the window as a column first: Ibis' Spark compiler mis-aliases a window inside a filter
+        counted = table.mutate(_length=table[ORDER].count().over(ibis.window(group_by=table[USER])))
+        keep = (counted._length >= int(split.min_session_length)) | (counted[LABEL] == TRAIN)
+        before = int(engine.scalar(table.count()))
+        table = engine.keep(counted.filter(keep).drop("_length"))
+        stats["short_session_events_dropped"] = before - int(engine.scalar(table.count()))
+    elif split.kind == "time":
+        trained = table.filter(table[LABEL] == TRAIN).select(USER).distinct()
+        before = int(engine.scalar(table.count()))
+        table = engine.keep(table.filter((table[LABEL] == TRAIN) | table[USER].isin(trained[USER])))
+        stats["eval_events_cold_user_dropped"] = before - int(engine.scalar(table.count()))
+    user_vocab = _fetch_vocab(engine, users, USER, USER_CODE)
+    item_vocab = _fetch_vocab(engine, items, ITEM, ITEM_CODE)
+
+    cold_items = np.zeros(0, dtype=np.int64)
+    if split.cold_item_fraction > 0:
+        n_items = item_vocab.shape[0]
+        rng = np.random.default_rng(split.cold_item_seed)
+        cold_items = np.sort(rng.choice(n_items, size=int(round(n_items * split.cold_item_fraction)),
+                                        replace=False)).astype(np.int64)
+    final = table.join(users, USER).select(USER_CODE, ITEM_CODE, TIMESTAMP, LABEL, ORDER)
+    counts = _label_counts(engine, final)
+    arrays, stats_cold = _write_arrays(engine, final.order_by([USER_CODE, TIMESTAMP, ORDER]), counts, cold_items,
+                                       allocate)
+    if split.cold_item_fraction > 0:
+        stats["cold_item_train_events_dropped"] = stats_cold
+    for name, label in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
+        stats[f"n_{name}"] = int(arrays[f"{name}_user"].shape[0])
+    if stats["n_train"] == 0:
+        raise DataError("the training split is empty after filtering and splitting", path=source, key="data.split")
+    stats.update(n_users=int(user_vocab.shape[0]), n_items=int(item_vocab.shape[0]))
+    return EngineOutput(arrays, user_vocab, item_vocab, cold_items, stats)
+
+
+def _label_counts(engine: Engine, final: Any) -> dict[int, int]:
+    import ibis
+
+    counts: dict[int, int] = {}
+    for batch in engine.batches(final.group_by(LABEL).agg(_n=ibis._.count())):
+        for label, n in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            counts[int(label)] = int(n)
+    return counts
+
+
+def _write_arrays(engine: Engine, ordered: Any, counts: dict[int, int], cold_items: np.ndarray,
+                  allocate: Allocate) -> tuple[dict[str, np.ndarray], int]:
+    """Stream the ordered events into one array per (split, column); cold items leave training."""
+    cold_in_train = 0
+    if cold_items.size:
+        cold_in_train = _count_cold_train(engine, ordered, cold_items)
+    sizes = {"train": counts.get(TRAIN, 0) - cold_in_train, "valid": counts.get(VALID, 0),
+             "test": counts.get(TEST, 0)}
+    dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.float64}
+    arrays = {f"{part}_{col}": allocate(f"{part}_{col}", dtype, sizes[part])
+              for part in sizes for col, dtype in dtypes.items()}
+    offsets = dict.fromkeys(sizes, 0)
+    labels_of = {"train": TRAIN, "valid": VALID, "test": TEST}
+    for batch in engine.batches(ordered):
+        user = batch.column(0).to_numpy().astype(np.int64, copy=False)
+        item = batch.column(1).to_numpy().astype(np.int64, copy=False)
+        timestamp = batch.column(2).to_numpy().astype(np.float64, copy=False)
+        label = batch.column(3).to_numpy()
+        if cold_items.size:
+            label = np.where((label == TRAIN) & np.isin(item, cold_items), -1, label)
+        for part, code in labels_of.items():
+            rows = label == code
+            k = int(rows.sum())
+            if not k:
+                continue
+            start = offsets[part]
+            arrays[f"{part}_user"][start:start + k] = user[rows]
+            arrays[f"{part}_item"][start:start + k] = item[rows]
+            arrays[f"{part}_timestamp"][start:start + k] = timestamp[rows]
+            offsets[part] = start + k
+    if offsets != sizes:
+        raise RuntimeError(f"engine returned {offsets} rows per split, counted {sizes}")
+    return arrays, cold_in_train
+
+
+def _count_cold_train(engine: Engine, ordered: Any, cold_items: np.ndarray) -> int:
+    total = 0
+    for batch in engine.batches(ordered.select(ITEM_CODE, LABEL)):
+        item, label = batch.column(0).to_numpy(), batch.column(1).to_numpy()
+        total += int(((label == TRAIN) & np.isin(item, cold_items)).sum())
+    return total

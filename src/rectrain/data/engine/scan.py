@@ -1,0 +1,204 @@
+"""Canonical event tables on an engine: from a RawLog in memory, or straight from Parquet files.
+
+The pipeline reads ``user, item, timestamp`` [, ``rating``, ``session``] and ``_order`` (the event's
+position in the input: file by file in name order, row by row). A log that fits in memory (the
+synthetic data, MovieLens, a CSV read and validated by :mod:`rectrain.data.readers`) is handed to the
+engine as Arrow. A Parquet log — one file, a directory or a glob of files, any size — is scanned by
+the engine itself, so it never passes through Python memory; its values are checked there, and a bad
+one is reported as file, row group and row.
+"""
+from __future__ import annotations
+
+import glob as globlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from rectrain.data.engine.backends import Engine
+from rectrain.data.schema import ITEM, RATING, SESSION, TIMESTAMP, USER, RawLog
+from rectrain.errors import DataError
+
+ORDER = "_order"
+#: strings that mean "no value" in an id column (the readers' rule, kept identical)
+MISSING_ID_STRINGS = ("", "nan", "NaN", "NAN", "null", "NULL", "None", "<NA>")
+
+
+def from_raw_log(engine: Engine, raw: RawLog) -> Any:
+    """The interactions of an in-memory log as an engine table, ``_order`` = row position."""
+    import pyarrow as pa
+
+    frame = raw.interactions
+    columns = {}
+    for name in (USER, ITEM, TIMESTAMP, RATING, SESSION):
+        if name not in frame:
+            continue
+        values = frame[name]
+        if name in (TIMESTAMP, RATING):
+            columns[name] = pa.array(values.to_numpy(dtype=np.float64, na_value=np.nan), type=pa.float64())
+        else:
+            columns[name] = pa.array(values.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
+    columns[ORDER] = pa.array(np.arange(len(frame), dtype=np.int64))
+    return engine.register(pa.table(columns))
+
+
+@dataclass
+class ParquetFiles:
+    """The files of a Parquet log in reading order, with row and row-group offsets for messages."""
+
+    paths: list[Path]
+    rows: list[int]
+    row_groups: list[list[int]]  # per file: rows in each row group
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.r_[0, np.cumsum(self.rows)].astype(np.int64)
+
+    def locate(self, order: int) -> str:
+        """``file, row group g, row r`` (1-based row within the file) of a global position."""
+        index = int(np.searchsorted(self.offsets, order, side="right") - 1)
+        row = order - int(self.offsets[index])
+        groups = np.r_[0, np.cumsum(self.row_groups[index])]
+        group = int(np.searchsorted(groups, row, side="right") - 1)
+        return f"{self.paths[index]}, row group {group}, row {row + 1}"
+
+
+def parquet_files(path: str | Path) -> ParquetFiles:
+    """A Parquet file, every ``*.parquet`` under a directory, or a glob; sorted by name."""
+    import pyarrow.parquet as pq
+
+    text = str(path)
+    if any(ch in text for ch in "*?["):
+        found = sorted(Path(p) for p in globlib.glob(text, recursive=True))
+    elif Path(text).is_dir():
+        found = sorted(p for p in Path(text).rglob("*") if p.is_file() and p.suffix in (".parquet", ".pq"))
+    else:
+        found = [Path(text)]
+    if not found:
+        raise DataError("no Parquet files found", path=text, key="data.source.path")
+    rows, groups = [], []
+    for p in found:
+        if not p.is_file():
+            raise DataError("file not found", path=str(p), key="data.source.path")
+        try:
+            meta = pq.ParquetFile(p).metadata
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged or non-Parquet file
+            raise DataError(f"not a readable Parquet file ({exc})", path=str(p), key="data.source.path") from None
+        rows.append(int(meta.num_rows))
+        groups.append([int(meta.row_group(i).num_rows) for i in range(meta.num_row_groups)])
+    if sum(rows) == 0:
+        raise DataError("the Parquet log has no rows", path=text)
+    return ParquetFiles(found, rows, groups)
+
+
+def from_parquet(engine: Engine, path: str | Path, columns: Mapping[str, str],
+                 timestamp_format: str | None = None) -> Any:
+    """Scan a Parquet log on the engine with canonical names, types and ``_order``; values checked.
+
+    Ids: strings are trimmed, integers kept as integers (``12`` and ``"12"`` are the same id either
+    way: vocabularies are written as text); timestamps: numbers (seconds, or ``ms``) or Parquet
+    timestamps (taken as UTC).
+    """
+    import ibis
+
+    files = parquet_files(path)
+    raw = _scan_with_position(engine, files)
+    missing = [f"{role} -> '{ref}'" for role, ref in columns.items() if str(ref) not in raw.columns]
+    if missing:
+        raise DataError(f"column(s) {', '.join(missing)} not in the file; it has: {', '.join(raw.columns)}",
+                        path=str(files.paths[0]), key="data.source.columns")
+    selected: dict[str, Any] = {}
+    for role, ref in columns.items():
+        column = raw[str(ref)]
+        if role in (USER, ITEM, SESSION):
+            selected[role] = _id_column(engine, raw, column, role, str(ref), files)
+        elif role == TIMESTAMP:
+            selected[role] = _seconds(engine, raw, column, str(ref), files, timestamp_format)
+        else:
+            selected[role] = _number(engine, raw, column, str(ref), files)
+    if USER not in selected:
+        selected[USER] = selected[SESSION]
+    ordered = {name: selected[name] for name in (USER, ITEM, TIMESTAMP, RATING, SESSION) if name in selected}
+    return raw.select(**ordered, **{ORDER: raw[ORDER]})
+
+
+def _scan_with_position(engine: Engine, files: ParquetFiles) -> Any:
+    """All files in one scan with ``_order`` = file offset + row number within the file."""
+    import ibis
+
+    offsets = ibis.memtable({"_file": [str(p.resolve()) for p in files.paths],
+                             "_offset": files.offsets[:-1].tolist()})
+    if engine.name == "duckdb":
+        listing = ", ".join("'" + str(p.resolve()).replace("'", "''") + "'" for p in files.paths)
+        scan = engine.con.sql(f"SELECT * FROM read_parquet([{listing}], file_row_number=true, filename=true)")
+        scan = scan.rename({"_file": "filename", "_row": "file_row_number"})
+    else:
+        frame = (engine.con._session.read.parquet(*[str(p.resolve()) for p in files.paths])
+                 .selectExpr("*", "_metadata.file_path AS _file", "_metadata.row_index AS _row"))
+        name = f"rectrain_scan_{id(frame)}"
+        frame.createOrReplaceTempView(name)
+        scan = engine.con.table(name)
+        offsets = offsets.mutate(_file=ibis.literal("file:") + offsets._file)
+    offsets = engine.register(offsets.to_pyarrow())
+    joined = scan.join(offsets, "_file")
+    return joined.mutate(**{ORDER: joined._offset + joined._row.cast("int64")}).drop("_offset", "_row", "_file")
+
+
+def _first_bad(engine: Engine, raw: Any, bad: Any) -> int | None:
+    found = engine.scalar(raw.filter(bad)[ORDER].min())
+    return None if found is None or (isinstance(found, float) and np.isnan(found)) else int(found)
+
+
+def _id_column(engine: Engine, raw: Any, column: Any, role: str, ref: str, files: ParquetFiles) -> Any:
+    dtype = column.type()
+    if dtype.is_integer():
+        value = column.cast("int64")
+        bad = column.isnull()
+    elif dtype.is_string():
+        value = column.strip()
+        bad = value.isnull() | value.isin(list(MISSING_ID_STRINGS))
+    elif dtype.is_floating():
+        value = column.cast("int64")
+        bad = column.isnull() | column.isnan() | (column.floor() != column)
+    else:
+        raise DataError(f"cannot use a column of type {dtype} as ids; store ids as strings or integers",
+                        path=str(files.paths[0]), column=ref, key=f"data.source.columns.{role}")
+    row = _first_bad(engine, raw, bad)
+    if row is not None:
+        raise DataError(f"{files.locate(row)}: empty, missing or non-integral id; every row needs an id",
+                        column=ref, key=f"data.source.columns.{role}")
+    return value
+
+
+def _number(engine: Engine, raw: Any, column: Any, ref: str, files: ParquetFiles) -> Any:
+    if not column.type().is_numeric():
+        raise DataError(f"column of type {column.type()} is not numeric", path=str(files.paths[0]), column=ref,
+                        key="data.source.columns.rating")
+    value = column.cast("float64")
+    row = _first_bad(engine, raw, value.isnull() | value.isnan())
+    if row is not None:
+        raise DataError(f"{files.locate(row)}: missing value", column=ref, key="data.source.columns.rating")
+    return value
+
+
+def _seconds(engine: Engine, raw: Any, column: Any, ref: str, files: ParquetFiles,
+             timestamp_format: str | None) -> Any:
+    dtype = column.type()
+    if dtype.is_timestamp():
+        value = column.epoch_seconds().cast("float64")  # whole seconds, as the readers give datetimes
+    elif dtype.is_numeric():
+        value = column.cast("float64")
+        if timestamp_format in ("ms", "milliseconds"):
+            value = value / 1000.0
+        elif timestamp_format not in (None, "s", "seconds", "unix", "epoch"):
+            raise DataError(f"numeric timestamps with timestamp_format={timestamp_format!r}; use s or ms",
+                            path=str(files.paths[0]), column=ref, key="data.source.timestamp_format")
+    else:
+        raise DataError(f"timestamps of type {dtype} in a Parquet log; store numbers (seconds) or Parquet "
+                        "timestamps", path=str(files.paths[0]), column=ref, key="data.source.columns.timestamp")
+    row = _first_bad(engine, raw, value.isnull() | value.isnan())
+    if row is not None:
+        raise DataError(f"{files.locate(row)}: missing or invalid timestamp", column=ref,
+                        key="data.source.columns.timestamp")
+    return value

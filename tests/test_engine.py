@@ -1,0 +1,240 @@
+"""The engine pipeline (DuckDB, Spark) gives exactly the arrays of the former pandas pipeline.
+
+``prepare_in_memory`` is the pandas implementation rectrain used before the engine; every
+prepared array (each split's user/item/timestamp, vocabularies, side tables, cold items) and every
+count in the stats must be identical, on the synthetic log, a MovieLens-format fixture and session
+fixtures, for every split kind, with tied timestamps (file order breaks them). Parquet logs are
+also scanned by the engine itself (file order from the files) and must equal the validated reader.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rectrain.data.dataset import PreparedData, SplitConfig, load_or_prepare, prepare, prepare_in_memory
+from rectrain.data.engine import EngineConfig
+from rectrain.data.movielens import read_movielens
+from rectrain.data.preprocess import PreprocessConfig
+from rectrain.data.readers import read_interactions, read_sessions
+from rectrain.data.sources import InteractionFileSource, SessionFileSource
+from rectrain.data.synthetic import generate_synthetic
+from rectrain.errors import ConfigError, DataError
+
+ARRAYS = ("user_vocab", "item_vocab", "item_titles", "category_vocab", "item_category_indptr",
+          "item_category_index", "cold_items")
+
+
+def assert_identical(got: PreparedData, want: PreparedData) -> None:
+    for part in ("train", "valid", "test"):
+        for col in ("user", "item", "timestamp"):
+            a, b = getattr(getattr(got, part), col), getattr(getattr(want, part), col)
+            assert a.dtype == b.dtype and np.array_equal(a, b), f"{part}_{col}"
+    for name in ARRAYS:
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert sorted(got.user_attributes) == sorted(want.user_attributes)
+    for name, values in want.user_attributes.items():
+        assert np.array_equal(got.user_attributes[name], values, equal_nan=values.dtype.kind == "f"), name
+    strip = {"prepare_seconds", "source"}
+    assert {k: v for k, v in got.stats.items() if k not in strip} == \
+        {k: v for k, v in want.stats.items() if k not in strip}
+    assert (got.split, got.mask_seen) == (want.split, want.mask_seen)
+
+
+def tied(log, seconds: float):
+    """The same log with timestamps rounded down to ``seconds``: many ties, broken by file order."""
+    frame = log.interactions.copy()
+    frame["timestamp"] = np.floor(frame["timestamp"] / seconds) * seconds
+    return dataclasses.replace(log, interactions=frame)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return tied(generate_synthetic(n_users=300, n_items=200, n_categories=6, mean_length=20, seed=3), 3600.0)
+
+
+CASES = [
+    (PreprocessConfig(), SplitConfig("leave_one_out")),
+    (PreprocessConfig(min_user_interactions=5, min_item_interactions=5), SplitConfig("leave_one_out",
+                                                                                    cold_item_fraction=0.1)),
+    (PreprocessConfig(dedup="last", min_user_interactions=3, min_item_interactions=2), SplitConfig("time")),
+    (PreprocessConfig(dedup="none"), SplitConfig("time", valid_fraction=0.05, test_fraction=0.15)),
+    (PreprocessConfig(min_item_interactions=3), SplitConfig("session", session_gap=7200.0)),
+    (PreprocessConfig(dedup="none", min_user_interactions=4), SplitConfig("session", min_session_length=3,
+                                                                          mask_seen=True)),
+]
+
+
+@pytest.mark.parametrize("pre,split", CASES, ids=[f"{s.kind}-{p.dedup}-{i}" for i, (p, s) in enumerate(CASES)])
+def test_duckdb_equals_pandas_on_the_synthetic_log(synthetic, pre, split):
+    assert_identical(prepare(synthetic, pre, split), prepare_in_memory(synthetic, pre, split))
+
+
+def write_movielens(root: Path, seed: int = 0) -> Path:
+    """An ml-100k-format folder (u.data, u.item, u.genre, u.user) with ratings and tied timestamps."""
+    rng = np.random.default_rng(seed)
+    n, users, items = 3000, 120, 90
+    root.mkdir(parents=True)
+    data = pd.DataFrame({"u": rng.integers(1, users + 1, n), "i": rng.zipf(1.4, n) % items + 1,
+                         "r": rng.integers(1, 6, n), "t": 880000000 + rng.integers(0, 400, n) * 60})
+    data.to_csv(root / "u.data", sep="\t", header=False, index=False)
+    genres = ["unknown", "Action", "Comedy", "Drama"]
+    (root / "u.genre").write_text("".join(f"{g}|{k}\n" for k, g in enumerate(genres)))
+    lines = [f"{i}|Movie {i} (1995)|01-Jan-1995||http://x|" + "|".join(str(int(b)) for b in rng.random(4) < 0.4)
+             for i in range(1, items + 1)]
+    (root / "u.item").write_text("\n".join(lines) + "\n", encoding="latin-1")
+    occupations = ["writer", "engineer", "other"]
+    (root / "u.user").write_text("".join(f"{u}|{20 + u % 40}|{'MF'[u % 2]}|{occupations[u % 3]}|0{u:04d}\n"
+                                         for u in range(1, users + 1)))
+    return root
+
+
+@pytest.mark.parametrize("split", [SplitConfig("leave_one_out"), SplitConfig("time")], ids=["loo", "time"])
+def test_duckdb_equals_pandas_on_a_movielens_folder(tmp_path, split):
+    log = read_movielens(write_movielens(tmp_path / "ml-100k"))
+    pre = PreprocessConfig(min_rating=4.0, min_user_interactions=3, min_item_interactions=2)
+    got, want = prepare(log, pre, split), prepare_in_memory(log, pre, split)
+    assert_identical(got, want)
+    assert got.n_categories == 4 and got.user_attributes  # the side tables did travel
+
+
+def write_sessions(path: Path, seed: int, n_sessions: int = 150, fmt: str = "tsv", start: float = 1.4e9) -> Path:
+    """A yoochoose-format click log: repeats inside sessions, tied times, sessions interleaved."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 9, n_sessions)
+    session = np.repeat(np.arange(1, n_sessions + 1) + seed * 10_000, lengths)
+    item = rng.zipf(1.3, session.size) % 80 + 1
+    time = start + np.floor(np.repeat(rng.uniform(0, 5e5, n_sessions), lengths) + rng.integers(0, 30, session.size))
+    frame = pd.DataFrame({"SessionId": session, "ItemId": item, "Time": time}).sample(frac=1.0, random_state=seed)
+    if fmt == "parquet":
+        frame.astype({"SessionId": str, "ItemId": str}).to_parquet(path, row_group_size=97)
+    else:
+        frame.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def test_duckdb_equals_pandas_on_sessions_with_a_test_file(tmp_path):
+    train, test = write_sessions(tmp_path / "train.tsv", 1), write_sessions(tmp_path / "test.tsv", 2, 40, start=1.41e9)
+    pre = PreprocessConfig(dedup="none", min_item_interactions=2)
+    split = SplitConfig("session", valid_fraction=0.2)
+    assert_identical(prepare(read_sessions(train), pre, split, read_sessions(test)),
+                     prepare_in_memory(read_sessions(train), pre, split, read_sessions(test)))
+
+
+def test_parquet_is_scanned_by_the_engine_and_equals_the_reader(tmp_path):
+    """A directory of Parquet files: file order is (file name, row); ids as ints or text alike."""
+    log = tied(generate_synthetic(n_users=200, n_items=150, mean_length=15, seed=5), 600.0)
+    frame = log.interactions.rename(columns={"user": "uid", "item": "sku", "timestamp": "ts"})
+    folder = tmp_path / "events"
+    folder.mkdir()
+    cut = len(frame) // 3
+    frame.iloc[:cut].assign(uid=lambda f: f.uid.astype(int)).to_parquet(folder / "part-0.parquet", row_group_size=500)
+    frame.iloc[cut:].to_parquet(folder / "part-1.parquet", row_group_size=500)
+    columns = {"user": "uid", "item": "sku", "timestamp": "ts"}
+    pre, split = PreprocessConfig(min_user_interactions=3, min_item_interactions=3), SplitConfig("leave_one_out")
+    source = InteractionFileSource(str(folder), columns)
+    assert source.engine_inputs() is not None
+    got = load_or_prepare(source, pre, split, tmp_path / "cache")
+    want = prepare_in_memory(dataclasses.replace(log, items=None, users=None), pre, split)  # no side tables given
+    assert_identical(got, want)
+    # and through a glob, and the second load comes from the cache it wrote
+    globbed = load_or_prepare(InteractionFileSource(str(folder / "part-*.parquet"), columns), pre, split,
+                              tmp_path / "cache")
+    assert_identical(globbed, want)
+
+
+def test_parquet_sessions_equal_the_tsv_reader(tmp_path):
+    train = write_sessions(tmp_path / "train.parquet", 3, fmt="parquet")
+    test = write_sessions(tmp_path / "test.parquet", 4, 30, fmt="parquet", start=1.41e9)
+    pre, split = PreprocessConfig(dedup="none"), SplitConfig("session", valid_fraction=0.1)
+    got = load_or_prepare(SessionFileSource(str(train), str(test)), pre, split, None)
+    want = prepare_in_memory(read_sessions(train), pre, split, read_sessions(test))
+    assert_identical(got, want)
+
+
+def test_a_bad_parquet_value_names_file_row_group_and_row(tmp_path):
+    frame = pd.DataFrame({"user_id": [str(i % 7) for i in range(1000)], "item_id": [str(i % 13) for i in range(1000)],
+                          "timestamp": np.arange(1000, dtype=float)})
+    frame.loc[640, "item_id"] = "  "
+    path = tmp_path / "log.parquet"
+    frame.to_parquet(path, row_group_size=256)
+    source = InteractionFileSource(str(path), {"user": "user_id", "item": "item_id", "timestamp": "timestamp"})
+    with pytest.raises(DataError) as info:
+        load_or_prepare(source, PreprocessConfig(), SplitConfig(), tmp_path / "cache")
+    text = str(info.value)
+    assert f"{path}, row group 2, row 641" in text and "item_id" in text and "data.source.columns.item" in text
+
+
+def test_the_engine_spills_inside_the_cache_dir_and_leaves_nothing(tmp_path, synthetic, monkeypatch):
+    from rectrain.data.engine import backends
+
+    seen = []
+    real = backends.connect
+    monkeypatch.setattr(backends, "connect", lambda cfg, root: seen.append(Path(root)) or real(cfg, root))
+    import rectrain.data.engine as engine_pkg
+    monkeypatch.setattr(engine_pkg, "connect", backends.connect)
+    cache = tmp_path / "cache"
+    load_or_prepare(_InMemory(synthetic), PreprocessConfig(), SplitConfig(), cache,
+                    engine=EngineConfig(memory_limit="200MB", threads=1))
+    assert seen == [cache]
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == \
+        [p.name for p in cache.iterdir() if not p.name.startswith(".")]  # only the finished cache is left
+
+
+class _InMemory:
+    def __init__(self, log):
+        self.log = log
+
+    def load(self):
+        return self.log
+
+    def fingerprint(self):
+        return {"kind": "test", "n": len(self.log.interactions)}
+
+
+def test_a_stale_engine_folder_of_a_killed_run_is_removed(tmp_path, synthetic):
+    from rectrain.utils.io import TEMP_MARK, _HOST
+
+    cache = tmp_path / "cache"
+    stale = cache / f".engine.{TEMP_MARK}.{_HOST}.999999999.x.tmp"
+    (stale / "spill").mkdir(parents=True)
+    (stale / "spill" / "duckdb_temp_block.bin").write_bytes(b"x" * 100)
+    load_or_prepare(_InMemory(synthetic), PreprocessConfig(), SplitConfig(), cache)
+    assert not stale.exists()
+
+
+def test_engine_settings_are_checked_with_the_key():
+    with pytest.raises(ConfigError, match="data.engine.name"):
+        EngineConfig(name="polars")
+    with pytest.raises(ConfigError, match="data.engine.threads"):
+        EngineConfig(threads=0)
+    with pytest.raises(ConfigError, match="data.engine"):
+        prepare(generate_synthetic(n_users=20, n_items=10, seed=0), PreprocessConfig(), SplitConfig(),
+                engine=EngineConfig(memory_limit="lots"))
+
+
+spark = pytest.mark.skipif(shutil.which("java") is None, reason="Spark needs Java")
+
+
+@pytest.mark.slow
+@spark
+def test_spark_equals_pandas_on_every_fixture(tmp_path, synthetic):
+    """One Spark session (local[2]) for all fixtures: JVM start-up is most of this test's time."""
+    pytest.importorskip("pyspark")
+    engine = EngineConfig(name="spark", master="local[2]")
+    for pre, split in (CASES[1], CASES[2], CASES[4]):
+        assert_identical(prepare(synthetic, pre, split, engine=engine), prepare_in_memory(synthetic, pre, split))
+    log = read_movielens(write_movielens(tmp_path / "ml-100k"))
+    pre = PreprocessConfig(min_rating=4.0, min_user_interactions=3, min_item_interactions=2)
+    assert_identical(prepare(log, pre, SplitConfig(), engine=engine), prepare_in_memory(log, pre, SplitConfig()))
+    train = write_sessions(tmp_path / "train.parquet", 3, fmt="parquet")
+    test = write_sessions(tmp_path / "test.parquet", 4, 30, fmt="parquet", start=1.41e9)
+    pre, split = PreprocessConfig(dedup="none"), SplitConfig("session", valid_fraction=0.1)
+    got = load_or_prepare(SessionFileSource(str(train), str(test)), pre, split, tmp_path / "cache", engine=engine)
+    assert_identical(got, prepare_in_memory(read_sessions(train), pre, split, read_sessions(test)))
