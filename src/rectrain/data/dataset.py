@@ -23,6 +23,7 @@ import pandas as pd
 
 from rectrain.data import cache, splits
 from rectrain.data.engine import EngineConfig, run_prepare
+from rectrain.data.engine.sinks import MemorySink, NpyFileSink
 from rectrain.data.preprocess import PreprocessConfig, build_vocabulary, filter_interactions
 from rectrain.data.schema import ITEM, SESSION, TIMESTAMP, USER, RawLog
 from rectrain.errors import ConfigError, DataError
@@ -291,22 +292,23 @@ def prepare(log_: RawLog, pre: PreprocessConfig, split: SplitConfig, test_log: R
         split: how to split; see :class:`SplitConfig`.
         test_log: a predefined test period (e.g. yoochoose ``test.tsv``); only with ``kind=session``.
         engine: which engine and its resources; default DuckDB with its default memory cap.
-        directory: write the split arrays there as ``.npy`` files, memory-mapped (the cache's
-            temporary directory): the arrays never need to fit in memory. None: in memory.
+        directory: write the split arrays there as ``.npy`` files, appended to and then
+            memory-mapped (the cache's temporary directory): the arrays never need to fit in
+            memory. None: in memory.
         scan / test_scan: ``engine -> ibis table`` that reads the events on the engine itself (a
             Parquet log of any size) instead of from ``log_``.
     """
     _check_split(split, test_log is not None or test_scan is not None)
     started = time.perf_counter()
 
-    def allocate(name: str, dtype: Any, length: int) -> np.ndarray:
-        if directory is None:
-            return np.empty(length, dtype=dtype)
-        return np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype, shape=(length,))
-
-    out = run_prepare(scan or log_, pre, split, log_.source, allocate, engine or EngineConfig(),
-                      scratch_root=directory.parent if directory is not None else None,
-                      test_events=test_scan or test_log)
+    sink = MemorySink() if directory is None else NpyFileSink(directory)
+    try:
+        out = run_prepare(scan or log_, pre, split, log_.source, sink, engine or EngineConfig(),
+                          scratch_root=directory.parent if directory is not None else None,
+                          test_events=test_scan or test_log)
+    finally:
+        if isinstance(sink, NpyFileSink):
+            sink.close()
     arrays = out.arrays
     parts = {name: Interactions(arrays[f"{name}_user"], arrays[f"{name}_item"], arrays[f"{name}_timestamp"])
              for name in ("train", "valid", "test")}

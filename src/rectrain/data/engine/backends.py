@@ -63,19 +63,30 @@ class Engine:
     def keep(self, expr: Any) -> Any:
         """Compute ``expr`` once and return a table reading the result (an iterative step's input)."""
         name = f"rectrain_step_{next(self._names)}"
-        if self.name == "duckdb":
-            return self.con.create_table(name, expr, temp=True)
+        if self.name == "duckdb":  # a table in the scratch database file: paged to disk, not held in memory
+            return self.con.create_table(name, expr)
         # computed now, its lineage cut: the next step's plan starts from this result, not from the log
         frame = self.con._session.sql(self._sql(expr)).localCheckpoint(eager=True)
         self._kept.append(frame)
         frame.createOrReplaceTempView(name)
         return self.con.table(name)
 
+    def release(self, table: Any) -> None:
+        """Free an intermediate result that no later step reads (disk space at a billion events)."""
+        if self.name != "duckdb":
+            return  # Spark: checkpoints are freed with the session's scratch folder
+        try:
+            name = table.get_name()
+        except Exception:  # not a stored table (an expression over one): nothing to free
+            return
+        if name.startswith("rectrain_step_"):
+            self.con.drop_table(name, force=True)
+
     def register(self, table: Any) -> Any:
         """An engine table holding a pyarrow Table (a log or a lookup that is already in memory)."""
         name = f"rectrain_input_{next(self._names)}"
         if self.name == "duckdb":
-            return self.con.create_table(name, table, temp=True)
+            return self.con.create_table(name, table)
         frame = self.con._session.createDataFrame(table).localCheckpoint(eager=True)
         self._kept.append(frame)
         frame.createOrReplaceTempView(name)
@@ -131,12 +142,14 @@ def connect(cfg: EngineConfig, scratch_root: str | Path | None) -> Engine:
 def _connect_duckdb(cfg: EngineConfig, workdir: Path) -> Any:
     import ibis
 
+    # Insertion order need not be preserved (less memory, more parallel): every tie is broken by the
+    # explicit _order column, and every result the pipeline reads in order has an ORDER BY.
     config = {"memory_limit": str(cfg.memory_limit), "temp_directory": str(workdir / "spill"),
-              "preserve_insertion_order": True}
+              "preserve_insertion_order": False}
     if cfg.threads:
         config["threads"] = int(cfg.threads)
-    try:
-        return ibis.duckdb.connect(**config)
+    try:  # a database file in the scratch folder: intermediate tables live on disk, read back through the cache
+        return ibis.duckdb.connect(str(workdir / "engine.duckdb"), **config)
     except Exception as exc:  # duckdb raises its own types for a bad memory_limit and the like
         raise ConfigError("data.engine", f"DuckDB refused its settings {config}: {exc}") from None
 

@@ -30,8 +30,8 @@ ORDER = "_order"
 LABEL = "_label"
 USER_CODE = "_user_code"
 ITEM_CODE = "_item_code"
-#: allocates the destination of one output array: (name, dtype, length) -> writable ndarray
-Allocate = Callable[[str, Any, int], np.ndarray]
+#: the destination of the output arrays (:mod:`rectrain.data.engine.sinks`)
+Allocate = Any
 
 
 @dataclass
@@ -57,6 +57,7 @@ def run(engine: Engine, events: Any, pre: PreprocessConfig, split: Any, source: 
     else:
         labelled = _label_time(engine, kept, split)
     labelled = engine.keep(labelled)
+    engine.release(kept)
     return _index_and_write(engine, labelled, split, stats, source, allocate)
 
 
@@ -132,6 +133,7 @@ def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, re
         sizes = new_sizes
     result = engine.keep(table.filter(table[USER].isin(users[USER]) & table[ITEM].isin(items[ITEM])))
     removed["k_core"] = n - int(engine.scalar(result.count()))
+    engine.release(table)
     return result
 
 
@@ -234,7 +236,8 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
                               ITEM, ITEM_CODE)
     if split.kind != "leave_one_out":
         before = int(engine.scalar(table.count()))
-        table = engine.keep(table.join(items, ITEM))
+        labelled, table = table, engine.keep(table.join(items, ITEM))
+        engine.release(labelled)
         stats["eval_events_unseen_item_dropped"] = before - int(engine.scalar(table.count()))
     else:
         table = table.join(items, ITEM)
@@ -293,9 +296,9 @@ def _write_arrays(engine: Engine, ordered: Any, counts: dict[int, int], cold_ite
     sizes = {"train": counts.get(TRAIN, 0) - cold_in_train, "valid": counts.get(VALID, 0),
              "test": counts.get(TEST, 0)}
     dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.float64}
-    arrays = {f"{part}_{col}": allocate(f"{part}_{col}", dtype, sizes[part])
-              for part in sizes for col, dtype in dtypes.items()}
-    offsets = dict.fromkeys(sizes, 0)
+    for part in sizes:
+        for col, dtype in dtypes.items():
+            allocate.open(f"{part}_{col}", dtype, sizes[part])
     labels_of = {"train": TRAIN, "valid": VALID, "test": TEST}
     for batch in engine.batches(ordered):
         user = batch.column(0).to_numpy().astype(np.int64, copy=False)
@@ -306,16 +309,11 @@ def _write_arrays(engine: Engine, ordered: Any, counts: dict[int, int], cold_ite
             label = np.where((label == TRAIN) & np.isin(item, cold_items), -1, label)
         for part, code in labels_of.items():
             rows = label == code
-            k = int(rows.sum())
-            if not k:
-                continue
-            start = offsets[part]
-            arrays[f"{part}_user"][start:start + k] = user[rows]
-            arrays[f"{part}_item"][start:start + k] = item[rows]
-            arrays[f"{part}_timestamp"][start:start + k] = timestamp[rows]
-            offsets[part] = start + k
-    if offsets != sizes:
-        raise RuntimeError(f"engine returned {offsets} rows per split, counted {sizes}")
+            if rows.any():
+                allocate.append(f"{part}_user", user[rows])
+                allocate.append(f"{part}_item", item[rows])
+                allocate.append(f"{part}_timestamp", timestamp[rows])
+    arrays = allocate.finish()  # raises if the stream and the counts disagree
     return arrays, cold_in_train
 
 
