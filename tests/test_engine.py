@@ -238,3 +238,27 @@ def test_spark_equals_pandas_on_every_fixture(tmp_path, synthetic):
     pre, split = PreprocessConfig(dedup="none"), SplitConfig("session", valid_fraction=0.1)
     got = load_or_prepare(SessionFileSource(str(train), str(test)), pre, split, tmp_path / "cache", engine=engine)
     assert_identical(got, prepare_in_memory(read_sessions(train), pre, split, read_sessions(test)))
+
+
+def test_validation_on_sampled_users_is_seeded_labelled_and_the_test_stays_complete(compose_cfg):
+    """eval.sample_users=N: validation ranks every item for a seeded sample of N users, says so in
+    the protocol, results.json and TensorBoard; the test split keeps every user."""
+    from rectrain.training import build, train
+    from tests.conftest import TINY_DATA
+
+    cfg = compose_cfg(*TINY_DATA, "trainer.max_epochs=1", "eval.sample_users=40")
+    full = build(compose_cfg(*TINY_DATA).data)
+    sampled, again = build(cfg.data), build(cfg.data)
+    n_valid, n_test = len(full.queries("valid")), len(full.queries("test"))
+    assert n_valid > 40
+    valid = sampled.queries("valid")
+    assert len(valid) == 40 and np.array_equal(valid.users, again.queries("valid").users)  # seeded
+    assert np.isin(valid.users, full.queries("valid").users).all()
+    assert "sample of 40 of" in valid.protocol and "not negatives" in valid.protocol
+    assert len(sampled.queries("test")) == n_test  # the final test: every user
+    results = train(cfg)
+    sample = results["evaluation_sample"]
+    assert list(sample) == ["valid"] and sample["valid"]["sampled_users"] == 40 and sample["valid"]["of"] == n_valid
+    assert results["valid"]["sampled_users"] == 40 and "sampled_users" not in results["test"]
+    with pytest.raises(ConfigError, match="eval.sample_users"):
+        build(compose_cfg(*TINY_DATA, "eval.sample_users=0").data)

@@ -227,6 +227,10 @@ def train(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
         "valid": {k.removeprefix("val/"): v for k, v in valid_metrics.items()},
         "test": {k.removeprefix("test/"): v for k, v in test_metrics.items()},
         "privacy": privacy.report() if privacy is not None else dict(NO_PRIVACY),
+        # eval.sample_users: which metrics come from a sample of users (never of negatives)
+        "evaluation_sample": {stage: datamodule.evaluation_sample(stage) for stage in ("valid", "test")
+                              if getattr(datamodule, "evaluation_sample", None) and
+                              datamodule.evaluation_sample(stage) is not None},
         **(extra or {}),
     }
     if trainer.global_rank == 0:

@@ -224,6 +224,10 @@ class RankingTask(pl.LightningModule):
         summary = RankingResult.merge(results).summary()
         prefix = STAGE_PREFIX[stage]
         metrics = {f"{prefix}/{k}": float(v) for k, v in summary.items() if not math.isnan(v)}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        sample = datamodule.evaluation_sample(stage) if hasattr(datamodule, "evaluation_sample") else None
+        if sample is not None:  # TensorBoard shows beside the metrics how many users they come from
+            metrics[f"{prefix}/sampled_users"] = float(sample["sampled_users"])
         # every rank holds the same merged values, so no sync (and no averaging) is needed
         self.log_dict(metrics, prog_bar=False, sync_dist=False, rank_zero_only=False)
         self.final_metrics[stage] = metrics

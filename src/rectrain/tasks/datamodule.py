@@ -108,15 +108,26 @@ class RecDataModule(pl.LightningDataModule):
             what a membership-inference audit compares against: bench/privacy.py). 1: everyone.
         engine: fields of :class:`rectrain.data.engine.EngineConfig`: which engine preprocesses
             the log (``duckdb`` by default, ``spark`` for a cluster) and its memory cap.
+        valid_sample_users / test_sample_users: evaluate on a seeded random sample of this many
+            users (queries, for sessions) instead of all of them (``eval.sample_users``: validation
+            during a long training; the test stays complete unless ``eval.test_sample_users`` says
+            otherwise). Every item is still ranked: users are sampled, never negatives; the
+            protocol label and results.json say so.
     """
 
     def __init__(self, source: Any, preprocess: Mapping[str, Any] | None = None,
                  split: Mapping[str, Any] | None = None, cache_dir: str | None = None, batch_size: int = 1024,
                  eval_batch_size: int = 256, seed: int = 0, prefetch: int = 0,
                  user_features: list[str] | tuple[str, ...] | None = None, verify_cache: bool = False,
-                 train_user_fraction: float = 1.0, engine: Mapping[str, Any] | None = None) -> None:
+                 train_user_fraction: float = 1.0, engine: Mapping[str, Any] | None = None,
+                 valid_sample_users: int | None = None, test_sample_users: int | None = None) -> None:
         super().__init__()
         self.source = source
+        for key, value in (("valid_sample_users", valid_sample_users), ("test_sample_users", test_sample_users)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"eval.{'sample_users' if key.startswith('valid') else key}",
+                                  f"must be a positive integer or null, got {value!r}")
+        self.sample_users = {"valid": valid_sample_users, "test": test_sample_users}
         self.engine = dataclass_from_config(EngineConfig, engine, "data.engine")
         self.preprocess = dataclass_from_config(PreprocessConfig, preprocess, "data.preprocess")
         self.split = dataclass_from_config(SplitConfig, split, "data.split")
@@ -136,6 +147,7 @@ class RecDataModule(pl.LightningDataModule):
         self.data: PreparedData | None = None
         self.train_spec: PointwiseSpec | SequenceSpec = PointwiseSpec()
         self._queries: dict[str, RankingQueries] = {}
+        self._query_totals: dict[str, int] = {}
         self._train_batches: Any = None
 
     # --- data ---------------------------------------------------------------------------------
@@ -183,11 +195,34 @@ class RecDataModule(pl.LightningDataModule):
         return encoder.encode_columns(self.data.user_attributes, self.data.n_users)
 
     def queries(self, stage: str) -> RankingQueries:
-        """Evaluation queries for ``valid``/``test``, built once and reused every epoch."""
+        """Evaluation queries for ``valid``/``test``, built once and reused every epoch.
+
+        With ``<stage>_sample_users`` set, a seeded sample of them (the same every epoch and on
+        every DDP rank), labelled as such in the protocol.
+        """
         if stage not in self._queries:
             self.setup()
-            self._queries[stage] = self.data.ranking_queries(stage)
+            queries = self.data.ranking_queries(stage)
+            size, full = self.sample_users.get(stage), len(queries)
+            self._query_totals[stage] = full
+            if size is not None and size < full:
+                rng = np.random.default_rng([int(self.seed), 1 if stage == "valid" else 2])
+                queries = queries.subset(np.sort(rng.choice(full, size=size, replace=False)))
+                unit = "queries" if self.data.split == "session" else "users"
+                queries = dataclasses.replace(queries, protocol=(
+                    f"{queries.protocol}; {stage} on a seeded sample of {size:,} of {full:,} {unit} "
+                    f"(users sampled, not negatives: every item is ranked)"))
+            self._queries[stage] = queries
         return self._queries[stage]
+
+    def evaluation_sample(self, stage: str) -> dict[str, Any] | None:
+        """How ``stage`` was evaluated when users were sampled (for results.json), else None."""
+        size = self.sample_users.get(stage)
+        if size is None:
+            return None
+        queries = self.queries(stage)
+        return {"sampled_users": len(queries), "of": self._query_totals[stage], "seed": int(self.seed),
+                "protocol": queries.protocol}
 
     # --- batches ------------------------------------------------------------------------------
     def _rank_world(self) -> tuple[int, int]:
