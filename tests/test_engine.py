@@ -262,3 +262,31 @@ def test_validation_on_sampled_users_is_seeded_labelled_and_the_test_stays_compl
     assert results["valid"]["sampled_users"] == 40 and "sampled_users" not in results["test"]
     with pytest.raises(ConfigError, match="eval.sample_users"):
         build(compose_cfg(*TINY_DATA, "eval.sample_users=0").data)
+
+
+def test_an_engine_failure_or_a_full_disk_is_one_line_naming_the_stage(tmp_path, synthetic, monkeypatch):
+    import errno
+
+    from rectrain.data.engine import sinks
+    from rectrain.data.engine.pipeline import EngineFailure
+
+    def full(self, name, values):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sinks.NpyFileSink, "append", full)
+    cache = tmp_path / "cache"
+    with pytest.raises(EngineFailure) as info:
+        load_or_prepare(_InMemory(synthetic), PreprocessConfig(), SplitConfig(), cache)
+    text = str(info.value)
+    assert "stage 'index and write arrays'" in text and "disk is full" in text and "\n" not in text
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # nothing half-written left
+    monkeypatch.undo()
+    from rectrain.data.engine import backends
+
+    real = backends.Engine.keep
+    monkeypatch.setattr(backends.Engine, "keep", lambda self, expr: (_ for _ in ()).throw(
+        __import__("duckdb").OutOfMemoryException("Out of Memory Error: could not allocate block")))
+    with pytest.raises(EngineFailure, match=r"stage 'filter \(threshold, dedup, k-core\)' on duckdb: "
+                                            r"OutOfMemoryException"):
+        prepare(synthetic, PreprocessConfig(), SplitConfig())
+    monkeypatch.setattr(backends.Engine, "keep", real)

@@ -12,9 +12,11 @@ the final arrays, streamed in Arrow batches straight into their (memory-mapped) 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -22,7 +24,7 @@ from rectrain.data.engine.backends import Engine
 from rectrain.data.preprocess import PreprocessConfig
 from rectrain.data.schema import ITEM, RATING, SESSION, TIMESTAMP, USER
 from rectrain.data.splits import TEST, TRAIN, VALID
-from rectrain.errors import ConfigError, DataError
+from rectrain.errors import ConfigError, DataError, RectrainError
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +47,43 @@ class EngineOutput:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+class EngineFailure(RectrainError):
+    """The engine failed (a full disk, memory it could not get, an engine bug): one line naming the stage."""
+
+
+@contextlib.contextmanager
+def stage(engine: Engine, name: str, source: str) -> Iterator[None]:
+    """Turn an engine's or the file system's exception into one line that names the stage and the log."""
+    try:
+        yield
+    except RectrainError:
+        raise
+    except Exception as exc:  # duckdb.Error, Py4JJavaError/AnalysisException, OSError (ENOSPC) ...
+        text = str(exc).strip().splitlines()
+        reason = text[0] if text else type(exc).__name__
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left" in str(exc):
+            reason = f"the disk is full ({reason}); free space under the cache directory (data.cache_dir)"
+        raise EngineFailure(f"preprocessing {source} failed at stage '{name}' on {engine.name}: "
+                            f"{type(exc).__name__}: {reason[:400]}") from exc
+
+
 def run(engine: Engine, events: Any, pre: PreprocessConfig, split: Any, source: str, allocate: Allocate,
         test_events: Any | None = None) -> EngineOutput:
     """Filter, label, index and write ``events`` (an Ibis table on ``engine``); see the module doc."""
     stats: dict[str, Any] = {}
-    kept = filter_events(engine, events, pre, source, stats)
-    if split.kind == "session":
-        labelled = _label_sessions(engine, kept, pre, split, test_events, source)
-    elif split.kind == "leave_one_out":
-        labelled = _label_leave_one_out(kept)
-    else:
-        labelled = _label_time(engine, kept, split)
-    labelled = engine.keep(labelled)
-    engine.release(kept)
-    return _index_and_write(engine, labelled, split, stats, source, allocate)
+    with stage(engine, "filter (threshold, dedup, k-core)", source):
+        kept = filter_events(engine, events, pre, source, stats)
+    with stage(engine, f"split ({split.kind})", source):
+        if split.kind == "session":
+            labelled = _label_sessions(engine, kept, pre, split, test_events, source)
+        elif split.kind == "leave_one_out":
+            labelled = _label_leave_one_out(kept)
+        else:
+            labelled = _label_time(engine, kept, split)
+        labelled = engine.keep(labelled)
+        engine.release(kept)
+    with stage(engine, "index and write arrays", source):
+        return _index_and_write(engine, labelled, split, stats, source, allocate)
 
 
 # --- filtering --------------------------------------------------------------------------------
