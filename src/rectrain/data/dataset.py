@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rectrain.data import cache, splits
+from rectrain.data import cache
 from rectrain.data.engine import EngineConfig, run_prepare
 from rectrain.data.engine.sinks import MemorySink, NpyFileSink
-from rectrain.data.preprocess import PreprocessConfig, build_vocabulary, filter_interactions
+from rectrain.data.preprocess import PreprocessConfig
 from rectrain.data.schema import ITEM, SESSION, TIMESTAMP, USER, RawLog
 from rectrain.errors import ConfigError, DataError
 from rectrain.data.queries import RankingQueries, csr_from_groups
@@ -327,128 +327,6 @@ def _check_split(split: SplitConfig, has_test_file: bool) -> None:
         raise ConfigError("data.split.kind", f"must be one of {SPLIT_KINDS}, got {split.kind!r}")
     if has_test_file and split.kind != "session":
         raise ConfigError("data.test_path", "a separate test file is only supported with data.split.kind=session")
-
-
-def prepare_in_memory(log_: RawLog, pre: PreprocessConfig, split: SplitConfig,
-                      test_log: RawLog | None = None) -> PreparedData:
-    """The former pandas implementation of :func:`prepare`, kept while the engine is proved equal."""
-    _check_split(split, test_log is not None)
-    started = time.perf_counter()
-    frame, report = filter_interactions(log_, pre)
-    stats: dict[str, Any] = {"rows_read": report.rows_read, "removed": dict(report.removed)}
-    if split.kind == "session":
-        frame, labels = _label_sessions(frame, split, test_log, pre)
-    else:
-        user_codes, _ = build_vocabulary(frame[USER])
-        order = frame["_order"].to_numpy()
-        perm = splits.sort_events(user_codes, frame[TIMESTAMP].to_numpy(), order)
-        frame = frame.iloc[perm].reset_index(drop=True)
-        if split.kind == "leave_one_out":
-            labels = splits.leave_one_out(user_codes[perm])
-        else:
-            labels = splits.time_split(frame[TIMESTAMP].to_numpy(), frame["_order"].to_numpy(),
-                                       split.valid_fraction, split.test_fraction)
-    data = _index_and_pack(frame, labels, split, log_, stats)
-    data.stats["prepare_seconds"] = round(time.perf_counter() - started, 3)
-    return data
-
-
-def _label_sessions(frame: pd.DataFrame, split: SplitConfig, test_log: RawLog | None,
-                    pre: PreprocessConfig) -> tuple[pd.DataFrame, np.ndarray]:
-    """Give every event a session key in the USER column and a split label."""
-    if test_log is not None:
-        test_frame, _ = filter_interactions(test_log, dataclasses.replace(pre, min_item_interactions=1))
-        test_frame["_order"] += len(frame) + 1
-        frame = pd.concat([frame.assign(_test=False), test_frame.assign(_test=True)], ignore_index=True)
-    else:
-        frame = frame.assign(_test=False)
-    key = SESSION if SESSION in frame.columns and frame[SESSION].notna().all() else USER
-    codes, _ = build_vocabulary(frame[key].astype(str) + np.where(frame["_test"], "#test", ""))
-    perm = splits.sort_events(codes, frame[TIMESTAMP].to_numpy(), frame["_order"].to_numpy())
-    frame, codes = frame.iloc[perm].reset_index(drop=True), codes[perm]
-    if key == USER and SESSION not in frame.columns:  # user log: cut sessions at inactivity gaps
-        codes = splits.sessionize(codes, frame[TIMESTAMP].to_numpy(), split.session_gap)
-    frame[USER] = codes.astype(str)  # the session is the "user" from here on
-    is_test = frame["_test"].to_numpy()
-    labels = np.full(len(frame), splits.TRAIN, dtype=np.int8)
-    if test_log is not None:
-        labels[is_test] = splits.TEST
-        train_rows = ~is_test
-        labels[train_rows] = splits.session_split(codes[train_rows], frame[TIMESTAMP].to_numpy()[train_rows],
-                                                  split.valid_fraction, 0.0)
-    else:
-        labels = splits.session_split(codes, frame[TIMESTAMP].to_numpy(), split.valid_fraction, split.test_fraction)
-    return frame, labels
-
-
-def _index_and_pack(frame: pd.DataFrame, labels: np.ndarray, split: SplitConfig, log_: RawLog,
-                    stats: dict[str, Any]) -> PreparedData:
-    """Build vocabularies, drop evaluation events the model cannot know, pack arrays."""
-    is_train = labels == splits.TRAIN
-    in_file_order = frame["_order"].to_numpy().argsort(kind="stable")
-    if split.kind == "leave_one_out":
-        # the whole catalog, indexed by first appearance in the file
-        _, item_vocab = build_vocabulary(frame[ITEM].iloc[in_file_order])
-    else:
-        # Time and session splits: the catalog is what training saw; unseen evaluation items are dropped.
-        _, item_vocab = build_vocabulary(frame[ITEM].iloc[in_file_order][is_train[in_file_order]])
-    item_codes = pd.Index(item_vocab).get_indexer(frame[ITEM].astype(str))
-    if split.kind != "leave_one_out":
-        unknown = item_codes < 0
-        stats["eval_events_unseen_item_dropped"] = int(unknown.sum())
-        keep = ~unknown
-        frame, labels, item_codes = frame[keep], labels[keep], item_codes[keep]
-    _, user_vocab = build_vocabulary(frame[USER].iloc[frame["_order"].to_numpy().argsort(kind="stable")])
-    user_codes = pd.Index(user_vocab).get_indexer(frame[USER].astype(str)).astype(np.int64)
-    timestamp = frame[TIMESTAMP].to_numpy(dtype=np.float64)
-    if split.kind == "session":
-        # sessions too short to hold a prefix and a target are useless for evaluation
-        counts = np.bincount(user_codes, minlength=user_vocab.shape[0])
-        keep = counts[user_codes] >= split.min_session_length
-        keep |= labels == splits.TRAIN
-        stats["short_session_events_dropped"] = int((~keep).sum())
-        frame, labels, item_codes, user_codes, timestamp = (
-            frame[keep], labels[keep], item_codes[keep], user_codes[keep], timestamp[keep])
-    elif split.kind == "time":
-        seen_users = np.zeros(user_vocab.shape[0], dtype=bool)
-        seen_users[user_codes[labels == splits.TRAIN]] = True
-        cold = ~seen_users[user_codes] & (labels != splits.TRAIN)
-        stats["eval_events_cold_user_dropped"] = int(cold.sum())
-        frame, labels, item_codes, user_codes, timestamp = (
-            frame[~cold], labels[~cold], item_codes[~cold], user_codes[~cold], timestamp[~cold])
-
-    order = frame["_order"].to_numpy()
-    perm = splits.sort_events(user_codes, timestamp, order)
-    user_codes, item_codes, timestamp, labels = user_codes[perm], item_codes[perm], timestamp[perm], labels[perm]
-
-    cold_items = np.zeros(0, dtype=np.int64)
-    if split.cold_item_fraction > 0:
-        n_items = item_vocab.shape[0]
-        rng = np.random.default_rng(split.cold_item_seed)
-        cold_items = np.sort(rng.choice(n_items, size=int(round(n_items * split.cold_item_fraction)), replace=False))
-        is_cold = np.isin(item_codes, cold_items)
-        stats["cold_item_train_events_dropped"] = int((is_cold & (labels == splits.TRAIN)).sum())
-        labels = np.where(is_cold & (labels == splits.TRAIN), -1, labels)
-
-    def part(label: int) -> Interactions:
-        rows = labels == label
-        return Interactions(user_codes[rows].astype(np.int64), item_codes[rows].astype(np.int64), timestamp[rows])
-
-    mask_seen = split.mask_seen if split.mask_seen is not None else split.kind != "session"
-    data = PreparedData(
-        train=part(splits.TRAIN), valid=part(splits.VALID), test=part(splits.TEST),
-        user_vocab=user_vocab, item_vocab=item_vocab, split=split.kind, mask_seen=bool(mask_seen), stats=stats,
-        cold_items=cold_items.astype(np.int64),
-    )
-    for name, piece in (("train", data.train), ("valid", data.valid), ("test", data.test)):
-        stats[f"n_{name}"] = len(piece)
-    if len(data.train) == 0:
-        raise DataError("the training split is empty after filtering and splitting", path=log_.source, key="data.split")
-    _attach_item_features(data, log_)
-    if split.kind != "session":  # for session logs the "user" is a session: a user table does not apply
-        _attach_user_attributes(data, log_)
-    stats.update(n_users=data.n_users, n_items=data.n_items)
-    return data
 
 
 def _align_to_vocabulary(table: pd.DataFrame, key: str, vocab: np.ndarray) -> pd.DataFrame:

@@ -1,0 +1,296 @@
+"""Logs of 10M to 1B events: seconds, peak RSS and disk per stage, each stage in a fresh process.
+
+    python bench/scale.py --events 10000000,100000000,1000000000 --workdir /data/scale
+    python bench/scale.py --events 10000000 --compare-pandas          # the former pandas path beside it
+
+Stages (each a fresh ``python bench/scale.py --stage ...`` process; peak RSS = its ru_maxrss):
+
+* ``generate``: a synthetic log written as Parquet in chunks of 10M rows (the generator streams:
+  it never holds more than one chunk); users ~ events/50, items ~ events/100 (at most 1M), item
+  popularity a power law, timestamps in whole seconds over a year (ties, broken by file order).
+* ``preprocess``: ``load_or_prepare`` on the Parquet directory with the DuckDB engine (k-core 5/5,
+  dedup first, leave-one-out), writing the cache; disk = peak size of the cache folder while it
+  runs (spill included, sampled every second).
+* ``pandas`` (``--compare-pandas``): the former path: the validated reader into pandas, then
+  ``prepare_in_memory``, then the cache write.
+* ``load``: opening the cache (memory-mapped) with checksums, as the first run after a build does.
+* ``train_mf`` / ``train_two_tower``: training throughput (events/s) over ``--train-steps`` steps of
+  an epoch through train.py's own stack (MF with sampled negatives; the GRU two-tower with sampled
+  softmax); the full epoch time is extrapolated and labelled so.
+* ``evaluate``: full-catalog ranking of ``--eval-users`` users (seen items excluded) in chunks.
+
+The table is printed as Markdown, and the raw numbers as JSON to ``<workdir>/scale.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+CHUNK_ROWS = 10_000_000
+COLUMNS = {"user": "user_id", "item": "item_id", "timestamp": "ts"}
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total
+
+
+class DiskWatcher:
+    """Peak size of a folder while a stage runs (spill files come and go)."""
+
+    def __init__(self, path: Path, every: float = 1.0) -> None:
+        self.path, self.every, self.peak = path, every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _dir_bytes(self.path))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "DiskWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _dir_bytes(self.path))
+
+
+def sizes_for(events: int) -> tuple[int, int]:
+    return max(1000, events // 50), min(1_000_000, max(1000, events // 100))
+
+
+# --- stages (each runs in its own process) ----------------------------------------------------
+def stage_generate(workdir: Path, events: int, seed: int = 0) -> dict:
+    """Stream ``events`` rows into Parquet files of CHUNK_ROWS rows (row groups of 1M)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    start = time.perf_counter()
+    folder = workdir / f"log-{events}"
+    tmp = workdir / f".log-{events}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    n_users, n_items = sizes_for(events)
+    year = 365 * 24 * 3600
+    for index, first in enumerate(range(0, events, CHUNK_ROWS)):
+        rows = min(CHUNK_ROWS, events - first)
+        rng = np.random.default_rng([seed, index])
+        user = rng.integers(0, n_users, rows, dtype=np.int64)
+        item = np.minimum((n_items * rng.random(rows) ** 3).astype(np.int64), n_items - 1)  # power law
+        ts = 1.6e9 + np.floor(rng.random(rows) * year)
+        table = pa.table({"user_id": user, "item_id": item, "ts": ts})
+        pq.write_table(table, tmp / f"part-{index:05d}.parquet", row_group_size=1_000_000)
+        del user, item, ts, table
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return {"events": events, "users": n_users, "items": n_items, "seconds": time.perf_counter() - start,
+            "peak_mb": _peak_mb(), "disk_mb": _dir_bytes(folder) / 2**20}
+
+
+def _pre_split():
+    from rectrain.data.dataset import SplitConfig
+    from rectrain.data.preprocess import PreprocessConfig
+
+    return PreprocessConfig(min_user_interactions=5, min_item_interactions=5), SplitConfig("leave_one_out")
+
+
+def stage_preprocess(workdir: Path, events: int, memory_limit: str, threads: int | None) -> dict:
+    from rectrain.data.dataset import load_or_prepare
+    from rectrain.data.engine import EngineConfig
+    from rectrain.data.sources import InteractionFileSource
+
+    cache = workdir / f"cache-{events}"
+    shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True)
+    pre, split = _pre_split()
+    start = time.perf_counter()
+    with DiskWatcher(cache) as disk:
+        data = load_or_prepare(InteractionFileSource(str(workdir / f"log-{events}"), COLUMNS), pre, split, cache,
+                               engine=EngineConfig(memory_limit=memory_limit, threads=threads))
+    return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "disk_peak_mb": disk.peak / 2**20,
+            "cache_mb": _dir_bytes(cache) / 2**20, "train_events": len(data.train), "users": data.n_users,
+            "items": data.n_items, "removed": data.stats.get("removed")}
+
+
+def stage_pandas(workdir: Path, events: int) -> dict:
+    """The former path: the validated reader into pandas, the pandas pipeline, then the cache write."""
+    import pyarrow.parquet as pq
+
+    from tests.reference_pipeline import prepare_in_memory
+    from rectrain.data.readers import read_interactions
+    from rectrain.data.schema import RawLog
+    from rectrain.utils.io import atomic_dir
+
+    folder = workdir / f"log-{events}"
+    cache = workdir / f"cache-pandas-{events}"
+    shutil.rmtree(cache, ignore_errors=True)
+    start = time.perf_counter()
+    files = sorted(folder.glob("*.parquet"))
+    if len(files) > 1:  # the reader takes one file: join the parts first (as a user had to)
+        import pyarrow as pa
+
+        joined = workdir / f"joined-{events}.parquet"
+        pq.write_table(pa.concat_tables([pq.read_table(f) for f in files]), joined)
+        files = [joined]
+    log = read_interactions(files[0], COLUMNS)
+    pre, split = _pre_split()
+    data = prepare_in_memory(RawLog(log.interactions, source=str(folder)), pre, split)
+    with atomic_dir(cache / "data") as tmp:
+        data.save(tmp)
+    return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "train_events": len(data.train),
+            "users": data.n_users, "items": data.n_items}
+
+
+def stage_load(workdir: Path, events: int) -> dict:
+    from rectrain.data.dataset import PreparedData
+
+    cache = workdir / f"cache-{events}"
+    (target,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    start = time.perf_counter()
+    data = PreparedData.load(target, verify=True)
+    n = len(data.train) + len(data.valid) + len(data.test)
+    return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "events": n}
+
+
+def stage_train(workdir: Path, events: int, model: str, steps: int) -> dict:
+    from bench.common import compose_train_config, quiet_lightning
+    from rectrain.training import run
+
+    quiet_lightning()
+    cache = workdir / f"cache-{events}"
+    overrides = [f"model={model}", "data=interactions", f"data.source.path={workdir / f'log-{events}'}",
+                 f"data.source.columns.user={COLUMNS['user']}", f"data.source.columns.item={COLUMNS['item']}",
+                 f"data.source.columns.timestamp={COLUMNS['timestamp']}", f"data.cache_dir={cache}",
+                 "trainer.max_epochs=1", f"+trainer.limit_train_batches={steps}", "+trainer.limit_val_batches=0",
+                 "logger=none", "eval.test=false"]
+    cfg = compose_train_config(overrides, workdir / f"run-{model}-{events}")
+    start = time.perf_counter()
+    results = run(cfg)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": _peak_mb(), **{k: results[k] for k in ("train_events_per_s",
+                                                                                   "train_events_seen",
+                                                                                   "epoch_events")
+                                                               if k in results}}
+
+
+def stage_evaluate(workdir: Path, events: int, users: int) -> dict:
+    import numpy as np
+
+    from rectrain.data.dataset import PreparedData
+    from rectrain.evaluation.baselines import popularity_scores  # noqa: F401 (a model-free scorer)
+    from rectrain.evaluation.ranking import evaluate_scores
+
+    cache = workdir / f"cache-{events}"
+    (target,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    data = PreparedData.load(target)
+    queries = data.ranking_queries("test")
+    rng = np.random.default_rng(0)
+    chosen = np.sort(rng.choice(queries.users.shape[0], size=min(users, queries.users.shape[0]), replace=False))
+    sub = queries.subset(queries.users[chosen])
+    popularity = data.item_popularity("test").astype(np.float32)
+    start = time.perf_counter()
+    metrics = evaluate_scores(lambda rows: np.broadcast_to(popularity, (len(rows), popularity.shape[0])), sub)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": _peak_mb(), "users": int(sub.users.shape[0]),
+            "users_per_s": sub.users.shape[0] / seconds, "ndcg@10": metrics.get("ndcg@10")}
+
+
+STAGES = {"generate", "preprocess", "pandas", "load", "train_mf", "train_two_tower", "evaluate"}
+
+
+def run_stage(args: argparse.Namespace, stage: str, events: int) -> dict:
+    """One stage in a fresh process; returns its JSON line."""
+    command = [sys.executable, __file__, "--stage", stage, "--events", str(events), "--workdir", str(args.workdir),
+               "--memory-limit", args.memory_limit, "--train-steps", str(args.train_steps),
+               "--eval-users", str(args.eval_users)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        return {"error": " | ".join(tail)}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", default="10000000", help="comma-separated log sizes")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/rectrain-scale"))
+    parser.add_argument("--stages", default="generate,preprocess,load,train_mf,train_two_tower,evaluate")
+    parser.add_argument("--compare-pandas", action="store_true", help="also run the former pandas path")
+    parser.add_argument("--memory-limit", default="3GB", help="DuckDB's cap (data.engine.memory_limit)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--eval-users", type=int, default=100_000)
+    parser.add_argument("--keep", action="store_true", help="keep the logs and caches afterwards")
+    parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.stage:  # a child: one stage, one JSON line
+        events = int(args.events)
+        fn = {"generate": lambda: stage_generate(args.workdir, events),
+              "preprocess": lambda: stage_preprocess(args.workdir, events, args.memory_limit, args.threads),
+              "pandas": lambda: stage_pandas(args.workdir, events),
+              "load": lambda: stage_load(args.workdir, events),
+              "train_mf": lambda: stage_train(args.workdir, events, "mf", args.train_steps),
+              "train_two_tower": lambda: stage_train(args.workdir, events, "two_tower", args.train_steps),
+              "evaluate": lambda: stage_evaluate(args.workdir, events, args.eval_users)}[args.stage]
+        print(json.dumps(fn(), default=str))
+        return
+    stages = [s for s in args.stages.split(",") if s]
+    if args.compare_pandas and "pandas" not in stages:
+        stages.insert(stages.index("preprocess") + 1 if "preprocess" in stages else len(stages), "pandas")
+    results: dict[str, dict[str, dict]] = {}
+    out = args.workdir / "scale.json"
+    for events in [int(e) for e in args.events.split(",")]:
+        results[str(events)] = {}
+        for stage in stages:
+            row = run_stage(args, stage, events)
+            results[str(events)][stage] = row
+            print(f"{events:>13,} {stage:<16} {json.dumps(row, default=str)}", flush=True)
+            out.write_text(json.dumps(results, indent=2, default=str))
+        if not args.keep:
+            for name in (f"log-{events}", f"cache-{events}", f"cache-pandas-{events}", f"joined-{events}.parquet"):
+                path = args.workdir / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    print_table(results)
+
+
+def print_table(results: dict[str, dict[str, dict]]) -> None:
+    print("\n| events | stage | seconds | peak RSS MB | disk MB | notes |\n|---|---|---|---|---|---|")
+    for events, stages in results.items():
+        for stage, row in stages.items():
+            if "error" in row:
+                print(f"| {int(events):,} | {stage} | failed | | | {row['error'][:120]} |")
+                continue
+            disk = row.get("disk_peak_mb", row.get("disk_mb", ""))
+            notes = {k: v for k, v in row.items() if k not in ("seconds", "peak_mb", "disk_peak_mb", "disk_mb")}
+            print(f"| {int(events):,} | {stage} | {row['seconds']:.1f} | {row['peak_mb']:,.0f} | "
+                  f"{disk if disk == '' else f'{disk:,.0f}'} | {json.dumps(notes, default=str)[:160]} |")
+
+
+if __name__ == "__main__":
+    main()
