@@ -140,7 +140,7 @@ def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, re
         return table
     users = engine.keep(table.select(USER).distinct())
     items = engine.keep(table.select(ITEM).distinct())
-    sizes = (int(engine.scalar(users.count())), int(engine.scalar(items.count())))
+    sizes = first_sizes = (int(engine.scalar(users.count())), int(engine.scalar(items.count())))
     while True:
         for column, minimum in ((ITEM, min_item), (USER, min_user)):
             if minimum <= 1:
@@ -156,6 +156,9 @@ def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, re
         if new_sizes == sizes:
             break
         sizes = new_sizes
+    if sizes == first_sizes:  # nothing removed: no second copy of a billion events on disk
+        removed["k_core"] = 0
+        return table
     result = engine.keep(table.filter(table[USER].isin(users[USER]) & table[ITEM].isin(items[ITEM])))
     removed["k_core"] = n - int(engine.scalar(result.count()))
     engine.release(table)
@@ -290,8 +293,7 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
                                         replace=False)).astype(np.int64)
     final = table.join(users, USER).select(USER_CODE, ITEM_CODE, TIMESTAMP, LABEL, ORDER)
     counts = _label_counts(engine, final)
-    arrays, stats_cold = _write_arrays(engine, final.order_by([USER_CODE, TIMESTAMP, ORDER]), counts, cold_items,
-                                       allocate)
+    arrays, stats_cold = _write_arrays(engine, final, user_vocab.shape[0], counts, cold_items, allocate)
     if split.cold_item_fraction > 0:
         stats["cold_item_train_events_dropped"] = stats_cold
     for name, label in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
@@ -312,12 +314,28 @@ def _label_counts(engine: Engine, final: Any) -> dict[int, int]:
     return counts
 
 
-def _write_arrays(engine: Engine, ordered: Any, counts: dict[int, int], cold_items: np.ndarray,
+#: events per sorted block of users: the final sort runs block by block, so its memory and spill
+#: are bounded by a block, not by the log
+SORT_BLOCK_EVENTS = 50_000_000
+
+
+def _sorted_blocks(final: Any, n_users: int, n_events: int) -> Iterator[Any]:
+    """The events ordered by (user code, time, file order), as queries over consecutive user-code ranges."""
+    blocks = max(1, -(-n_events // SORT_BLOCK_EVENTS))
+    edges = np.linspace(0, n_users, blocks + 1).round().astype(np.int64)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if hi <= lo:
+            continue
+        block = final if blocks == 1 else final.filter((final[USER_CODE] >= int(lo)) & (final[USER_CODE] < int(hi)))
+        yield block.order_by([USER_CODE, TIMESTAMP, ORDER])
+
+
+def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, int], cold_items: np.ndarray,
                   allocate: Allocate) -> tuple[dict[str, np.ndarray], int]:
     """Stream the ordered events into one array per (split, column); cold items leave training."""
     cold_in_train = 0
     if cold_items.size:
-        cold_in_train = _count_cold_train(engine, ordered, cold_items)
+        cold_in_train = _count_cold_train(engine, final, cold_items)
     sizes = {"train": counts.get(TRAIN, 0) - cold_in_train, "valid": counts.get(VALID, 0),
              "test": counts.get(TEST, 0)}
     dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.float64}
@@ -325,7 +343,9 @@ def _write_arrays(engine: Engine, ordered: Any, counts: dict[int, int], cold_ite
         for col, dtype in dtypes.items():
             allocate.open(f"{part}_{col}", dtype, sizes[part])
     labels_of = {"train": TRAIN, "valid": VALID, "test": TEST}
-    for batch in engine.batches(ordered):
+    batches = (batch for block in _sorted_blocks(final, n_users, sum(counts.values()))
+               for batch in engine.batches(block))
+    for batch in batches:
         user = batch.column(0).to_numpy().astype(np.int64, copy=False)
         item = batch.column(1).to_numpy().astype(np.int64, copy=False)
         timestamp = batch.column(2).to_numpy().astype(np.float64, copy=False)
