@@ -90,7 +90,7 @@ ENCODER_NAMES = {"gru": "GRU", "lstm": "LSTM", "transformer": "transformer"}
 
 def encoder_name(cfg) -> str:
     """The query tower of a composed two-tower config, as the tables name it (GRU, LSTM, transformer)."""
-    cell = str(cfg.model.encoder.cell)
+    cell = str(cfg.model.net.cell)
     return ENCODER_NAMES.get(cell, cell)
 
 

@@ -19,4 +19,4 @@ run() {
 run neumf_fp32 model=neumf trainer.max_epochs=5
 run two_tower_fp32 model=two_tower trainer.max_epochs=5
 run two_tower_bf16 model=two_tower trainer.max_epochs=5 trainer.precision=bf16-mixed
-run two_tower_lstm_sampled model=two_tower trainer.max_epochs=3 model.encoder.cell=lstm model.loss=sampled model.extra_negatives=256
+run two_tower_lstm_sampled model=two_tower trainer.max_epochs=3 model.net.cell=lstm model.loss=sampled model.extra_negatives=256

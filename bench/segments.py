@@ -40,8 +40,8 @@ import numpy as np  # noqa: E402
 #: segment badly: the ARI follows validation NDCG@10).
 SYNTHETIC_MODELS = {
     "mf": ["model=mf", "model.dim=32", "model.optimizer.lr=0.01", "trainer.max_epochs=10"],
-    "two_tower": ["model=two_tower", "model.dim=32", "model.encoder.hidden=64", "model.optimizer.lr=0.006",
-                  "model.batch_size=32", "trainer.max_epochs=8"],
+    "two_tower": ["model=two_tower", "model.dim=32", "model.net.hidden=64", "model.optimizer.lr=0.006",
+                  "data.batch_size=32", "trainer.max_epochs=8"],
 }
 
 

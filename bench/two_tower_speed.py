@@ -87,7 +87,7 @@ def measure(threads: int, args: argparse.Namespace, tmp: Path) -> dict:
     epoch_s = statistics.median(timer.train_seconds[1:] or timer.train_seconds)
     return {"threads": threads, "sequences": sequences, "targets": targets, "steps": steps, "epoch_s": epoch_s,
             "all_epochs": timer.train_seconds, "build_s": build_s, "loader_s": loader_s, "fit_s": fit_seconds,
-            "spec": task.train_spec}
+            "spec": task.train_spec, "batch_size": datamodule.batch_size}
 
 
 def main() -> None:
@@ -108,7 +108,7 @@ def main() -> None:
     spec = rows[0]["spec"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"ml-100k two-tower training (experiment={args.experiment}: max_length {spec.max_length}, stride "
-          f"{spec.stride}, {spec.batch_size} sequences/step): {rows[0]['sequences']} sequences, "
+          f"{spec.stride}, {rows[0]['batch_size']} sequences/step): {rows[0]['sequences']} sequences, "
           f"{rows[0]['targets']} targets, {rows[0]['steps']} steps per epoch; Lightning fit, no validation; "
           f"median of epochs 2..{args.epochs}; torch {torch.__version__}, {platform.processor() or platform.machine()},"
           f" {os.cpu_count()} cores (shared; 1-min load average at the end {load:.1f})\n")

@@ -56,3 +56,33 @@ def test_train_py_exits_2_with_one_line_for_bad_input(tmp_path):
     assert "error:" in proc.stderr and "empty.csv" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=two_tower", "model.net.cell=rnn"], "'model.net.cell': must be one of ['gru', 'lstm', 'transformer']"),
+    (["model=two_tower", "model.net.repeat_mode=max"], "'model.net.repeat_mode': must be one of ['bonus', 'mixture']"),
+    (["model=two_tower", "model.loss=bce"], "'model.loss': must be one of ['full', 'sampled', 'bpr_max']"),
+    (["model=two_tower", "model.positions=first"], "'model.positions': must be one of ['all', 'last']"),
+    (["model=mf", "model.loss=hinge"], "'model.loss': must be one of ['bce', 'bpr']"),
+    (["privacy=dp", "privacy.accountant=gdp"], "'privacy.accountant': must be one of ['rdp', 'prv']"),
+])
+def test_choices_are_checked_with_the_config_before_data(compose_cfg, overrides, message):
+    from rectrain.training import check_config
+
+    cfg = compose_cfg(*overrides)
+    with pytest.raises(ConfigError) as caught:
+        check_config(cfg)
+    assert message in str(caught.value)
+
+
+def test_a_bad_choice_exits_2_with_one_line_before_any_data_is_read(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "model=two_tower", "model.net.cell=rnn",
+         f"hydra.run.dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: config key 'model.net.cell': must be one of "
+                                                   "['gru', 'lstm', 'transformer'], got 'rnn'")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache").exists()  # the data was never prepared

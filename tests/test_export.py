@@ -308,9 +308,9 @@ def test_transformer_query_tower_trains_exports_and_serves(tmp_path):
     from rectrain.training import train
     from tests.test_export_fixtures import DATA, LEAN, _compose
 
-    results = train(_compose([*DATA, "model=two_tower", "model.dim=16", "model.encoder.cell=transformer",
-                              "model.encoder.hidden=32", "model.encoder.layers=2", "model.encoder.heads=2",
-                              "model.net.max_length=20", "model.net.repeat_slots=2", *LEAN,
+    results = train(_compose([*DATA, "model=two_tower", "model.dim=16", "model.net.cell=transformer",
+                              "model.net.hidden=32", "model.net.layers=2", "model.net.heads=2",
+                              "model.net.max_length=20", "model.net.repeat_slots=2", "data.batch_size=64", *LEAN,
                               f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"]))
     path = tmp_path / "tf.onnx"
     export_checkpoint(Path(results["best_checkpoint"]), path)

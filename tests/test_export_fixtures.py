@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ["data.source.n_users=300", "data.source.n_items=150", "data.source.mean_length=20", "data.batch_size=256"]
 MODELS = {
     # with a repeat bonus, so export, parity and both scorer paths are checked with it
-    "two_tower": ["model=two_tower", "model.dim=16", "model.encoder.hidden=32", "model.net.max_length=20",
-                  "model.net.repeat_slots=3"],
+    "two_tower": ["model=two_tower", "model.dim=16", "model.net.hidden=32", "model.net.max_length=20",
+                  "model.net.repeat_slots=3", "data.batch_size=64"],
     "neumf": ["model=neumf", "model.optimizer.lr=0.01"],
 }
 LEAN = ["logger=none", "callbacks.item_embeddings=null", "callbacks.lr_monitor=null", "callbacks.progress_bar=null",

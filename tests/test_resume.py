@@ -25,8 +25,8 @@ from tests.conftest import ROOT, TINY_DATA
 
 COMMON = [*TINY_DATA, "trainer.max_epochs=3", "trainer.accelerator=cpu", "logger=none", "callbacks.progress_bar=null",
           "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.item_embeddings=null"]
-SMALL_TWO_TOWER = ["model=two_tower", "model.dim=16", "model.encoder.hidden=16", "model.net.item_hidden=[16]",
-                   "model.batch_size=32", "model.optimizer.lr=0.05"]
+SMALL_TWO_TOWER = ["model=two_tower", "model.dim=16", "model.net.hidden=16", "model.net.item_hidden=[16]",
+                   "data.batch_size=32", "model.optimizer.lr=0.05"]
 # Learning rates chosen so the best epoch (1) is not the last (2): the resumed run must carry the
 # best score over, not only the weights. MF may run 4 epochs but early stopping (patience 1) ends it
 # after epoch 2, in the resumed run only if its state was carried over too.
@@ -36,8 +36,8 @@ FAMILIES = {
     # dropout: NeuMF resumed exactly before only because its default dropout is 0
     "neumf": ["model=neumf", "model.dim=8", "model.net.layers=[16,8]", "model.net.dropout=0.3",
               "model.optimizer.lr=0.05"],
-    "two_tower_full_dropout": [*SMALL_TWO_TOWER, "model.loss=full", "model.encoder.dropout=0.3",
-                               "model.encoder.embedding_dropout=0.3", "model.net.id_dropout=0.3"],
+    "two_tower_full_dropout": [*SMALL_TWO_TOWER, "model.loss=full", "model.net.dropout=0.3",
+                               "model.net.embedding_dropout=0.3", "model.net.id_dropout=0.3"],
     "two_tower_sampled": [*SMALL_TWO_TOWER, "model.loss=sampled", "model.extra_negatives=8"],
 }
 KILL_MID_EPOCH_2 = ["+callbacks.killer._target_=tests.resume_helpers.KillAt", "+callbacks.killer.epoch=2",
@@ -231,7 +231,7 @@ def test_truncated_checkpoint_is_one_clear_error(compose_cfg, tmp_path):
     assert "\n" not in str(info.value)
 
 
-DDP = ["trainer=ddp", "trainer.devices=2", *FAMILIES["two_tower_full_dropout"], "model.batch_size=8"]  # 4 steps per rank
+DDP = ["trainer=ddp", "trainer.devices=2", *FAMILIES["two_tower_full_dropout"], "data.batch_size=8"]  # 4 steps per rank
 
 
 @pytest.mark.slow

@@ -112,15 +112,15 @@ def test_loss_decreases_on_a_deterministic_sequence(cell):
 
 
 @pytest.mark.parametrize("overrides", [
-    ["model.encoder.cell=gru"],
-    ["model.encoder.cell=lstm", "model.loss=sampled", "model.extra_negatives=16"],
+    ["model.net.cell=gru"],
+    ["model.net.cell=lstm", "model.loss=sampled", "model.extra_negatives=16"],
     ["model.loss=bpr_max", "model.extra_negatives=16", "model.positions=last"],
-    ["model.encoder.cell=transformer", "model.encoder.layers=2", "model.encoder.heads=2"],
-    ["model.encoder.cell=transformer", "model.loss=sampled", "model.extra_negatives=16", "model.stride=4"],
+    ["model.net.cell=transformer", "model.net.layers=2", "model.net.heads=2"],
+    ["model.net.cell=transformer", "model.loss=sampled", "model.extra_negatives=16", "model.stride=4"],
 ])
 def test_two_tower_trains_end_to_end(compose_cfg, overrides):
     cfg = compose_cfg("model=two_tower", *TINY_DATA, "trainer.max_epochs=2", "logger=none", "model.dim=16",
-                      "model.encoder.hidden=16", "model.net.max_length=10", *overrides)
+                      "model.net.hidden=16", "model.net.max_length=10", "data.batch_size=64", *overrides)
     results = train(cfg)
     assert results["model"] == "TwoTower"
     assert 0 < results["valid"]["hr@10"] <= 1
@@ -142,7 +142,7 @@ def test_two_tower_trains_on_session_logs_without_item_features(compose_cfg, tmp
     path = tmp_path / "clicks.tsv"
     path.write_text("\n".join(lines) + "\n")
     cfg = compose_cfg("model=two_tower", "data=sessions", f"data.source.path={path}", "trainer.max_epochs=2",
-                      "logger=none", "model.dim=16", "model.encoder.hidden=16", "model.net.max_length=10")
+                      "logger=none", "model.dim=16", "model.net.hidden=16", "model.net.max_length=10")
     results = train(cfg)
     assert "session next-item" in results["protocol"] and "no masking" in results["protocol"]
     assert results["valid"]["hr@10"] > 0.3  # the successor rule is learnable
@@ -226,7 +226,7 @@ def test_repeat_boost_is_chosen_on_validation_and_saved(compose_cfg, tmp_path):
     path = tmp_path / "clicks.tsv"
     path.write_text("\n".join(lines) + "\n")
     cfg = compose_cfg("model=two_tower", "data=sessions", f"data.source.path={path}", "trainer.max_epochs=2",
-                      "logger=none", "model.dim=16", "model.encoder.hidden=16", "model.net.max_length=10",
+                      "logger=none", "model.dim=16", "model.net.hidden=16", "model.net.max_length=10",
                       "model.net.repeat_slots=2", "model.tune_repeat_boost=[0,1,3]")
     results = train(cfg)
     net = rebuild_model(load_checkpoint(results["best_checkpoint"])).eval()

@@ -68,8 +68,8 @@ def trained(tmp_path_factory):
     from tests.test_export_fixtures import LEAN, _compose
 
     tmp = tmp_path_factory.mktemp("user-features")
-    cfg = _compose([*TINY_DATA, "model=two_tower", "model.dim=16", "model.encoder.hidden=16", "model.net.max_length=10",
-                    "data.user_features=[age,region]", *LEAN, "trainer.max_epochs=2", "test=true",
+    cfg = _compose([*TINY_DATA, "model=two_tower", "model.dim=16", "model.net.hidden=16", "model.net.max_length=10",
+                    "data.user_features=[age,region]", "data.batch_size=64", *LEAN, "trainer.max_epochs=2", "test=true",
                     f"paths.output_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}"])
     results = train(cfg)
     report = export_checkpoint(results["best_checkpoint"], tmp / "tt.onnx")

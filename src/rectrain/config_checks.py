@@ -48,6 +48,8 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is inspect.Parameter.empty or hint is Any:
         return True
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(hint))
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, h) for h in typing.get_args(hint))
     if hint is type(None):
@@ -109,5 +111,19 @@ def check_constructor_args(target: str, values: Mapping[str, Any], key: str, sup
             continue
         hint = hints.get(name, parameters[name].annotation)
         if not _matches(value, hint):
+            choices = _choices(hint)
+            if choices is not None:
+                raise ConfigError(f"{key}.{name}", f"must be one of {choices}, got {value!r}")
             shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
             raise ConfigError(f"{key}.{name}", f"expected {shown}, got {value!r} ({type(value).__name__})")
+
+
+def _choices(hint: Any) -> list[Any] | None:
+    """The allowed values of a ``Literal[...]`` hint (also inside ``Optional``), else None."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return list(typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        found = [c for h in typing.get_args(hint) for c in (_choices(h) or [])]
+        return found or None
+    return None

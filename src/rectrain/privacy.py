@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+import typing
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
 
 from rectrain.errors import ConfigError
 
-ACCOUNTANTS = ("rdp", "prv")
+Accountant = Literal["rdp", "prv"]
+ACCOUNTANTS = typing.get_args(Accountant)
 
 
 @dataclass
@@ -53,7 +55,7 @@ class DPSettings:
     epsilon: float = 8.0
     delta: float | None = None
     max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    accountant: Accountant = "rdp"
     users_per_step: int = 256
     events_per_user: int = 64
     windows_per_user: int = 1
@@ -126,7 +128,7 @@ def make_dp_compatible(net: nn.Module) -> nn.Module:
             if kind is None:
                 continue
             if not child.batch_first or child.bidirectional or getattr(child, "proj_size", 0):
-                raise ConfigError("model.encoder.cell", f"{type(child).__name__} with these options has no Opacus "
+                raise ConfigError("model.net.cell", f"{type(child).__name__} with these options has no Opacus "
                                   "replacement (batch_first, one direction, no projection are supported)")
             new = kind(child.input_size, child.hidden_size, num_layers=child.num_layers, bias=child.bias,
                        batch_first=True, dropout=child.dropout)

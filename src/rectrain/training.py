@@ -36,9 +36,37 @@ log = logging.getLogger(__name__)
 # crashed run's checkpoints can be exported); Lightning's "directory not empty" warning is expected.
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
-#: top-level model keys that are shorthands interpolated into ``model.net`` (so ``model.dim=64`` and
-#: ``model.encoder.cell=lstm`` work from the command line); they are not arguments of the task.
-MODEL_SHORTHANDS = ("dim", "encoder")
+#: top-level model keys that are shorthands interpolated into ``model.net`` (so ``model.dim=64`` sets
+#: every embedding width of a model); they are not arguments of the task.
+MODEL_SHORTHANDS = ("dim",)
+
+
+#: the sizes a net learns from the data (passed by build_net_and_task, never set in the config)
+DATA_SIZES = ("n_users", "n_items", "n_categories", "n_user_features")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Check every rectrain setting against its constructor's type hints (``Literal`` choices included)
+    *before* any data is read, so a bad value costs one line and exit 2, not a data load first.
+
+    Raises:
+        ConfigError: naming the first bad key (``model.net.cell``, ``model.loss``, ``privacy.accountant``...).
+    """
+    def block(node: Any) -> dict[str, Any]:
+        return OmegaConf.to_container(node, resolve=True)
+
+    data = block(cfg.data)
+    check_constructor_args(data["_target_"], data, "data")
+    model = block(cfg.model)
+    net = model.pop("net")
+    check_constructor_args(net["_target_"], net, "model.net", supplied=DATA_SIZES)
+    for key in MODEL_SHORTHANDS:
+        model.pop(key, None)
+    check_constructor_args(model["_target_"], model, "model", supplied=("net",))
+    privacy = cfg.get("privacy")
+    if privacy and privacy.get("_target_"):
+        values = block(privacy)
+        check_constructor_args(values["_target_"], values, "privacy")
 
 
 def build_net_and_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
@@ -165,6 +193,7 @@ def train(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
     pl.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
+    check_config(cfg)  # before any data is read
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

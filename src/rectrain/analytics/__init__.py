@@ -2,8 +2,9 @@
 
 * :mod:`rectrain.analytics.user_vectors`: one vector per user (NCF user embedding, two-tower query
   of the whole history) and its definition;
-* :mod:`rectrain.analytics.segments`: k-means (scikit-learn) with k given or chosen by silhouette,
-  numpy nearest-centroid assignment, ``segments.json``/``segments.npz`` for export;
+* :mod:`rectrain.analytics.segments`: k-means (scikit-learn) with k given or chosen by silhouette;
+  the files it writes for export (``segments.json``/``segments.npz``) and the nearest-centroid
+  assignment a scorer repeats live in :mod:`rectrain.artifacts`, as do calibration's;
 * :mod:`rectrain.analytics.reports`: segment profiles (size, activity, lift of categories and
   items, popularity), markdown/CSV/PNG, and :func:`~rectrain.analytics.reports.segment_checkpoint`
   (what ``segment.py`` runs);
@@ -12,6 +13,7 @@
   ``calibrate.py`` runs) and ``calibration.json`` keyed by checkpoint sha256.
 
 Needs the ``analytics`` extra (scikit-learn, matplotlib) for clustering and pictures; the metrics
-and :class:`~rectrain.analytics.calibration.Calibration` are numpy only. Nothing is imported here,
+and :class:`~rectrain.artifacts.Calibration` are numpy only. A checkpoint is opened with
+:func:`rectrain.runs.open_run`. Nothing is imported here,
 so ``import rectrain.analytics`` stays cheap.
 """

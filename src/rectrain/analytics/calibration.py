@@ -22,7 +22,7 @@ it is reported as its own row and is the starting point of the Platt fit. The ra
 (heavy users get more sampled negatives) and per item with popularity negatives (``alpha > 0``), which
 a global correction cannot undo: that residual is what ``a`` and ``b`` fit.
 
-Stored (:func:`write_calibration`) in ``calibration.json`` beside the checkpoint, keyed by the
+Stored (:func:`rectrain.artifacts.write_calibration`) in ``calibration.json`` beside the checkpoint, keyed by the
 checkpoint file's sha256: ``{"format": 1, "checkpoints": {sha256: entry}}``; ``entry["method"]``,
 ``entry["a"]``, ``entry["b"]`` is all a scorer needs (see :meth:`Calibration.metadata`).
 """

@@ -28,15 +28,20 @@ recommend graph alike.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import typing
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 CELLS = {"gru": nn.GRU, "lstm": nn.LSTM}
-ENCODERS = (*CELLS, "transformer")
-REPEAT_MODES = ("bonus", "mixture")
+#: the choices of ``model.net.cell`` and ``model.net.repeat_mode``, typed so the config check
+#: (rectrain.config_checks) rejects a bad value before any data is read
+Cell = Literal["gru", "lstm", "transformer"]
+RepeatMode = Literal["bonus", "mixture"]
+ENCODERS = typing.get_args(Cell)
+REPEAT_MODES = typing.get_args(RepeatMode)
 NO_REPEAT = -1e4  # log-space stand-in for log(0): finite, so exports and gradients stay clean
 
 
@@ -64,7 +69,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()
         if width % heads:
-            raise ValueError(f"model.encoder.heads ({heads}) must divide the embedding width ({width})")
+            raise ValueError(f"model.net.heads ({heads}) must divide the embedding width ({width})")
         self.heads, self.head_dim = heads, width // heads
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
@@ -158,7 +163,7 @@ class SessionEncoder(nn.Module):
                  n_user_features: int = 0) -> None:
         super().__init__()
         if cell not in CELLS:
-            raise ValueError(f"model.encoder.cell must be one of {sorted(CELLS)}, got {cell!r}")
+            raise ValueError(f"model.net.cell must be one of {sorted(CELLS)}, got {cell!r}")
         self.item_embedding = item_embedding
         self.embedding_dropout = nn.Dropout(embedding_dropout)
         self.rnn = CELLS[cell](item_embedding.embedding_dim, hidden, num_layers=layers, batch_first=True,
@@ -245,15 +250,15 @@ class TwoTower(nn.Module):
             set from ``data.user_features``). Attributes, never a user id.
     """
 
-    def __init__(self, n_items: int, n_categories: int = 0, dim: int = 64, cell: str = "gru", hidden: int = 128,
+    def __init__(self, n_items: int, n_categories: int = 0, dim: int = 64, cell: Cell = "gru", hidden: int = 128,
                  layers: int = 1, embedding_dropout: float = 0.2, dropout: float = 0.2,
                  item_hidden: Sequence[int] = (64,), id_dropout: float = 0.0, tie_embeddings: bool = True,
                  normalize: bool = False, temperature: float = 1.0, max_length: int = 50,
-                 repeat_slots: int = 0, repeat_gate: bool = False, repeat_mode: str = "bonus",
+                 repeat_slots: int = 0, repeat_gate: bool = False, repeat_mode: RepeatMode = "bonus",
                  n_user_features: int = 0, heads: int = 2) -> None:
         super().__init__()
         if cell not in ENCODERS:
-            raise ValueError(f"model.encoder.cell must be one of {list(ENCODERS)}, got {cell!r}")
+            raise ValueError(f"model.net.cell must be one of {list(ENCODERS)}, got {cell!r}")
         if temperature <= 0:
             raise ValueError("model.net.temperature must be > 0")
         if repeat_slots < 0:

@@ -7,7 +7,8 @@ excluding the user's positives.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import typing
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
@@ -19,7 +20,9 @@ from rectrain.errors import ConfigError
 from rectrain.losses import bce_loss, bpr_loss
 from rectrain.tasks.base import RankingTask
 
-LOSSES = ("bce", "bpr")
+#: the choices of ``model.loss`` (checked with the config, before any data is read)
+Loss = Literal["bce", "bpr"]
+LOSSES = typing.get_args(Loss)
 
 
 class NCFTask(RankingTask):
@@ -35,7 +38,7 @@ class NCFTask(RankingTask):
         **kwargs: passed to :class:`RankingTask` (optimizer, scheduler, ks, ...).
     """
 
-    def __init__(self, net: nn.Module, loss: str = "bce", negatives: Mapping[str, Any] | None = None,
+    def __init__(self, net: nn.Module, loss: Loss = "bce", negatives: Mapping[str, Any] | None = None,
                  pretrained: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(net, **kwargs)
         if loss not in LOSSES:

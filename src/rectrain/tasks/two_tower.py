@@ -10,7 +10,8 @@ batched RNN pass: no Python loop over positions or users. Loss choices:
 """
 from __future__ import annotations
 
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,7 +30,10 @@ from rectrain.losses import (
 from rectrain.models.two_tower import TwoTower
 from rectrain.tasks.base import RankingTask
 
-LOSSES = ("full", "sampled", "bpr_max")
+#: the choices of ``model.loss`` and ``model.positions`` (checked with the config, before any data is read)
+Loss = Literal["full", "sampled", "bpr_max"]
+Positions = Literal["all", "last"]
+LOSSES = typing.get_args(Loss)
 
 
 def padded_histories(queries: RankingQueries, rows: np.ndarray, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +54,6 @@ class TwoTowerTask(RankingTask):
         extra_negatives: shared negatives per step from popularity^``alpha`` (sampled losses).
         alpha: popularity exponent of the extra negatives (0 uniform).
         bpr_max_regularization: the score regulariser of BPR-max.
-        batch_size: sequences per training step (None: the data module's batch size).
         stride: start a training window every ``stride`` events of a long history (None: windows
             do not overlap); smaller strides give late events more context at more compute.
         tune_repeat_boost: candidate boosts of the last history item's repeat score; before every
@@ -62,9 +65,9 @@ class TwoTowerTask(RankingTask):
         **kwargs: passed to :class:`RankingTask` (optimizer, scheduler, ks, seed, ...).
     """
 
-    def __init__(self, net: TwoTower, loss: str = "full", positions: str = "all", logq_correction: bool = True,
+    def __init__(self, net: TwoTower, loss: Loss = "full", positions: Positions = "all", logq_correction: bool = True,
                  extra_negatives: int = 0, alpha: float = 0.0, bpr_max_regularization: float = 1.0,
-                 batch_size: int | None = None, stride: int | None = None,
+                 stride: int | None = None,
                  tune_repeat_boost: list[float] | None = None, tune_queries: int = 20000, **kwargs: Any) -> None:
         super().__init__(net, **kwargs)
         if loss not in LOSSES:
@@ -83,7 +86,7 @@ class TwoTowerTask(RankingTask):
             raise ConfigError("model.tune_repeat_boost", "needs a repeat bonus (model.net.repeat_slots > 0)")
         self.tune_repeat_boost = [float(b) for b in tune_repeat_boost] if tune_repeat_boost else None
         self.tune_queries = tune_queries
-        self.batch_size, self.stride = batch_size, stride
+        self.stride = stride
         self._sampler: NegativeSampler | None = None
         self._generator: torch.Generator | None = None
         self._cached_item_vectors: torch.Tensor | None = None
@@ -94,7 +97,8 @@ class TwoTowerTask(RankingTask):
 
     @property
     def train_spec(self) -> SequenceSpec:
-        return SequenceSpec(max_length=self.net.max_length, batch_size=self.batch_size, stride=self.stride)
+        # sequences per step: data.batch_size (its one home; conf/model/two_tower.yaml sets its default)
+        return SequenceSpec(max_length=self.net.max_length, stride=self.stride)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
