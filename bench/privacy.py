@@ -95,10 +95,12 @@ def baselines(args: argparse.Namespace, tmp: Path) -> dict:
 @torch.no_grad()
 def event_losses(run: dict) -> tuple[np.ndarray, np.ndarray]:
     """(user of each training-split event, the trained model's loss on it), members and non-members alike."""
+    from rectrain.runs import NCF, model_kind
+
     net, data = trained_net(run["results"])
     net.eval()
     users, items = data.train.user, data.train.item
-    if not hasattr(net, "query_all_positions"):  # NCF: -log sigmoid(score) of each consumed item
+    if model_kind(net) == NCF:  # -log sigmoid(score) of each consumed item
         scores = torch.cat([net(torch.as_tensor(users[i:i + 65536]), torch.as_tensor(items[i:i + 65536]))
                             for i in range(0, len(users), 65536)])
         return users, F.softplus(-scores).numpy()

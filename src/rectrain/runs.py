@@ -162,14 +162,16 @@ def prepared_data(data_cfg: Any) -> Any:
         datamodule.setup()
         return datamodule.data
     from rectrain.data.dataset import PreprocessConfig, SplitConfig, load_or_prepare
+    from rectrain.data.engine import EngineConfig
 
     source = instantiate(data_cfg.source)
     try:
         pre = PreprocessConfig(**(values.get("preprocess") or {}))
         split = SplitConfig(**(values.get("split") or {}))
+        engine = EngineConfig(**values["engine"]) if values.get("engine") else None  # older runs: the default
     except TypeError as exc:
         raise RectrainError(f"the checkpoint's data config does not fit this rectrain version: {exc}") from None
-    return load_or_prepare(source, pre, split, values.get("cache_dir"))
+    return load_or_prepare(source, pre, split, values.get("cache_dir"), engine=engine)
 
 
 @dataclass
