@@ -175,46 +175,89 @@ def stage_load(workdir: Path, events: int) -> dict:
 
 
 def stage_train(workdir: Path, events: int, model: str, steps: int) -> dict:
-    from bench.common import compose_train_config, quiet_lightning
-    from rectrain.training import run
+    """``steps`` training steps of train.py's stack on the prepared cache; events/s over those steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from common import LEAN_OVERRIDES, compose_train_config, quiet_lightning
+    from hydra.utils import instantiate
+
+    from rectrain.training import build_net_and_task
+    from common import ready_datamodule
 
     quiet_lightning()
-    cache = workdir / f"cache-{events}"
-    overrides = [f"model={model}", "data=interactions", f"data.source.path={workdir / f'log-{events}'}",
-                 f"data.source.columns.user={COLUMNS['user']}", f"data.source.columns.item={COLUMNS['item']}",
-                 f"data.source.columns.timestamp={COLUMNS['timestamp']}", f"data.cache_dir={cache}",
-                 "trainer.max_epochs=1", f"+trainer.limit_train_batches={steps}", "+trainer.limit_val_batches=0",
-                 "logger=none", "eval.test=false"]
+    torch.set_num_threads(1)
+    overrides = [*LEAN_OVERRIDES, f"model={model}", "data=interactions",
+                 f"data.source.path={workdir / f'log-{events}'}", f"data.source.columns.user={COLUMNS['user']}",
+                 f"data.source.columns.item={COLUMNS['item']}", f"data.source.columns.timestamp={COLUMNS['timestamp']}",
+                 f"paths.cache_dir={workdir / f'cache-{events}'}", "torch_threads=1"]
+    if model == "two_tower":
+        overrides.append("model.loss=sampled")  # sampled softmax (in-batch + logQ)
     cfg = compose_train_config(overrides, workdir / f"run-{model}-{events}")
+    import pytorch_lightning as pl
+
+    class StepClock(pl.Callback):
+        """Wall time at each training step's end: the rate excludes start-up and the first steps."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_end(self, *args) -> None:
+            self.times.append(time.perf_counter())
+
     start = time.perf_counter()
-    results = run(cfg)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mb": _peak_mb(), **{k: results[k] for k in ("train_events_per_s",
-                                                                                   "train_events_seen",
-                                                                                   "epoch_events")
-                                                               if k in results}}
+    datamodule = ready_datamodule(cfg)
+    task = build_net_and_task(cfg, datamodule)
+    setup_s = time.perf_counter() - start
+    setup_mb = _peak_mb()
+    clock = StepClock()
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, max_epochs=1,
+                          limit_train_batches=steps, accelerator="cpu", devices=1, callbacks=[clock])
+    start = time.perf_counter()
+    trainer.fit(task, datamodule=datamodule)
+    fit_s = time.perf_counter() - start
+    batches = datamodule.train_batches()  # the task's own batches (its spec is set by now)
+    total_steps = len(batches)
+    if hasattr(batches, "targets"):  # sequences: next-item targets trained per epoch
+        epoch_events = int((batches.targets >= 0).sum())
+    else:
+        epoch_events = len(datamodule.data.train)
+    per_step = epoch_events / max(total_steps, 1)
+    warm = min(5, len(clock.times) - 2)
+    timed_steps = len(clock.times) - 1 - warm
+    rate = per_step * timed_steps / (clock.times[-1] - clock.times[warm])
+    return {"seconds": setup_s + fit_s, "peak_mb": _peak_mb(), "setup_s": round(setup_s, 1),
+            "setup_peak_mb": round(setup_mb), "timed_steps": timed_steps, "epoch_steps": total_steps,
+            "events_per_step": round(per_step, 1), "events_per_s_per_core": round(rate),
+            "epoch_s_extrapolated": round(epoch_events / rate)}
 
 
 def stage_evaluate(workdir: Path, events: int, users: int) -> dict:
+    """Full-catalog ranking (seen items excluded) of ``users`` test users, scored by popularity: the
+    evaluator's own cost, in chunks of bounded memory (``memory_budget_mb``)."""
     import numpy as np
 
     from rectrain.data.dataset import PreparedData
-    from rectrain.evaluation.baselines import popularity_scores  # noqa: F401 (a model-free scorer)
-    from rectrain.evaluation.ranking import evaluate_scores
+    from rectrain.evaluation.ranking import evaluate_ranking
 
     cache = workdir / f"cache-{events}"
     (target,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
     data = PreparedData.load(target)
+    start = time.perf_counter()
     queries = data.ranking_queries("test")
+    build_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
-    chosen = np.sort(rng.choice(queries.users.shape[0], size=min(users, queries.users.shape[0]), replace=False))
-    sub = queries.subset(queries.users[chosen])
+    rows = np.sort(rng.choice(len(queries), size=min(users, len(queries)), replace=False))
+    sub = queries.subset(rows)
     popularity = data.item_popularity("test").astype(np.float32)
     start = time.perf_counter()
-    metrics = evaluate_scores(lambda rows: np.broadcast_to(popularity, (len(rows), popularity.shape[0])), sub)
+    result = evaluate_ranking(lambda q, r: np.broadcast_to(popularity, (len(r), popularity.shape[0])).copy(), sub,
+                              memory_budget_mb=256)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mb": _peak_mb(), "users": int(sub.users.shape[0]),
-            "users_per_s": sub.users.shape[0] / seconds, "ndcg@10": metrics.get("ndcg@10")}
+    summary = result.summary()
+    return {"seconds": seconds, "peak_mb": _peak_mb(), "queries_build_s": round(build_s, 1),
+            "users": int(len(sub)), "items": int(data.n_items), "users_per_s": round(len(sub) / seconds),
+            "ndcg@10": round(float(summary["ndcg@10"]), 4)}
 
 
 STAGES = {"generate", "preprocess", "pandas", "load", "train_mf", "train_two_tower", "evaluate"}
