@@ -55,6 +55,34 @@ def test_pointwise_epoch_covers_every_positive_once_with_labels():
     assert not all(torch.equal(a["item"], b["item"]) for a, b in zip(out, list(batches)))
 
 
+def test_pointwise_negatives_in_blocks_cover_the_epoch_and_leave_small_logs_unchanged(monkeypatch):
+    """A log above POSITIVES_PER_BLOCK draws negatives block by block (bounded memory at a billion
+    events): every positive once in the same shuffled order, negatives never a user's positive,
+    reproducible. A log within one block takes the code path it always took (one draw from the
+    epoch generator), which the resume tests and the bench figures pin."""
+    from rectrain.data import batching
+
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 30, 500), rng.integers(0, 40, 500)
+    spec = PointwiseSpec(n_negatives=3, exclude_positives=True)
+    sampler = NegativeSampler(40, positive_keys=positive_keys(users, items, 40))
+    whole = list(PointwiseBatches(users, items, 40, spec, batch_size=16, sampler=sampler, seed=3))
+    monkeypatch.setattr(batching, "POSITIVES_PER_BLOCK", 100)  # blocks of 96 positives (6 batches)
+    blocked = PointwiseBatches(users, items, 40, spec, batch_size=16, sampler=sampler, seed=3)
+    out = list(blocked)
+    assert len(out) == len(whole) == len(blocked) == 32
+    for a, b in zip(out, whole):  # the same shuffled positives, batch for batch; other negatives
+        assert torch.equal(a["item"][a["label"] == 1], b["item"][b["label"] == 1])
+    assert any(not torch.equal(a["item"], b["item"]) for a, b in zip(out[6:], whole[6:]))
+    pos = torch.cat([torch.stack([b["user"][b["label"] == 1], b["item"][b["label"] == 1]], 1) for b in out])
+    assert sorted(map(tuple, pos.tolist())) == sorted(zip(users.tolist(), items.tolist()))
+    keys = set((users * 40 + items).tolist())
+    for b in out:
+        negative = b["label"] == 0
+        assert not set((b["user"][negative] * 40 + b["item"][negative]).tolist()) & keys
+    assert all(torch.equal(a["item"], b["item"]) for a, b in zip(out, list(blocked)))  # reproducible
+
+
 def test_pointwise_ranks_partition_the_data():
     users, items = np.zeros(10, dtype=int), np.arange(10)
     sampler = NegativeSampler(10)

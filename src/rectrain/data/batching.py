@@ -114,6 +114,11 @@ def _shard(perm: torch.Tensor, rank: int, world_size: int, batch_size: int, drop
     return perm
 
 
+#: positives whose negatives are drawn together (a multiple of the batch size is used); every log
+#: up to this size is one block, drawn exactly as before blocks existed
+POSITIVES_PER_BLOCK = 1 << 23
+
+
 @dataclass
 class PointwiseSpec:
     """What an NCF task asks of its training batches."""
@@ -151,12 +156,22 @@ class PointwiseBatches:
         gen = _epoch_generator(self.seed, self.epoch, 0)
         perm = _shard(torch.randperm(self.users.numel(), generator=gen), self.rank, self.world_size,
                       self.batch_size, drop_last=False)
-        users, items = self.users[perm], self.items[perm]
-        # all of this rank's negatives for the epoch in one call
-        rank_gen = _epoch_generator(self.seed, self.epoch, 1 + self.rank)
         k = self.spec.n_negatives
-        negs = (self.sampler.sample_for_users(users, k, rank_gen) if self.spec.exclude_positives
-                else self.sampler.sample((users.numel(), k), rank_gen))
+        # Negatives for a block of positives at a time, each block's in one vectorised call: a small
+        # log is one block (drawn from the epoch's rank generator, as always); a log of a billion
+        # events never holds more than one block's gathered positives and negatives.
+        block = max(self.batch_size, POSITIVES_PER_BLOCK // self.batch_size * self.batch_size)
+        for first in range(0, perm.numel(), block):
+            rows = perm[first:first + block]
+            users, items = self.users[rows], self.items[rows]
+            rank_gen = _epoch_generator(self.seed, self.epoch, 1 + self.rank) if first == 0 else \
+                _epoch_generator(self.seed * 7 + first // block, self.epoch, 1 + self.rank)
+            negs = (self.sampler.sample_for_users(users, k, rank_gen) if self.spec.exclude_positives
+                    else self.sampler.sample((users.numel(), k), rank_gen))
+            yield from self._batches(users, items, negs)
+
+    def _batches(self, users: torch.Tensor, items: torch.Tensor, negs: torch.Tensor) -> Iterator[dict[str, torch.Tensor]]:
+        k = self.spec.n_negatives
         for start in range(0, users.numel(), self.batch_size):
             u, i, n = users[start:start + self.batch_size], items[start:start + self.batch_size], negs[start:start + self.batch_size]
             if self.spec.pairwise:
