@@ -257,7 +257,7 @@ def segment_checkpoint(ckpt_path: str | Path, *, k: int | None = 8, k_range: str
         k: number of segments; None chooses over ``k_range`` by silhouette.
         output: report directory (default: ``<checkpoint stem>-segments`` beside the checkpoint).
         data_overrides: ``data.<key>=<value>`` applied to the checkpoint's data config.
-        loaded: an already loaded :class:`rectrain.analytics.common.Loaded` (skips loading).
+        loaded: an already opened :class:`rectrain.runs.Run` (skips opening).
     """
     from rectrain.analytics.common import load_model_and_data
     from rectrain.analytics.segments import fit_segments, segments_payload
