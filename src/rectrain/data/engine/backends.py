@@ -71,12 +71,23 @@ class Engine:
         frame.createOrReplaceTempView(name)
         return self.con.table(name)
 
+    def keep_in_parts(self, parts: list[Any]) -> Any:
+        """Like :meth:`keep` for the union of ``parts``, computed one part at a time (DuckDB: each
+        part's sort and spill bounded by the part; Spark partitions by itself: one union)."""
+        if self.name != "duckdb" or len(parts) == 1:
+            return self.keep(parts[0] if len(parts) == 1 else parts[0].union(*parts[1:]))
+        name = f"rectrain_step_{next(self._names)}"
+        table = self.con.create_table(name, parts[0])
+        for part in parts[1:]:
+            self.con.insert(name, part)
+        return table
+
     def release(self, table: Any) -> None:
         """Free an intermediate result that no later step reads (disk space at a billion events)."""
         if self.name != "duckdb":
             return  # Spark: checkpoints are freed with the session's scratch folder
         try:
-            name = table.get_name()
+            name = table.get_name().rsplit(".", 1)[-1]  # "<database>.main.<name>" -> "<name>"
         except Exception:  # not a stored table (an expression over one): nothing to free
             return
         if name.startswith("rectrain_step_"):

@@ -74,14 +74,15 @@ def run(engine: Engine, events: Any, pre: PreprocessConfig, split: Any, source: 
     with stage(engine, "filter (threshold, dedup, k-core)", source):
         kept = filter_events(engine, events, pre, source, stats)
     with stage(engine, f"split ({split.kind})", source):
-        if split.kind == "session":
-            labelled = _label_sessions(engine, kept, pre, split, test_events, source)
-        elif split.kind == "leave_one_out":
-            labelled = _label_leave_one_out(kept)
+        if split.kind == "leave_one_out":
+            labelled = kept  # labelled per block of users while the arrays are written: no extra copy
         else:
-            labelled = _label_time(engine, kept, split)
-        labelled = engine.keep(labelled)
-        engine.release(kept)
+            if split.kind == "session":
+                labelled = _label_sessions(engine, kept, pre, split, test_events, source)
+            else:
+                labelled = _label_time(engine, kept, split)
+            labelled = engine.keep(labelled)
+            engine.release(kept)
     with stage(engine, "index and write arrays", source):
         return _index_and_write(engine, labelled, split, stats, source, allocate)
 
@@ -110,7 +111,7 @@ def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: st
                 ordering = [ibis.desc(table[TIMESTAMP]), ibis.desc(table[ORDER])]
             window = ibis.window(group_by=[table[USER], table[ITEM]], order_by=ordering)
             table = table.mutate(_rank=ibis.row_number().over(window)).filter(ibis._._rank == 0).drop("_rank")
-        table = engine.keep(table)
+        table = engine.keep_in_parts(_user_parts(table, rows_read))
         after = int(engine.scalar(table.count()))
         if pre.min_rating is not None:
             thresholded = int(engine.scalar(events.filter(
@@ -126,6 +127,20 @@ def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: st
         raise DataError(f"no interactions left after filtering {rows_read} rows ({removed}); lower the thresholds",
                         path=source, key="data.preprocess")
     return table
+
+
+#: events per partition of the per-user steps (dedup, leave-one-out labels): a window over a
+#: billion events would sort (and spill) all of them at once; by user hash, each part sorts ~this many
+EVENTS_PER_PART = 100_000_000
+
+
+def _user_parts(table: Any, n_events: int) -> list[Any]:
+    """``table`` split by a hash of the user: whole users per part, so per-user windows stay exact."""
+    parts = max(1, -(-n_events // EVENTS_PER_PART))
+    if parts == 1:
+        return [table]
+    bucket = (table[USER].hash() % parts).abs()
+    return [table.filter(bucket == p) for p in range(parts)]
 
 
 def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, removed: dict[str, int]) -> Any:
@@ -166,12 +181,12 @@ def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, re
 
 
 # --- split labels -----------------------------------------------------------------------------
-def _label_leave_one_out(table: Any) -> Any:
+def _label_leave_one_out(table: Any, user: str = USER) -> Any:
     """Per user by (time, file order): last event -> test, second to last -> valid (users with >= 3)."""
     import ibis
 
-    back = ibis.window(group_by=table[USER], order_by=[ibis.desc(table[TIMESTAMP]), ibis.desc(table[ORDER])])
-    n_user = table[ORDER].count().over(ibis.window(group_by=table[USER]))
+    back = ibis.window(group_by=table[user], order_by=[ibis.desc(table[TIMESTAMP]), ibis.desc(table[ORDER])])
+    n_user = table[ORDER].count().over(ibis.window(group_by=table[user]))
     position = ibis.row_number().over(back)
     label = ibis.cases(((n_user >= 3) & (position == 0), TEST), ((n_user >= 3) & (position == 1), VALID),
                        else_=TRAIN)
@@ -259,9 +274,8 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
     """Vocabularies, the drops each protocol needs, then the arrays sorted by (user, time, file order)."""
     import ibis
 
-    is_train = table[LABEL] == TRAIN
-    items = _first_appearance(engine, table if split.kind == "leave_one_out" else table.filter(is_train),
-                              ITEM, ITEM_CODE)
+    loo = split.kind == "leave_one_out"
+    items = _first_appearance(engine, table if loo else table.filter(table[LABEL] == TRAIN), ITEM, ITEM_CODE)
     if split.kind != "leave_one_out":
         before = int(engine.scalar(table.count()))
         labelled, table = table, engine.keep(table.join(items, ITEM))
@@ -291,9 +305,13 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
         rng = np.random.default_rng(split.cold_item_seed)
         cold_items = np.sort(rng.choice(n_items, size=int(round(n_items * split.cold_item_fraction)),
                                         replace=False)).astype(np.int64)
-    final = table.join(users, USER).select(USER_CODE, ITEM_CODE, TIMESTAMP, LABEL, ORDER)
-    counts = _label_counts(engine, final)
-    arrays, stats_cold = _write_arrays(engine, final, user_vocab.shape[0], counts, cold_items, allocate)
+    if loo:
+        final = table.join(users, USER).select(USER_CODE, ITEM_CODE, TIMESTAMP, ORDER)
+        counts = _leave_one_out_counts(engine, final)
+    else:
+        final = table.join(users, USER).select(USER_CODE, ITEM_CODE, TIMESTAMP, LABEL, ORDER)
+        counts = _label_counts(engine, final)
+    arrays, stats_cold = _write_arrays(engine, final, user_vocab.shape[0], counts, cold_items, allocate, loo)
     if split.cold_item_fraction > 0:
         stats["cold_item_train_events_dropped"] = stats_cold
     for name, label in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
@@ -302,6 +320,17 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
         raise DataError("the training split is empty after filtering and splitting", path=source, key="data.split")
     stats.update(n_users=int(user_vocab.shape[0]), n_items=int(item_vocab.shape[0]))
     return EngineOutput(arrays, user_vocab, item_vocab, cold_items, stats)
+
+
+def _leave_one_out_counts(engine: Engine, final: Any) -> dict[int, int]:
+    """Events per label without labelling: a user with >= 3 events gives one test and one valid event."""
+    import ibis
+
+    per_user = final.group_by(USER_CODE).agg(_n=ibis._.count())
+    summary = per_user.aggregate(_events=per_user._n.sum(), _users=(per_user._n >= 3).sum())
+    (batch,) = [b for b in engine.batches(summary) if b.num_rows]
+    events, eligible = int(batch.column(0)[0].as_py() or 0), int(batch.column(1)[0].as_py() or 0)
+    return {TRAIN: events - 2 * eligible, VALID: eligible, TEST: eligible}
 
 
 def _label_counts(engine: Engine, final: Any) -> dict[int, int]:
@@ -319,23 +348,27 @@ def _label_counts(engine: Engine, final: Any) -> dict[int, int]:
 SORT_BLOCK_EVENTS = 50_000_000
 
 
-def _sorted_blocks(final: Any, n_users: int, n_events: int) -> Iterator[Any]:
-    """The events ordered by (user code, time, file order), as queries over consecutive user-code ranges."""
+def _sorted_blocks(final: Any, n_users: int, n_events: int, loo: bool = False) -> Iterator[Any]:
+    """The events ordered by (user code, time, file order), as queries over consecutive user-code ranges
+    (with ``loo``, labelled within each block: whole users are in one block)."""
     blocks = max(1, -(-n_events // SORT_BLOCK_EVENTS))
     edges = np.linspace(0, n_users, blocks + 1).round().astype(np.int64)
     for lo, hi in zip(edges[:-1], edges[1:]):
         if hi <= lo:
             continue
         block = final if blocks == 1 else final.filter((final[USER_CODE] >= int(lo)) & (final[USER_CODE] < int(hi)))
-        yield block.order_by([USER_CODE, TIMESTAMP, ORDER])
+        if loo:
+            block = _label_leave_one_out(block, USER_CODE)
+        yield block.select(USER_CODE, ITEM_CODE, TIMESTAMP, LABEL, ORDER).order_by([USER_CODE, TIMESTAMP, ORDER])
 
 
 def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, int], cold_items: np.ndarray,
-                  allocate: Allocate) -> tuple[dict[str, np.ndarray], int]:
+                  allocate: Allocate, loo: bool = False) -> tuple[dict[str, np.ndarray], int]:
     """Stream the ordered events into one array per (split, column); cold items leave training."""
     cold_in_train = 0
     if cold_items.size:
-        cold_in_train = _count_cold_train(engine, final, cold_items)
+        cold_in_train = _count_cold_train(engine, _sorted_blocks(final, n_users, sum(counts.values()), loo),
+                                          cold_items)
     sizes = {"train": counts.get(TRAIN, 0) - cold_in_train, "valid": counts.get(VALID, 0),
              "test": counts.get(TEST, 0)}
     dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.float64}
@@ -343,7 +376,7 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
         for col, dtype in dtypes.items():
             allocate.open(f"{part}_{col}", dtype, sizes[part])
     labels_of = {"train": TRAIN, "valid": VALID, "test": TEST}
-    batches = (batch for block in _sorted_blocks(final, n_users, sum(counts.values()))
+    batches = (batch for block in _sorted_blocks(final, n_users, sum(counts.values()), loo)
                for batch in engine.batches(block))
     for batch in batches:
         user = batch.column(0).to_numpy().astype(np.int64, copy=False)
@@ -362,9 +395,10 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
     return arrays, cold_in_train
 
 
-def _count_cold_train(engine: Engine, ordered: Any, cold_items: np.ndarray) -> int:
+def _count_cold_train(engine: Engine, blocks: Iterator[Any], cold_items: np.ndarray) -> int:
     total = 0
-    for batch in engine.batches(ordered.select(ITEM_CODE, LABEL)):
-        item, label = batch.column(0).to_numpy(), batch.column(1).to_numpy()
-        total += int(((label == TRAIN) & np.isin(item, cold_items)).sum())
+    for block in blocks:
+        for batch in engine.batches(block.select(ITEM_CODE, LABEL)):
+            item, label = batch.column(0).to_numpy(), batch.column(1).to_numpy()
+            total += int(((label == TRAIN) & np.isin(item, cold_items)).sum())
     return total
