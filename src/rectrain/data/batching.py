@@ -187,14 +187,9 @@ class PointwiseBatches:
 
 @dataclass
 class SequenceSpec:
-    """What a sequence task asks of its training batches.
-
-    ``batch_size`` (sequences per step) overrides the data module's, which is sized for
-    pointwise batches of single interactions.
-    """
+    """What a sequence task asks of its training batches (sequences per step: ``data.batch_size``)."""
 
     max_length: int = 50
-    batch_size: int | None = None
     stride: int | None = None
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from rectrain.evaluation import metrics as M
-from rectrain.evaluation.queries import RankingQueries
+from rectrain.data.queries import RankingQueries
 
 ScoreFn = Callable[[RankingQueries, np.ndarray], Union[torch.Tensor, np.ndarray]]
 

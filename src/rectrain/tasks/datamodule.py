@@ -269,7 +269,7 @@ class RecDataModule(pl.LightningDataModule):
                                                            sampler, self.seed, rank, world)
             else:
                 windows, lengths, first, owner = sequence_windows(users, items, spec.max_length, spec.stride)
-                batches = SequenceBatches(windows, lengths, spec.batch_size or self.batch_size,
+                batches = SequenceBatches(windows, lengths, self.batch_size,
                                           self.seed, rank, world, first_target=first,
                                           groups=owner if self.user_features else None)
                 if records:  # the same windows and targets, one user per row
