@@ -105,13 +105,10 @@ def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: st
     if pre.dedup not in ("first", "last", "none"):
         raise ConfigError("data.preprocess.dedup", f"must be first, last or none, got {pre.dedup!r}")
     if pre.min_rating is not None or pre.dedup != "none":
+        parts = _user_parts(table, rows_read)  # split first: each part's window sorts only that part
         if pre.dedup != "none":
-            ordering = [table[TIMESTAMP], table[ORDER]]
-            if pre.dedup == "last":
-                ordering = [ibis.desc(table[TIMESTAMP]), ibis.desc(table[ORDER])]
-            window = ibis.window(group_by=[table[USER], table[ITEM]], order_by=ordering)
-            table = table.mutate(_rank=ibis.row_number().over(window)).filter(ibis._._rank == 0).drop("_rank")
-        table = engine.keep_in_parts(_user_parts(table, rows_read))
+            parts = [_dedup(part, pre.dedup) for part in parts]
+        table = engine.keep_in_parts(parts)
         after = int(engine.scalar(table.count()))
         if pre.min_rating is not None:
             thresholded = int(engine.scalar(events.filter(
@@ -127,6 +124,17 @@ def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: st
         raise DataError(f"no interactions left after filtering {rows_read} rows ({removed}); lower the thresholds",
                         path=source, key="data.preprocess")
     return table
+
+
+def _dedup(table: Any, keep: str) -> Any:
+    """One event per (user, item): the first (or last) by (time, file order)."""
+    import ibis
+
+    ordering = [table[TIMESTAMP], table[ORDER]]
+    if keep == "last":
+        ordering = [ibis.desc(table[TIMESTAMP]), ibis.desc(table[ORDER])]
+    window = ibis.window(group_by=[table[USER], table[ITEM]], order_by=ordering)
+    return table.mutate(_rank=ibis.row_number().over(window)).filter(ibis._._rank == 0).drop("_rank")
 
 
 #: events per partition of the per-user steps (dedup, leave-one-out labels): a window over a
