@@ -161,17 +161,14 @@ def prepared_data(data_cfg: Any) -> Any:
         datamodule = build(data_cfg)
         datamodule.setup()
         return datamodule.data
-    from rectrain.data.dataset import PreprocessConfig, SplitConfig, load_or_prepare
-    from rectrain.data.engine import EngineConfig
+    from rectrain.data.dataset import DataSettings
 
     source = instantiate(data_cfg.source)
-    try:
-        pre = PreprocessConfig(**(values.get("preprocess") or {}))
-        split = SplitConfig(**(values.get("split") or {}))
-        engine = EngineConfig(**values["engine"]) if values.get("engine") else None  # older runs: the default
-    except TypeError as exc:
+    try:  # older runs have no engine block: the default engine (it gives the same arrays)
+        settings = DataSettings.from_config(values.get("preprocess"), values.get("split"), values.get("engine"))
+    except RectrainError as exc:
         raise RectrainError(f"the checkpoint's data config does not fit this rectrain version: {exc}") from None
-    return load_or_prepare(source, pre, split, values.get("cache_dir"), engine=engine)
+    return settings.load(source, values.get("cache_dir"))
 
 
 @dataclass

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -367,6 +367,47 @@ def _attach_user_attributes(data: PreparedData, log_: RawLog) -> None:
             data.user_attributes[str(name)] = column.to_numpy(dtype=np.float64, na_value=np.nan)
         else:
             data.user_attributes[str(name)] = column.fillna("").astype(str).to_numpy(dtype=str)
+
+
+def config_dataclass(cls: type, values: Mapping[str, Any] | None, key: str) -> Any:
+    """Build a config dataclass, naming the offending key on unknown fields or wrong types."""
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(f"{key}.{name}", f"unknown key; valid keys: {sorted(fields)}")
+        default = fields[name].default
+        if value is None or default is None or default is dataclasses.MISSING:
+            continue
+        expected = type(default)
+        ok = isinstance(value, expected) or (expected is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok or (expected is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{key}.{name}", f"expected {expected.__name__}, got {value!r}")
+    return cls(**values)
+
+
+@dataclass
+class DataSettings:
+    """Everything in a ``data`` config block that decides the prepared arrays and how they are made.
+
+    The one way from config values to prepared data, used by the Lightning data module and by
+    :mod:`rectrain.runs` (which rebuilds a trained run's data without Lightning).
+    """
+
+    preprocess: PreprocessConfig
+    split: SplitConfig
+    engine: EngineConfig
+
+    @classmethod
+    def from_config(cls, preprocess: Mapping[str, Any] | None, split: Mapping[str, Any] | None,
+                    engine: Mapping[str, Any] | None) -> "DataSettings":
+        """Typed, with unknown or mistyped keys named (``data.split.kind``, ``data.engine.name``...)."""
+        return cls(config_dataclass(PreprocessConfig, preprocess, "data.preprocess"),
+                   config_dataclass(SplitConfig, split, "data.split"),
+                   config_dataclass(EngineConfig, engine, "data.engine"))
+
+    def load(self, source: Any, cache_dir: str | Path | None, verify: bool = False) -> "PreparedData":
+        return load_or_prepare(source, self.preprocess, self.split, cache_dir, verify=verify, engine=self.engine)
 
 
 def cache_key(source_fingerprint: dict[str, Any], pre: PreprocessConfig, split: SplitConfig) -> str:

@@ -26,29 +26,10 @@ from rectrain.data.batching import (
     sequence_windows,
 )
 from rectrain.data.records import PointwiseUserRecords, SequenceUserRecords, UserRecordSpec
-from rectrain.data.dataset import PreparedData, SplitConfig, load_or_prepare
-from rectrain.data.engine import EngineConfig
-from rectrain.data.preprocess import PreprocessConfig
+from rectrain.data.dataset import DataSettings, PreparedData
 from rectrain.errors import ConfigError
 from rectrain.data.queries import RankingQueries
 from rectrain.features import UserFeatureEncoder
-
-
-def dataclass_from_config(cls: type, values: Mapping[str, Any] | None, key: str) -> Any:
-    """Build a config dataclass, naming the offending key on unknown fields or wrong types."""
-    values = dict(values or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name, value in values.items():
-        if name not in fields:
-            raise ConfigError(f"{key}.{name}", f"unknown key; valid keys: {sorted(fields)}")
-        default = fields[name].default
-        if value is None or default is None or default is dataclasses.MISSING:
-            continue
-        expected = type(default)
-        ok = isinstance(value, expected) or (expected is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok or (expected is not bool and isinstance(value, bool)):
-            raise ConfigError(f"{key}.{name}", f"expected {expected.__name__}, got {value!r}")
-    return cls(**values)
 
 
 def _as_is(batch: Any) -> Any:
@@ -89,8 +70,8 @@ class RecDataModule(pl.LightningDataModule):
 
     Args:
         source: an object with ``load()`` and ``fingerprint()`` (see ``rectrain.data.sources``).
-        preprocess: fields of :class:`PreprocessConfig`.
-        split: fields of :class:`SplitConfig`.
+        preprocess: fields of :class:`rectrain.data.preprocess.PreprocessConfig`.
+        split: fields of :class:`rectrain.data.dataset.SplitConfig`.
         cache_dir: where prepared datasets are cached (None: no cache).
         verify_cache: checksum every file of the cached dataset on this datamodule's first load,
             not only on the first load of a new cache (sizes and array headers are checked on every
@@ -128,9 +109,8 @@ class RecDataModule(pl.LightningDataModule):
                 raise ConfigError(f"eval.{'sample_users' if key.startswith('valid') else key}",
                                   f"must be a positive integer or null, got {value!r}")
         self.sample_users = {"valid": valid_sample_users, "test": test_sample_users}
-        self.engine = dataclass_from_config(EngineConfig, engine, "data.engine")
-        self.preprocess = dataclass_from_config(PreprocessConfig, preprocess, "data.preprocess")
-        self.split = dataclass_from_config(SplitConfig, split, "data.split")
+        self.settings = DataSettings.from_config(preprocess, split, engine)
+        self.engine, self.preprocess, self.split = self.settings.engine, self.settings.preprocess, self.settings.split
         self.cache_dir = cache_dir
         self.verify_cache = bool(verify_cache)
         self._cache_checked = False  # verify_cache: checksum once per datamodule, not in prepare_data and setup
@@ -162,8 +142,7 @@ class RecDataModule(pl.LightningDataModule):
     def _load_or_prepare(self) -> PreparedData:
         """The prepared data; checksummed (``verify_cache``) on this datamodule's first load only."""
         verify = self.verify_cache and not self._cache_checked
-        data = load_or_prepare(self.source, self.preprocess, self.split, self.cache_dir, verify=verify,
-                               engine=self.engine)
+        data = self.settings.load(self.source, self.cache_dir, verify=verify)
         self._cache_checked = True
         return data
 
