@@ -257,9 +257,8 @@ def train(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any
         "test": {k.removeprefix("test/"): v for k, v in test_metrics.items()},
         "privacy": privacy.report() if privacy is not None else dict(NO_PRIVACY),
         # eval.sample_users: which metrics come from a sample of users (never of negatives)
-        "evaluation_sample": {stage: datamodule.evaluation_sample(stage) for stage in ("valid", "test")
-                              if getattr(datamodule, "evaluation_sample", None) and
-                              datamodule.evaluation_sample(stage) is not None},
+        "evaluation_sample": {stage: sample for stage in ("valid", "test")
+                              if (sample := getattr(datamodule, "evaluation_sample", lambda _: None)(stage))},
         **(extra or {}),
     }
     if trainer.global_rank == 0:

@@ -17,12 +17,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from rectrain.data.engine.backends import Engine
+from rectrain.data.readers import MISSING_ID_STRINGS  # the readers' rule for a missing id, shared
 from rectrain.data.schema import ITEM, RATING, SESSION, TIMESTAMP, USER, RawLog
 from rectrain.errors import DataError
 
 ORDER = "_order"
-#: strings that mean "no value" in an id column (the readers' rule, kept identical)
-MISSING_ID_STRINGS = ("", "nan", "NaN", "NAN", "null", "NULL", "None", "<NA>")
 
 
 def from_raw_log(engine: Engine, raw: RawLog) -> Any:
