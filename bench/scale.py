@@ -306,10 +306,11 @@ def main() -> None:
     stages = [s for s in args.stages.split(",") if s]
     if args.compare_pandas and "pandas" not in stages:
         stages.insert(stages.index("preprocess") + 1 if "preprocess" in stages else len(stages), "pandas")
-    results: dict[str, dict[str, dict]] = {}
     out = args.workdir / "scale.json"
+    # stages of one size may run in separate invocations (a 1B log is kept with --keep, then evaluated)
+    results: dict[str, dict[str, dict]] = json.loads(out.read_text()) if out.exists() else {}
     for events in [int(e) for e in args.events.split(",")]:
-        results[str(events)] = {}
+        results.setdefault(str(events), {})
         for stage in stages:
             row = run_stage(args, stage, events)
             results[str(events)][stage] = row
@@ -319,7 +320,7 @@ def main() -> None:
             for name in (f"log-{events}", f"cache-{events}", f"cache-pandas-{events}", f"joined-{events}.parquet"):
                 path = args.workdir / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    print_table(results)
+    print_table({str(e): results[str(e)] for e in [int(e) for e in args.events.split(",")]})
 
 
 def print_table(results: dict[str, dict[str, dict]]) -> None:

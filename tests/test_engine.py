@@ -303,3 +303,30 @@ def test_per_user_parts_and_sorted_blocks_change_nothing(synthetic, pre, split, 
     monkeypatch.setattr(pipeline, "SORT_BLOCK_EVENTS", 997)
     assert len(synthetic.interactions) > 4 * 1500
     assert_identical(prepare(synthetic, pre, split), prepare_in_memory(synthetic, pre, split))
+
+
+def test_partition_writes_each_part_once_and_gives_its_disk_back(tmp_path):
+    """The parts of a billion-event table are written once and read alone; an empty part is None;
+    a part read for the last time is removed at once, the rest on close."""
+    import ibis
+    import pyarrow as pa
+
+    from rectrain.data.engine.backends import connect
+
+    engine = connect(EngineConfig(memory_limit="256MB", threads=1), tmp_path)
+    try:
+        table = engine.register(pa.table({"user": np.arange(10, dtype=np.int64), "value": np.arange(10) * 1.5}))
+        parts = engine.partition(table, table.user % 4 + ibis.ifelse(table.user % 4 == 3, 1, 0), 5)
+        assert parts.folder is not None and parts.folder.is_dir()
+        got = [None if t is None else sorted(t.execute()["user"].tolist()) for t in parts.tables]
+        assert got == [[0, 4, 8], [1, 5, 9], [2, 6], None, [3, 7]]
+        assert list(parts.tables[0].columns) == ["user", "value"]
+        assert parts.tables[4].execute().sort_values("user")["value"].tolist() == [4.5, 10.5]
+        parts.drop(0)
+        assert not (parts.folder / "_part=0").exists() and (parts.folder / "_part=1").exists()
+        parts.close()
+        assert not parts.folder.exists()
+        single = engine.partition(table, table.user * 0, 1)
+        assert single.folder is None and single.tables == [table]
+    finally:
+        engine.close()

@@ -82,6 +82,27 @@ class Engine:
             self.con.insert(name, part)
         return table
 
+    def partition(self, expr: Any, key: Any, parts: int) -> "Parts":
+        """``expr`` split into ``parts`` tables by the integer expression ``key`` (values 0..parts-1).
+
+        DuckDB: one pass writes a Parquet file set per part into the scratch folder, and each part is
+        then read alone. Filtering the whole result once per part would read it ``parts`` times: at a
+        billion events that is the whole log (tens of GB) from disk again for every part. Spark
+        partitions its own work: the parts are filters.
+        """
+        if parts == 1:
+            return Parts([expr])
+        if self.name != "duckdb":
+            return Parts([expr.filter(key == p) for p in range(parts)])
+        folder = self.workdir / f"rectrain_parts_{next(self._names)}"
+        self.con.to_parquet(expr.mutate(_part=key.cast("int64")), folder, partition_by="_part")
+        tables = []
+        for p in range(parts):
+            files = folder / f"_part={p}"
+            tables.append(self.con.read_parquet(str(files / "*.parquet"), hive_partitioning=False)
+                          .select(*expr.columns) if files.is_dir() else None)
+        return Parts(tables, folder)
+
     def release(self, table: Any) -> None:
         """Free an intermediate result that no later step reads (disk space at a billion events)."""
         if self.name != "duckdb":
@@ -129,6 +150,28 @@ class Engine:
         if self.name == "duckdb":
             self.con.disconnect()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class Parts:
+    """The parts of :meth:`Engine.partition`: ``tables[p]`` (None for an empty part); a part's files
+    are removed by :meth:`drop` once read for the last time, and all of them by :meth:`close`."""
+
+    def __init__(self, tables: list[Any], folder: Path | None = None) -> None:
+        self.tables, self.folder = tables, folder
+
+    def drop(self, index: int) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder / f"_part={index}", ignore_errors=True)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "Parts":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def connect(cfg: EngineConfig, scratch_root: str | Path | None) -> Engine:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from rectrain.data.engine.backends import Engine
+from rectrain.data.engine.backends import Engine, Parts
 from rectrain.data.preprocess import PreprocessConfig
 from rectrain.data.schema import ITEM, RATING, SESSION, TIMESTAMP, USER
 from rectrain.data.splits import TEST, TRAIN, VALID
@@ -104,11 +104,13 @@ def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: st
         table = table.filter(rating.notnull() & ~rating.isnan() & (rating >= float(pre.min_rating)))
     if pre.dedup not in ("first", "last", "none"):
         raise ConfigError("data.preprocess.dedup", f"must be first, last or none, got {pre.dedup!r}")
+    if pre.dedup != "none":
+        with _user_parts(engine, table, rows_read) as parts:  # split first: each window sorts one part
+            pieces = [_dedup(part, pre.dedup) for part in parts.tables if part is not None]
+            table = engine.keep_in_parts(pieces or [_dedup(table, pre.dedup)])
+    elif pre.min_rating is not None:
+        table = engine.keep(table)
     if pre.min_rating is not None or pre.dedup != "none":
-        parts = _user_parts(table, rows_read)  # split first: each part's window sorts only that part
-        if pre.dedup != "none":
-            parts = [_dedup(part, pre.dedup) for part in parts]
-        table = engine.keep_in_parts(parts)
         after = int(engine.scalar(table.count()))
         if pre.min_rating is not None:
             thresholded = int(engine.scalar(events.filter(
@@ -142,13 +144,10 @@ def _dedup(table: Any, keep: str) -> Any:
 EVENTS_PER_PART = 100_000_000
 
 
-def _user_parts(table: Any, n_events: int) -> list[Any]:
+def _user_parts(engine: Engine, table: Any, n_events: int) -> Parts:
     """``table`` split by a hash of the user: whole users per part, so per-user windows stay exact."""
     parts = max(1, -(-n_events // EVENTS_PER_PART))
-    if parts == 1:
-        return [table]
-    bucket = (table[USER].hash() % parts).abs()
-    return [table.filter(bucket == p) for p in range(parts)]
+    return engine.partition(table, (table[USER].hash() % parts).abs(), parts)
 
 
 def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, removed: dict[str, int]) -> Any:
@@ -356,54 +355,55 @@ def _label_counts(engine: Engine, final: Any) -> dict[int, int]:
 SORT_BLOCK_EVENTS = 50_000_000
 
 
-def _sorted_blocks(final: Any, n_users: int, n_events: int, loo: bool = False) -> Iterator[Any]:
-    """The events ordered by (user code, time, file order), as queries over consecutive user-code ranges
-    (with ``loo``, labelled within each block: whole users are in one block)."""
-    blocks = max(1, -(-n_events // SORT_BLOCK_EVENTS))
-    edges = np.linspace(0, n_users, blocks + 1).round().astype(np.int64)
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        if hi <= lo:
-            continue
-        block = final if blocks == 1 else final.filter((final[USER_CODE] >= int(lo)) & (final[USER_CODE] < int(hi)))
-        if loo:
-            block = _label_leave_one_out(block, USER_CODE)
-        yield block.select(USER_CODE, ITEM_CODE, TIMESTAMP, LABEL, ORDER).order_by([USER_CODE, TIMESTAMP, ORDER])
+def _user_blocks(engine: Engine, final: Any, n_users: int, n_events: int) -> Parts:
+    """``final`` split into blocks of consecutive user codes (whole users per block, blocks in code
+    order), each of about SORT_BLOCK_EVENTS events."""
+    blocks = min(max(1, -(-n_events // SORT_BLOCK_EVENTS)), max(n_users, 1))
+    return engine.partition(final, final[USER_CODE] * blocks // max(n_users, 1), blocks)
+
+
+def _labelled(block: Any, loo: bool) -> Any:
+    """A block's events with their split label (leave-one-out labels per block: whole users are in one)."""
+    block = _label_leave_one_out(block, USER_CODE) if loo else block
+    return block.select(USER_CODE, ITEM_CODE, TIMESTAMP, LABEL, ORDER)
 
 
 def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, int], cold_items: np.ndarray,
                   allocate: Allocate, loo: bool = False) -> tuple[dict[str, np.ndarray], int]:
-    """Stream the ordered events into one array per (split, column); cold items leave training."""
-    cold_in_train = 0
-    if cold_items.size:
-        cold_in_train = _count_cold_train(engine, _sorted_blocks(final, n_users, sum(counts.values()), loo),
-                                          cold_items)
-    sizes = {"train": counts.get(TRAIN, 0) - cold_in_train, "valid": counts.get(VALID, 0),
-             "test": counts.get(TEST, 0)}
-    dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.float64}
-    for part in sizes:
-        for col, dtype in dtypes.items():
-            allocate.open(f"{part}_{col}", dtype, sizes[part])
-    labels_of = {"train": TRAIN, "valid": VALID, "test": TEST}
-    batches = (batch for block in _sorted_blocks(final, n_users, sum(counts.values()), loo)
-               for batch in engine.batches(block))
-    for batch in batches:
-        user = batch.column(0).to_numpy().astype(np.int64, copy=False)
-        item = batch.column(1).to_numpy().astype(np.int64, copy=False)
-        timestamp = batch.column(2).to_numpy().astype(np.float64, copy=False)
-        label = batch.column(3).to_numpy()
+    """Stream the events, ordered by (user code, time, file order) block by block, into one array per
+    (split, column); cold items leave training."""
+    with _user_blocks(engine, final, n_users, sum(counts.values())) as parts:
+        blocks = [(index, block) for index, block in enumerate(parts.tables) if block is not None]
+        cold_in_train = 0
         if cold_items.size:
-            label = np.where((label == TRAIN) & np.isin(item, cold_items), -1, label)
-        for part, code in labels_of.items():
-            rows = label == code
-            if rows.any():
-                allocate.append(f"{part}_user", user[rows])
-                allocate.append(f"{part}_item", item[rows])
-                allocate.append(f"{part}_timestamp", timestamp[rows])
+            cold_in_train = _count_cold_train(engine, [_labelled(block, loo) for _, block in blocks], cold_items)
+        sizes = {"train": counts.get(TRAIN, 0) - cold_in_train, "valid": counts.get(VALID, 0),
+                 "test": counts.get(TEST, 0)}
+        dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.float64}
+        for part in sizes:
+            for col, dtype in dtypes.items():
+                allocate.open(f"{part}_{col}", dtype, sizes[part])
+        labels_of = {"train": TRAIN, "valid": VALID, "test": TEST}
+        for index, block in blocks:
+            for batch in engine.batches(_labelled(block, loo).order_by([USER_CODE, TIMESTAMP, ORDER])):
+                user = batch.column(0).to_numpy().astype(np.int64, copy=False)
+                item = batch.column(1).to_numpy().astype(np.int64, copy=False)
+                timestamp = batch.column(2).to_numpy().astype(np.float64, copy=False)
+                label = batch.column(3).to_numpy()
+                if cold_items.size:
+                    label = np.where((label == TRAIN) & np.isin(item, cold_items), -1, label)
+                for part, code in labels_of.items():
+                    rows = label == code
+                    if rows.any():
+                        allocate.append(f"{part}_user", user[rows])
+                        allocate.append(f"{part}_item", item[rows])
+                        allocate.append(f"{part}_timestamp", timestamp[rows])
+            parts.drop(index)  # its events are in the arrays now: give the disk back as they grow
     arrays = allocate.finish()  # raises if the stream and the counts disagree
     return arrays, cold_in_train
 
 
-def _count_cold_train(engine: Engine, blocks: Iterator[Any], cold_items: np.ndarray) -> int:
+def _count_cold_train(engine: Engine, blocks: list[Any], cold_items: np.ndarray) -> int:
     total = 0
     for block in blocks:
         for batch in engine.batches(block.select(ITEM_CODE, LABEL)):
