@@ -27,7 +27,7 @@ from rectrain.data.engine.sinks import MemorySink, NpyFileSink
 from rectrain.data.preprocess import PreprocessConfig
 from rectrain.data.schema import ITEM, SESSION, TIMESTAMP, USER, RawLog
 from rectrain.errors import ConfigError, DataError
-from rectrain.data.queries import RankingQueries, csr_from_groups
+from rectrain.data.queries import LazyQueries, RankingQueries, concat_ranges
 from rectrain.utils.io import atomic_dir, remove_stale_temporaries, stable_hash
 
 log = logging.getLogger(__name__)
@@ -144,34 +144,97 @@ class PreparedData:
         raise ValueError(f"stage must be 'valid' or 'test', got {stage!r}")
 
     def item_popularity(self, stage: str = "valid") -> np.ndarray:
-        """(n_items,) number of distinct users whose history (for ``stage``) holds each item."""
-        hist = self.history(stage)
-        pairs = np.unique(hist.user * self.n_items + hist.item)
-        return np.bincount(pairs % self.n_items, minlength=self.n_items).astype(np.int64)
+        """(n_items,) number of distinct users whose history (for ``stage``) holds each item.
+
+        Counted over blocks of whole users (the splits are sorted by user), so the memory is that of
+        a block, not of the log.
+        """
+        parts = self._history_parts(stage)
+        counts = np.zeros(self.n_items, dtype=np.int64)
+        for lo, hi in _user_blocks(parts[0].user, self.n_users):
+            pairs = []
+            for part in parts:
+                a, b = np.searchsorted(part.user, [lo, hi])
+                pairs.append(part.user[a:b] * self.n_items + part.item[a:b])
+            counts += np.bincount(np.unique(np.concatenate(pairs)) % self.n_items, minlength=self.n_items)
+        return counts
 
     def ranking_queries(self, stage: str) -> RankingQueries:
-        """The full-catalog ranking task for ``stage`` under this dataset's protocol."""
-        events = self.valid if stage == "valid" else self.test if stage == "test" else None
-        if events is None:
-            raise ValueError(f"stage must be 'valid' or 'test', got {stage!r}")
+        """The full-catalog ranking task for ``stage`` under this dataset's protocol, built at once
+        (a large log: :meth:`lazy_queries`)."""
+        queries = self.lazy_queries(stage)
+        return queries.subset(np.arange(len(queries)))
+
+    def lazy_queries(self, stage: str) -> LazyQueries:
+        """The ranking task for ``stage``, built a chunk of users at a time (one row per user with a
+        target; sessions: one per next click). Memory follows the rows asked for, not the log."""
+        events = self._eval_events(stage)
         if self.split == "session":
-            return _session_queries(events, self.n_items, self.mask_seen)
-        hist = self.history(stage)
-        users = np.unique(events.user)
-        t_indptr, t_items = csr_from_groups(events.user, events.item, self.n_users)
-        h_indptr, h_items = csr_from_groups(hist.user, hist.item, self.n_users)
-        full = RankingQueries(
-            users=np.arange(self.n_users, dtype=np.int64),
+            full = _session_queries(events, self.n_items, self.mask_seen)
+            return LazyQueries(full.users, full.subset, self.n_items, full.protocol)
+        for name in ("train", "valid", "test"):
+            self._check_user_sorted(name)
+        user = np.asarray(events.user)
+        users = user[np.flatnonzero(np.r_[True, user[1:] != user[:-1]])] if user.size else user.astype(np.int64)
+        return LazyQueries(users.astype(np.int64), lambda rows: self._user_queries(stage, users[rows]),
+                           self.n_items, self.protocol_label())
+
+    def _eval_events(self, stage: str) -> Interactions:
+        if stage not in ("valid", "test"):
+            raise ValueError(f"stage must be 'valid' or 'test', got {stage!r}")
+        return self.valid if stage == "valid" else self.test
+
+    def _history_parts(self, stage: str) -> list[Interactions]:
+        """The splits a model conditions on for ``stage``, earliest first (see :meth:`history`)."""
+        self._eval_events(stage)
+        return [self.train] if stage == "valid" else [self.train, self.valid]
+
+    def _check_user_sorted(self, name: str) -> None:
+        """Binary search by user needs each split sorted by user (the engine writes them so); checked
+        once per split, in slices, so a large memory-mapped split is not copied."""
+        checked = self.__dict__.setdefault("_user_sorted", set())
+        if name in checked:
+            return
+        user = getattr(self, name).user
+        step = 1 << 24
+        for start in range(0, max(user.shape[0] - 1, 0), step):
+            window = np.asarray(user[start:start + step + 1])
+            if np.any(window[1:] < window[:-1]):
+                raise ValueError(f"the {name} split is not sorted by user; PreparedData needs (user, time) order")
+        checked.add(name)
+
+    def _user_queries(self, stage: str, users: np.ndarray) -> RankingQueries:
+        """Queries of ``users`` (sorted, each with a target): their rows found by binary search; the
+        history of each ordered by (time, split, position), as :meth:`Interactions.concat` orders it."""
+        events = self._eval_events(stage)
+        t_indptr, t_rows = concat_ranges(np.searchsorted(events.user, users, "left"),
+                                         np.searchsorted(events.user, users, "right"))
+        rows, times, sources, positions, items = [], [], [], [], []
+        for source, part in enumerate(self._history_parts(stage)):
+            indptr, found = concat_ranges(np.searchsorted(part.user, users, "left"),
+                                          np.searchsorted(part.user, users, "right"))
+            rows.append(np.repeat(np.arange(users.size, dtype=np.int64), np.diff(indptr)))
+            times.append(np.asarray(part.timestamp[found]))
+            sources.append(np.full(found.size, source, dtype=np.int8))
+            positions.append(found)
+            items.append(np.asarray(part.item[found], dtype=np.int64))
+        row = np.concatenate(rows)
+        order = np.lexsort((np.concatenate(positions), np.concatenate(sources), np.concatenate(times), row))
+        h_items = np.concatenate(items)[order]
+        h_indptr = np.zeros(users.size + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row, minlength=users.size), out=h_indptr[1:])
+        no_exclusions = np.zeros(users.size + 1, dtype=np.int64)
+        return RankingQueries(
+            users=users.astype(np.int64),
             target_indptr=t_indptr,
-            target_items=t_items,
-            exclude_indptr=h_indptr if self.mask_seen else np.zeros(self.n_users + 1, np.int64),
+            target_items=np.asarray(events.item[t_rows], dtype=np.int64),
+            exclude_indptr=h_indptr if self.mask_seen else no_exclusions,
             exclude_items=h_items if self.mask_seen else np.zeros(0, np.int64),
             history_indptr=h_indptr,
             history_items=h_items,
             n_items=self.n_items,
             protocol=self.protocol_label(),
         )
-        return full.subset(users)
 
     def protocol_label(self) -> str:
         masking = "seen items masked" if self.mask_seen else "no masking (repeats allowed)"
@@ -247,6 +310,18 @@ class PreparedData:
 
 def _to_builtin(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else str(value)
+
+
+#: events per block when a statistic is computed over whole users (item popularity)
+USER_BLOCK_EVENTS = 1 << 24
+
+
+def _user_blocks(user: np.ndarray, n_users: int) -> list[tuple[int, int]]:
+    """Consecutive user ranges ``[lo, hi)`` covering ``0..n_users``, each holding about
+    USER_BLOCK_EVENTS rows of the user-sorted ``user`` (cut where a user starts)."""
+    cuts = [int(user[i]) for i in range(USER_BLOCK_EVENTS, user.shape[0], USER_BLOCK_EVENTS)]
+    edges = sorted({0, n_users, *cuts})
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _session_queries(events: Interactions, n_items: int, mask_seen: bool) -> RankingQueries:

@@ -8,6 +8,7 @@ the ordered item history a sequence model or item-kNN reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -21,6 +22,15 @@ def csr_from_groups(group: np.ndarray, values: np.ndarray, n_groups: int) -> tup
     indptr = np.zeros(n_groups + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     return indptr, np.asarray(values, dtype=np.int64)
+
+
+def concat_ranges(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR ``(indptr, positions)`` of the ranges ``[starts[i], ends[i])`` laid end to end, vectorised."""
+    lengths = ends - starts
+    indptr = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    offsets = np.arange(indptr[-1], dtype=np.int64) - np.repeat(indptr[:-1], lengths)
+    return indptr, np.repeat(starts, lengths) + offsets
 
 
 @dataclass
@@ -56,18 +66,53 @@ class RankingQueries:
         rows = np.asarray(rows, dtype=np.int64)
 
         def take(indptr: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            starts, ends = indptr[rows], indptr[rows + 1]
-            lengths = ends - starts
-            new_indptr = np.zeros(rows.size + 1, dtype=np.int64)
-            np.cumsum(lengths, out=new_indptr[1:])
-            # positions of every kept value, vectorised: start of its row + offset within the row
-            offsets = np.arange(new_indptr[-1]) - np.repeat(new_indptr[:-1], lengths)
-            return new_indptr, values[np.repeat(starts, lengths) + offsets]
+            new_indptr, positions = concat_ranges(indptr[rows], indptr[rows + 1])
+            return new_indptr, values[positions]
 
         t = take(self.target_indptr, self.target_items)
         e = take(self.exclude_indptr, self.exclude_items)
         h = take(self.history_indptr, self.history_items)
         return RankingQueries(self.users[rows], *t, *e, *h, n_items=self.n_items, protocol=self.protocol)
+
+
+@dataclass(frozen=True)
+class LazyQueries:
+    """The queries of a whole split, built a subset at a time.
+
+    At a billion events the targets, exclusions and histories of every user do not fit in memory
+    together (a copy of the log); the evaluator and the validation loop ask for a chunk of rows at
+    a time, and only that chunk is built. ``users`` (one index per row) is all that is held.
+
+    Attributes:
+        users: (Q,) user (or session) index of every row.
+        build: rows -> the :class:`RankingQueries` of those rows (of any protocol label).
+        n_items: catalog size.
+        protocol: the label every subset carries.
+    """
+
+    users: np.ndarray
+    build: Callable[[np.ndarray], RankingQueries]
+    n_items: int
+    protocol: str = ""
+
+    def __len__(self) -> int:
+        return int(self.users.shape[0])
+
+    def subset(self, rows: np.ndarray) -> RankingQueries:
+        """The queries at ``rows``, built now."""
+        queries = self.build(np.asarray(rows, dtype=np.int64))
+        queries.protocol = self.protocol
+        return queries
+
+    def select(self, rows: np.ndarray) -> "LazyQueries":
+        """Only the rows ``rows`` (e.g. a seeded sample of users), still unbuilt."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return LazyQueries(self.users[rows], lambda sub: self.build(rows[sub]), self.n_items, self.protocol)
+
+    def chunks(self, size: int) -> Iterator[RankingQueries]:
+        """Every row, ``size`` rows at a time (at least one chunk, possibly empty)."""
+        for start in range(0, max(len(self), 1), max(int(size), 1)):
+            yield self.subset(np.arange(start, min(start + size, len(self)), dtype=np.int64))
 
 
 def pad_histories(indptr: np.ndarray, items: np.ndarray, rows: np.ndarray, max_length: int

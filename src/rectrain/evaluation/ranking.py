@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from rectrain.evaluation import metrics as M
-from rectrain.data.queries import RankingQueries
+from rectrain.data.queries import LazyQueries, RankingQueries
 
 ScoreFn = Callable[[RankingQueries, np.ndarray], Union[torch.Tensor, np.ndarray]]
 
@@ -199,9 +199,13 @@ def _csr_slice(indptr: np.ndarray, values: np.ndarray, start: int, end: int) -> 
     return local, values[lo:hi]
 
 
+#: rows built at a time when the queries are lazy (a large log: only this many users' histories exist at once)
+LAZY_CHUNK_QUERIES = 50_000
+
+
 def evaluate_ranking(
     score_fn: ScoreFn,
-    queries: RankingQueries,
+    queries: RankingQueries | LazyQueries,
     ks: Sequence[int] = (10, 20),
     item_popularity: np.ndarray | None = None,
     n_users_popularity: int | None = None,
@@ -213,7 +217,8 @@ def evaluate_ranking(
     Args:
         score_fn: ``score_fn(queries, rows) -> (len(rows), n_items)`` float scores (tensor or numpy);
             ``rows`` index into ``queries``. Higher is better.
-        queries: rows to rank, their targets, excluded items and histories.
+        queries: rows to rank, their targets, excluded items and histories; :class:`LazyQueries` are
+            built and evaluated LAZY_CHUNK_QUERIES rows at a time (``rows`` then index into a chunk).
         ks: cut-offs; per-query hr/ndcg/mrr/recall/precision and per-item top-K counts for each.
         item_popularity: (n_items,) training popularity for the ``avg_pop@K`` summary (optional).
         n_users_popularity: divides ``avg_pop@K`` into ``avg_pop_norm@K`` (optional).
@@ -224,6 +229,10 @@ def evaluate_ranking(
     -inf items are never counted as recommended. Target ranks are only resolved below ``max(ks)``
     (read off the tie-ordered top-K list), which is all any @K metric needs.
     """
+    if isinstance(queries, LazyQueries):
+        return RankingResult.merge([
+            evaluate_ranking(score_fn, chunk, ks, item_popularity, n_users_popularity, memory_budget_mb, device)
+            for chunk in queries.chunks(LAZY_CHUNK_QUERIES)])
     check_queries(queries)
     ks = check_ks(ks)
     n_items, n_q = queries.n_items, len(queries)

@@ -28,7 +28,7 @@ from rectrain.data.batching import (
 from rectrain.data.records import PointwiseUserRecords, SequenceUserRecords, UserRecordSpec
 from rectrain.data.dataset import DataSettings, PreparedData
 from rectrain.errors import ConfigError
-from rectrain.data.queries import RankingQueries
+from rectrain.data.queries import LazyQueries
 from rectrain.features import UserFeatureEncoder
 
 
@@ -126,7 +126,7 @@ class RecDataModule(pl.LightningDataModule):
         self._user_encoder: UserFeatureEncoder | None = None
         self.data: PreparedData | None = None
         self.train_spec: PointwiseSpec | SequenceSpec = PointwiseSpec()
-        self._queries: dict[str, RankingQueries] = {}
+        self._queries: dict[str, LazyQueries] = {}
         self._query_totals: dict[str, int] = {}
         self._train_batches: Any = None
 
@@ -173,20 +173,21 @@ class RecDataModule(pl.LightningDataModule):
             return np.zeros((self.data.n_users, 0), dtype=np.float32)
         return encoder.encode_columns(self.data.user_attributes, self.data.n_users)
 
-    def queries(self, stage: str) -> RankingQueries:
-        """Evaluation queries for ``valid``/``test``, built once and reused every epoch.
+    def queries(self, stage: str) -> LazyQueries:
+        """Evaluation queries for ``valid``/``test``: each evaluation batch builds its own rows, so a
+        large log's histories never exist all at once.
 
         With ``<stage>_sample_users`` set, a seeded sample of them (the same every epoch and on
         every DDP rank), labelled as such in the protocol.
         """
         if stage not in self._queries:
             self.setup()
-            queries = self.data.ranking_queries(stage)
+            queries = self.data.lazy_queries(stage)
             size, full = self.sample_users.get(stage), len(queries)
             self._query_totals[stage] = full
             if size is not None and size < full:
                 rng = np.random.default_rng([int(self.seed), 1 if stage == "valid" else 2])
-                queries = queries.subset(np.sort(rng.choice(full, size=size, replace=False)))
+                queries = queries.select(np.sort(rng.choice(full, size=size, replace=False)))
                 unit = "queries" if self.data.split == "session" else "users"
                 queries = dataclasses.replace(queries, protocol=(
                     f"{queries.protocol}; {stage} on a seeded sample of {size:,} of {full:,} {unit} "
