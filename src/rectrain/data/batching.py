@@ -5,6 +5,8 @@
   membership test on sorted ``user * n_items + item`` keys.
 * :class:`PointwiseBatches` yields (user, item, label) batches for BCE, or (user, pos, neg) for BPR.
 * :class:`SequenceBatches` yields padded item sequences with lengths and next-item targets.
+* :class:`ShardedBatches` streams a large training split shard by shard (whole users per shard), one
+  of the builders above per shard; DDP ranks train on disjoint shards.
 
 * :class:`Prefetcher` runs any of them in a background thread a few batches ahead, so building
   the next batch overlaps the current training step instead of adding to it.
@@ -211,16 +213,8 @@ def sequence_windows(group: np.ndarray, items: np.ndarray, max_length: int, stri
         (N,) the group (user) each window belongs to.
     """
     stride = int(stride or max_length)
-    if not 1 <= stride <= max_length:
-        raise ValueError(f"stride must be in 1..max_length ({max_length}), got {stride}")
     n = group.shape[0]
-    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if n else np.zeros(0, np.int64)
-    seq_len = np.diff(np.r_[starts, n])
-    usable = seq_len >= 2
-    starts, seq_len = starts[usable], seq_len[usable]
-    # windows w = 0, 1, ... start at w * stride; the last one reaches the end of the sequence
-    n_windows = np.maximum(1, np.ceil((seq_len - 1 - max_length) / stride).astype(np.int64) + 1)
-    n_windows = np.where(seq_len - 1 <= max_length, 1, n_windows)
+    starts, seq_len, n_windows = _window_plan(group, max_length, stride)
     win_group_start = np.repeat(starts, n_windows)
     win_index = np.arange(n_windows.sum()) - np.repeat(np.r_[0, np.cumsum(n_windows)[:-1]], n_windows)
     win_start = win_group_start + win_index * stride
@@ -234,6 +228,27 @@ def sequence_windows(group: np.ndarray, items: np.ndarray, max_length: int, stri
     windows = np.where(valid, items[np.minimum(pos, n - 1)], 0).astype(np.int64)
     window_group = np.asarray(group)[win_group_start].astype(np.int64) if n else np.zeros(0, np.int64)
     return windows, lengths.astype(np.int64), first_target, window_group
+
+
+def _window_plan(group: np.ndarray, max_length: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, lengths, windows) of every group with at least two events (see :func:`sequence_windows`)."""
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be in 1..max_length ({max_length}), got {stride}")
+    group = np.asarray(group)
+    n = group.shape[0]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if n else np.zeros(0, np.int64)
+    seq_len = np.diff(np.r_[starts, n])
+    usable = seq_len >= 2
+    starts, seq_len = starts[usable], seq_len[usable]
+    # windows w = 0, 1, ... start at w * stride; the last one reaches the end of the sequence
+    n_windows = np.maximum(1, np.ceil((seq_len - 1 - max_length) / stride).astype(np.int64) + 1)
+    n_windows = np.where(seq_len - 1 <= max_length, 1, n_windows)
+    return starts, seq_len, n_windows
+
+
+def count_windows(group: np.ndarray, max_length: int, stride: int | None = None) -> int:
+    """How many windows :func:`sequence_windows` cuts, without cutting them."""
+    return int(_window_plan(group, max_length, int(stride or max_length))[2].sum())
 
 
 class SequenceBatches:
@@ -278,6 +293,78 @@ class SequenceBatches:
             if self.groups is not None:
                 batch["users"] = self.groups[rows]
             yield batch
+
+
+#: training events per shard: an epoch streams the training split one shard (of whole users) at a
+#: time and DDP ranks train on disjoint shards, so the batch builders hold a shard, never the log
+SHARD_EVENTS = 1 << 23
+
+
+def user_shards(users: np.ndarray, shard_events: int | None = None) -> np.ndarray:
+    """(S+1,) row boundaries cutting the user-sorted ``users`` into shards of about ``shard_events``
+    rows, each cut where a user's rows start: a user is never split, so negative rejection (a user's
+    positives) and sequence windows (a user's history) stay inside one shard."""
+    n = int(users.shape[0])
+    size = int(shard_events or SHARD_EVENTS)
+    marks = np.arange(size, n, size)
+    cuts = np.searchsorted(users, np.asarray(users[marks]), "left") if marks.size else np.zeros(0, np.int64)
+    return np.unique(np.r_[0, cuts, n]).astype(np.int64)
+
+
+def balance_shards(sizes: np.ndarray, world_size: int) -> list[np.ndarray]:
+    """Disjoint shard indices per rank, balanced by size (largest shard to the least loaded rank);
+    the same on every rank and every epoch."""
+    loads = np.zeros(world_size, dtype=np.int64)
+    owned: list[list[int]] = [[] for _ in range(world_size)]
+    for shard in np.argsort(-np.asarray(sizes), kind="stable"):
+        rank = int(np.argmin(loads))
+        owned[rank].append(int(shard))
+        loads[rank] += int(sizes[shard])
+    return [np.sort(np.asarray(o, dtype=np.int64)) for o in owned]
+
+
+class ShardedBatches:
+    """An epoch streamed one shard of the training split at a time.
+
+    Each rank owns a fixed set of shards, disjoint from the other ranks' (:func:`balance_shards`),
+    visits them in an order shuffled per epoch, and builds one shard's batch builder at a time with
+    ``build(lo, hi, seed)`` (rows ``lo:hi`` of the user-sorted training split, memory-mapped; a seed
+    per shard). Memory is one shard's, whatever the log's size. Every rank yields the same number of
+    batches, DDP's requirement: the smallest rank's count (``steps(lo, hi)`` per shard), so a rank
+    with more events leaves its epoch's last batches out (at most about one shard's difference,
+    a different tail each epoch).
+    """
+
+    def __init__(self, bounds: np.ndarray, steps: Any, build: Any, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.bounds, self.build, self.seed, self.rank = np.asarray(bounds, np.int64), build, seed, rank
+        owners = balance_shards(np.diff(self.bounds), world_size)
+        per_shard = [int(steps(int(lo), int(hi))) for lo, hi in zip(self.bounds[:-1], self.bounds[1:])]
+        self.steps = min(sum(per_shard[s] for s in shards) for shards in owners)
+        self.owned = owners[rank]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Any]:
+        order = self.owned[torch.randperm(len(self.owned), generator=_epoch_generator(self.seed, self.epoch,
+                                                                                      1_000 + self.rank)).numpy()]
+        emitted = 0
+        for shard in order:
+            if emitted >= self.steps:
+                return
+            lo, hi = int(self.bounds[shard]), int(self.bounds[shard + 1])
+            batches = self.build(lo, hi, (self.seed * 1_000_003 + int(shard)) % (2**62))
+            batches.set_epoch(self.epoch)
+            for batch in batches:
+                if emitted >= self.steps:
+                    return
+                yield batch
+                emitted += 1
 
 
 class _Failed:

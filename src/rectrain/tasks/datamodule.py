@@ -22,8 +22,11 @@ from rectrain.data.batching import (
     Prefetcher,
     SequenceBatches,
     SequenceSpec,
+    ShardedBatches,
+    count_windows,
     positive_keys,
     sequence_windows,
+    user_shards,
 )
 from rectrain.data.records import PointwiseUserRecords, SequenceUserRecords, UserRecordSpec
 from rectrain.data.dataset import DataSettings, PreparedData
@@ -230,7 +233,8 @@ class RecDataModule(pl.LightningDataModule):
         keep = np.isin(train.user, self.member_users())
         return train.user[keep], train.item[keep]
 
-    def train_batches(self) -> PointwiseBatches | SequenceBatches | PointwiseUserRecords | SequenceUserRecords:
+    def train_batches(self) -> (PointwiseBatches | SequenceBatches | ShardedBatches | PointwiseUserRecords
+                                | SequenceUserRecords):
         """The epoch-aware batch builder for the task's spec (built once; ``set_epoch`` per epoch)."""
         if self._train_batches is None:
             self.setup()
@@ -239,7 +243,10 @@ class RecDataModule(pl.LightningDataModule):
             records = spec if isinstance(spec, UserRecordSpec) else None
             spec = records.inner if records else spec
             users, items = self.training_events()
-            if isinstance(spec, PointwiseSpec):
+            bounds = user_shards(users)
+            if records is None and len(bounds) - 1 >= max(2, world):  # a large log: streamed shard by shard
+                self._train_batches = self._sharded_batches(spec, users, items, bounds, rank, world)
+            elif isinstance(spec, PointwiseSpec):
                 keys = positive_keys(users, items, data.n_items) if spec.exclude_positives else None
                 sampler = NegativeSampler(data.n_items, data.item_popularity("valid"), spec.alpha, keys)
                 if records:
@@ -257,6 +264,35 @@ class RecDataModule(pl.LightningDataModule):
                                                   self.seed)
                 self._train_batches = batches
         return self._train_batches
+
+    def _sharded_batches(self, spec: PointwiseSpec | SequenceSpec, users: np.ndarray, items: np.ndarray,
+                         bounds: np.ndarray, rank: int, world: int) -> ShardedBatches:
+        """The training split streamed one shard of whole users at a time (disjoint shards per rank):
+        positives to reject and sequence windows are a shard's, so memory does not grow with the log."""
+        n_items, batch_size = self.data.n_items, self.batch_size
+        if isinstance(spec, PointwiseSpec):
+            popularity = self.data.item_popularity("valid")
+
+            def build(lo: int, hi: int, seed: int) -> PointwiseBatches:
+                u, i = np.asarray(users[lo:hi], np.int64), np.asarray(items[lo:hi], np.int64)
+                keys = positive_keys(u, i, n_items) if spec.exclude_positives else None
+                return PointwiseBatches(u, i, n_items, spec, batch_size,
+                                        NegativeSampler(n_items, popularity, spec.alpha, keys), seed)
+
+            return ShardedBatches(bounds, lambda lo, hi: math.ceil((hi - lo) / batch_size), build, self.seed,
+                                  rank, world)
+        with_users = bool(self.user_features)
+
+        def build_sequences(lo: int, hi: int, seed: int) -> SequenceBatches:
+            windows, lengths, first, owner = sequence_windows(users[lo:hi], items[lo:hi], spec.max_length,
+                                                              spec.stride)
+            return SequenceBatches(windows, lengths, batch_size, seed, first_target=first,
+                                   groups=owner if with_users else None)
+
+        def steps(lo: int, hi: int) -> int:
+            return math.ceil(count_windows(users[lo:hi], spec.max_length, spec.stride) / batch_size)
+
+        return ShardedBatches(bounds, steps, build_sequences, self.seed, rank, world)
 
     def train_dataloader(self) -> DataLoader:
         # generator: creating the loader's iterator draws a base seed from it; from the global RNG
