@@ -337,3 +337,36 @@ def test_no_cache_in_a_read_only_dir_prepares_without_one(tmp_path, fresh, caplo
     (warning,) = _warnings(caplog)
     assert "could not write the prepared-data cache" in warning and "going on without it" in warning
     assert list(cache_dir.iterdir()) == []
+
+
+def test_large_arrays_are_checksummed_per_shard_and_damage_is_named_by_its_rows(tmp_path, fresh, caplog,
+                                                                                monkeypatch):
+    """Arrays longer than a shard carry rows and sha256 per shard in the manifest; a damaged shard is
+    named by its rows, warned about once and the cache rebuilt."""
+    from rectrain.data import cache
+
+    monkeypatch.setattr(cache, "SHARD_ROWS", 64)
+    cache_dir = tmp_path / "cache"
+    _load(cache_dir)
+    (target,) = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
+    manifest = json.loads((target / "manifest.json").read_text())["files"]
+    n_train = len(fresh.train)
+    assert n_train > 3 * 64
+    shards = manifest["train_item.npy"]["shards"]
+    assert [s["rows"] for s in shards] == [[lo, min(lo + 64, n_train)] for lo in range(0, n_train, 64)]
+    rows = np.load(target / "train_item.npy")
+    import hashlib
+
+    assert shards[1]["sha256"] == hashlib.sha256(rows[64:128].tobytes()).hexdigest()
+    assert "shards" not in manifest["valid_item.npy"] or len(fresh.valid) > 64
+    path = target / "train_item.npy"  # garble one value of the third shard, size and header intact
+    offset = path.stat().st_size - rows.nbytes + 130 * rows.itemsize
+    blob = bytearray(path.read_bytes())
+    blob[offset] ^= 0x5A
+    path.write_bytes(bytes(blob))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rectrain"):
+        data = _load(cache_dir)
+    (warning,) = _warnings(caplog)
+    assert "train_item.npy: sha256 mismatch in rows 128..191 (shard 3 of" in warning and "rebuilding" in warning
+    _assert_same(data, fresh)

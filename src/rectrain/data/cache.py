@@ -1,7 +1,9 @@
 """A prepared-data cache directory that verifies itself: a manifest written with it, checked on load.
 
 The manifest (``manifest.json``, written last) records, for every file of the cache, its byte size
-and sha256, and for every ``.npy`` its shape, dtype and memory order. Checks come in two weights:
+and sha256, and for every ``.npy`` its shape, dtype and memory order; an array longer than
+SHARD_ROWS rows is checksummed per shard of rows (rows and sha256 of each), so damage is named by
+the rows it hit. Checks come in two weights:
 
 * **cheap, on every load**: each file exists with its recorded size; each ``.npy`` header matches
   the recorded shape/dtype and header + data fill the file exactly; ``meta.json`` (tiny) is hashed.
@@ -58,13 +60,51 @@ def write_manifest(directory: Path, format_version: int) -> None:
     for path in sorted(directory.iterdir()):
         if path.name in (MANIFEST_NAME, VERIFIED_NAME) or not path.is_file():
             continue
-        entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        entry: dict[str, Any] = {"bytes": path.stat().st_size}
         if path.suffix == ".npy":
             shape, fortran, dtype, _ = _npy_header(path)
             entry.update(shape=list(shape), dtype=dtype.str, fortran_order=fortran)
+            if shape and shape[0] > SHARD_ROWS:
+                entry["shards"] = _shard_digests(path)
+        entry["sha256"] = _shards_root(path, entry["shards"]) if "shards" in entry else file_sha256(path)
         files[path.name] = entry
     manifest = {"format": format_version, "build": uuid.uuid4().hex, "files": files}
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+#: rows per checksummed shard of a large array: the manifest records each shard's rows and sha256, so
+#: damage is named by its rows (the training stream reads a split shard by shard)
+SHARD_ROWS = 1 << 23
+
+
+def _shard_digests(path: Path) -> list[dict[str, Any]]:
+    """``[{"rows": [lo, hi], "sha256": ...}]`` over the array's data in shards of SHARD_ROWS rows."""
+    shape, _, dtype, offset = _npy_header(path)
+    row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    shards = []
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for lo in range(0, shape[0], SHARD_ROWS):
+            hi = min(shape[0], lo + SHARD_ROWS)
+            digest, left = hashlib.sha256(), (hi - lo) * row_bytes
+            while left > 0:
+                block = fh.read(min(left, 1 << 20))
+                if not block:
+                    break
+                digest.update(block)
+                left -= len(block)
+            shards.append({"rows": [lo, hi], "sha256": digest.hexdigest()})
+    return shards
+
+
+def _shards_root(path: Path, shards: list[dict[str, Any]]) -> str:
+    """A sharded array's file checksum: its header bytes and its shards' digests, hashed together."""
+    _, _, _, offset = _npy_header(path)
+    with open(path, "rb") as fh:
+        digest = hashlib.sha256(fh.read(offset))
+    for shard in shards:
+        digest.update(f"{shard['rows'][0]}:{shard['rows'][1]}:{shard['sha256']}".encode())
+    return digest.hexdigest()
 
 
 # --- checking -----------------------------------------------------------------------------------
@@ -116,6 +156,10 @@ def _entry_ok(name: str, entry: Any) -> bool:
     if name.endswith(".npy"):
         ok = ok and isinstance(entry.get("shape"), list) and isinstance(entry.get("dtype"), str) \
             and isinstance(entry.get("fortran_order"), bool)
+        shards = entry.get("shards", [])
+        ok = ok and isinstance(shards, list) and all(
+            isinstance(s, dict) and isinstance(s.get("sha256"), str) and isinstance(s.get("rows"), list)
+            and len(s["rows"]) == 2 and all(isinstance(r, int) for r in s["rows"]) for s in shards)
     return ok
 
 
@@ -165,8 +209,18 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
 
 
 def _check_checksum(path: Path, entry: dict[str, Any]) -> None:
-    """Full check of one file: its sha256 must be the recorded one."""
+    """Full check of one file: its sha256 (a sharded array: every shard's) must be the recorded one."""
     try:
+        if "shards" in entry:
+            actual = _shard_digests(path)
+            for index, (got, want) in enumerate(zip(actual, entry["shards"])):
+                if got != want:
+                    lo, hi = want["rows"]
+                    raise CacheDamaged(f"{path.name}: sha256 mismatch in rows {lo:,}..{hi - 1:,} "
+                                       f"(shard {index + 1} of {len(entry['shards'])})")
+            if len(actual) != len(entry["shards"]) or _shards_root(path, actual) != entry["sha256"]:
+                raise CacheDamaged(f"{path.name}: sha256 mismatch (shards or header)")
+            return
         actual = file_sha256(path)
     except OSError as exc:
         raise CacheDamaged(f"{path.name}: unreadable ({exc.strerror})") from None
