@@ -207,8 +207,11 @@ def test_exclusion_k_clamp_and_tie_rule(tmp_path):
                      repeat_slots=2, repeat_gate=True),
     lambda: TwoTower(n_items=9, n_categories=0, dim=4, cell="transformer", hidden=6, layers=1, heads=1, max_length=7,
                      normalize=True, temperature=0.1),
+    lambda: NeuMF(5, 9, dim=4, layers=[8, 4], sparse=True),
+    lambda: TwoTower(n_items=9, n_categories=2, dim=4, hidden=6, max_length=7, sparse=True),
 ], ids=["mf", "gmf", "mlp", "neumf", "two_tower_lstm_normalized", "two_tower_repeat_bonus", "two_tower_repeat_gate",
-        "two_tower_repeat_mixture", "two_tower_transformer_repeat_gate", "two_tower_transformer_normalized"])
+        "two_tower_repeat_mixture", "two_tower_transformer_repeat_gate", "two_tower_transformer_normalized",
+        "neumf_sparse_gradients", "two_tower_sparse_gradients"])
 def test_every_model_class_exports_with_parity(tmp_path, make):
     torch.manual_seed(0)
     net = make().eval()

@@ -25,6 +25,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from rectrain.config_checks import build, check_constructor_args, resolve_target
 from rectrain.errors import ConfigError
 from rectrain.evaluation.ranking import format_table
+from rectrain.models.optim import needs_sparse_support
 from rectrain.privacy import NO_PRIVACY
 from rectrain.runs import USER_VOCAB_FILE, user_vocab_blob
 from rectrain.tasks.callbacks import RandomStateCheckpoint, SafeCheckpointIO
@@ -43,6 +44,11 @@ MODEL_SHORTHANDS = ("dim",)
 
 #: the sizes a net learns from the data (passed by build_net_and_task, never set in the config)
 DATA_SIZES = ("n_users", "n_items", "n_categories", "n_user_features")
+
+
+#: optimizers that apply sparse embedding gradients (model.net.sparse=true)
+SPARSE_OPTIMIZERS = ("rectrain.models.optim.LazyAdam", "torch.optim.SparseAdam", "torch.optim.SGD",
+                     "torch.optim.Adagrad")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -86,6 +92,12 @@ def build_net_and_task(cfg: DictConfig, datamodule: Any) -> pl.LightningModule:
     net = build(cfg.model.net, **sized)
     if hasattr(net, "set_item_features"):
         net.set_item_features(data.item_category_matrix())
+    optimizer = str(OmegaConf.select(cfg, "model.optimizer._target_", default=""))
+    if needs_sparse_support(net) and optimizer not in SPARSE_OPTIMIZERS:
+        raise ConfigError("model.net.sparse", f"true gives sparse embedding gradients, which "
+                          f"{optimizer or 'this optimizer'} cannot apply: set model.optimizer._target_="
+                          f"{SPARSE_OPTIMIZERS[0]} (Adam, lazy on the embeddings) or one of "
+                          f"{', '.join(SPARSE_OPTIMIZERS[1:])}")
     task_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     for key in (*MODEL_SHORTHANDS, "net"):
         task_cfg.pop(key, None)
@@ -119,6 +131,9 @@ def enable_privacy(cfg: DictConfig, datamodule: Any, task: pl.LightningModule) -
     check_constructor_args(values["_target_"], values, "privacy")
     settings = build(block)
     task.check_privacy()
+    if needs_sparse_support(task.net):
+        raise ConfigError("model.net.sparse", "privacy=dp clips each user's gradient, which needs dense "
+                          "gradients: set model.net.sparse=false")
     make_dp_compatible(task.net)
     n_users = len(datamodule.member_users())
     task.privacy = UserLevelDP(settings, n_users, cfg.trainer.get("max_epochs"))

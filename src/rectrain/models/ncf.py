@@ -7,6 +7,8 @@ Every model has the same interface, which the training task, the evaluator and t
 * ``score_all(user) -> logits``: (B,) -> (B, n_items), the full-catalog scores for ranking;
 * ``item_embeddings() -> (n_items, d)`` for the TensorBoard projector.
 
+``sparse=True`` builds the embeddings with sparse gradients (train with
+:class:`rectrain.models.optim.LazyAdam`): a step then costs the rows it touched, not the tables.
 Sizes learned from data (``n_users``, ``n_items``) are constructor arguments, and every model
 keeps its constructor arguments in ``self.config`` so a checkpoint can rebuild it without the
 training configuration.
@@ -29,13 +31,13 @@ class MF(nn.Module):
     score(u, i) = <p_u, q_i> + b_u + b_i + b
     """
 
-    def __init__(self, n_users: int, n_items: int, dim: int = 64, init_std: float = 0.01) -> None:
+    def __init__(self, n_users: int, n_items: int, dim: int = 64, init_std: float = 0.01, sparse: bool = False) -> None:
         super().__init__()
-        self.config = {"n_users": n_users, "n_items": n_items, "dim": dim, "init_std": init_std}
-        self.user = nn.Embedding(n_users, dim)
-        self.item = nn.Embedding(n_items, dim)
-        self.user_bias = nn.Embedding(n_users, 1)
-        self.item_bias = nn.Embedding(n_items, 1)
+        self.config = {"n_users": n_users, "n_items": n_items, "dim": dim, "init_std": init_std, "sparse": sparse}
+        self.user = nn.Embedding(n_users, dim, sparse=sparse)
+        self.item = nn.Embedding(n_items, dim, sparse=sparse)
+        self.user_bias = nn.Embedding(n_users, 1, sparse=sparse)
+        self.item_bias = nn.Embedding(n_items, 1, sparse=sparse)
         self.bias = nn.Parameter(torch.zeros(()))
         for emb in (self.user, self.item):
             _init_embedding(emb, init_std)
@@ -59,11 +61,11 @@ class MF(nn.Module):
 class GMF(nn.Module):
     """Generalised MF: an element-wise product of embeddings through a learned linear output."""
 
-    def __init__(self, n_users: int, n_items: int, dim: int = 64, init_std: float = 0.01) -> None:
+    def __init__(self, n_users: int, n_items: int, dim: int = 64, init_std: float = 0.01, sparse: bool = False) -> None:
         super().__init__()
-        self.config = {"n_users": n_users, "n_items": n_items, "dim": dim, "init_std": init_std}
-        self.user = nn.Embedding(n_users, dim)
-        self.item = nn.Embedding(n_items, dim)
+        self.config = {"n_users": n_users, "n_items": n_items, "dim": dim, "init_std": init_std, "sparse": sparse}
+        self.user = nn.Embedding(n_users, dim, sparse=sparse)
+        self.item = nn.Embedding(n_items, dim, sparse=sparse)
         self.out = nn.Linear(dim, 1)
         for emb in (self.user, self.item):
             _init_embedding(emb, init_std)
@@ -91,15 +93,15 @@ class MLP(nn.Module):
     """
 
     def __init__(self, n_users: int, n_items: int, dim: int = 32, layers: Sequence[int] = (64, 32, 16),
-                 dropout: float = 0.0, init_std: float = 0.01) -> None:
+                 dropout: float = 0.0, init_std: float = 0.01, sparse: bool = False) -> None:
         super().__init__()
         layers = [int(w) for w in layers]
         if not layers:
             raise ValueError("model.net.layers must list at least one hidden layer width")
         self.config = {"n_users": n_users, "n_items": n_items, "dim": dim, "layers": layers,
-                       "dropout": dropout, "init_std": init_std}
-        self.user = nn.Embedding(n_users, dim)
-        self.item = nn.Embedding(n_items, dim)
+                       "dropout": dropout, "init_std": init_std, "sparse": sparse}
+        self.user = nn.Embedding(n_users, dim, sparse=sparse)
+        self.item = nn.Embedding(n_items, dim, sparse=sparse)
         for emb in (self.user, self.item):
             _init_embedding(emb, init_std)
         self.first = nn.Linear(2 * dim, layers[0])
@@ -144,14 +146,15 @@ class NeuMF(nn.Module):
     """
 
     def __init__(self, n_users: int, n_items: int, dim: int = 32, mlp_dim: int | None = None,
-                 layers: Sequence[int] = (64, 32, 16), dropout: float = 0.0, init_std: float = 0.01) -> None:
+                 layers: Sequence[int] = (64, 32, 16), dropout: float = 0.0, init_std: float = 0.01,
+                 sparse: bool = False) -> None:
         super().__init__()
         mlp_dim = mlp_dim or dim
         layers = [int(w) for w in layers]
         self.config = {"n_users": n_users, "n_items": n_items, "dim": dim, "mlp_dim": mlp_dim, "layers": layers,
-                       "dropout": dropout, "init_std": init_std}
-        self.gmf = GMF(n_users, n_items, dim, init_std)
-        self.mlp = MLP(n_users, n_items, mlp_dim, layers, dropout, init_std)
+                       "dropout": dropout, "init_std": init_std, "sparse": sparse}
+        self.gmf = GMF(n_users, n_items, dim, init_std, sparse)
+        self.mlp = MLP(n_users, n_items, mlp_dim, layers, dropout, init_std, sparse)
         self.gmf.out = None  # the branches' own outputs are replaced by the fused one
         self.mlp.out = None
         self.out = nn.Linear(dim + layers[-1], 1)

@@ -189,9 +189,9 @@ class ItemTower(nn.Module):
     """
 
     def __init__(self, n_items: int, dim: int, n_categories: int = 0, hidden: Sequence[int] = (64,),
-                 id_dropout: float = 0.0) -> None:
+                 id_dropout: float = 0.0, sparse: bool = False) -> None:
         super().__init__()
-        self.id_embedding = nn.Embedding(n_items, dim)
+        self.id_embedding = nn.Embedding(n_items, dim, sparse=sparse)
         nn.init.normal_(self.id_embedding.weight, std=0.05)
         self.register_buffer("categories", torch.zeros(n_items, n_categories))  # (I, C)
         self.id_dropout = id_dropout
@@ -248,6 +248,8 @@ class TwoTower(nn.Module):
             probability at least p * attention. Needs ``model.loss=full``.
         n_user_features: width of the encoded user-side features the query tower reads (0: none;
             set from ``data.user_features``). Attributes, never a user id.
+        sparse: item id embeddings with sparse gradients (train with ``rectrain.models.optim.LazyAdam``
+            and ``model.loss=sampled``: a step then updates the rows it touched, not the catalog).
     """
 
     def __init__(self, n_items: int, n_categories: int = 0, dim: int = 64, cell: Cell = "gru", hidden: int = 128,
@@ -255,7 +257,7 @@ class TwoTower(nn.Module):
                  item_hidden: Sequence[int] = (64,), id_dropout: float = 0.0, tie_embeddings: bool = True,
                  normalize: bool = False, temperature: float = 1.0, max_length: int = 50,
                  repeat_slots: int = 0, repeat_gate: bool = False, repeat_mode: RepeatMode = "bonus",
-                 n_user_features: int = 0, heads: int = 2) -> None:
+                 n_user_features: int = 0, heads: int = 2, sparse: bool = False) -> None:
         super().__init__()
         if cell not in ENCODERS:
             raise ValueError(f"model.net.cell must be one of {list(ENCODERS)}, got {cell!r}")
@@ -270,11 +272,11 @@ class TwoTower(nn.Module):
                        "item_hidden": [int(h) for h in item_hidden], "id_dropout": id_dropout,
                        "tie_embeddings": tie_embeddings, "normalize": normalize, "temperature": temperature,
                        "max_length": max_length, "repeat_slots": repeat_slots, "repeat_gate": repeat_gate, "repeat_mode": repeat_mode,
-                       "n_user_features": n_user_features, "heads": heads}
+                       "n_user_features": n_user_features, "heads": heads, "sparse": sparse}
         self.n_items, self.max_length, self.n_user_features = n_items, max_length, n_user_features
         self.normalize, self.temperature = normalize, temperature
-        self.item_tower = ItemTower(n_items, dim, n_categories, item_hidden, id_dropout)
-        input_embedding = self.item_tower.id_embedding if tie_embeddings else nn.Embedding(n_items, dim)
+        self.item_tower = ItemTower(n_items, dim, n_categories, item_hidden, id_dropout, sparse)
+        input_embedding = self.item_tower.id_embedding if tie_embeddings else nn.Embedding(n_items, dim, sparse=sparse)
         self.query_tower: nn.Module
         if cell == "transformer":
             self.query_tower = TransformerEncoder(input_embedding, dim, hidden, layers, heads, embedding_dropout,
