@@ -16,7 +16,8 @@ Stages (each a fresh ``python bench/scale.py --stage ...`` process; peak RSS = i
 * ``load``: opening the cache (memory-mapped) with checksums, as the first run after a build does.
 * ``train_mf`` / ``train_two_tower``: training throughput (events/s) over ``--train-steps`` steps of
   an epoch through train.py's own stack (MF with sampled negatives; the GRU two-tower with sampled
-  softmax); the full epoch time is extrapolated and labelled so.
+  softmax); the full epoch time is extrapolated and labelled so. ``train_mf_sparse`` /
+  ``train_two_tower_sparse``: the same with sparse embedding gradients and LazyAdam.
 * ``evaluate``: full-catalog ranking of ``--eval-users`` users (seen items excluded) in chunks.
 
 The table is printed as Markdown, and the raw numbers as JSON to ``<workdir>/scale.json``.
@@ -174,9 +175,11 @@ def stage_load(workdir: Path, events: int) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "events": n}
 
 
-def stage_train(workdir: Path, events: int, model: str, steps: int) -> dict:
-    """``steps`` training steps of train.py's stack on the prepared cache; events/s over those steps."""
+def stage_train(workdir: Path, events: int, model: str, steps: int, sparse: bool = False) -> dict:
+    """``steps`` training steps of train.py's stack on the prepared cache; events/s over those steps.
+    ``sparse``: sparse embedding gradients with LazyAdam (``model.net.sparse=true``)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import numpy as np
     import torch
     from common import LEAN_OVERRIDES, compose_train_config, quiet_lightning
     from hydra.utils import instantiate
@@ -192,6 +195,8 @@ def stage_train(workdir: Path, events: int, model: str, steps: int) -> dict:
                  f"paths.cache_dir={workdir / f'cache-{events}'}", "torch_threads=1"]
     if model == "two_tower":
         overrides.append("model.loss=sampled")  # sampled softmax (in-batch + logQ)
+    if sparse:
+        overrides += ["model.net.sparse=true", "model.optimizer._target_=rectrain.models.optim.LazyAdam"]
     cfg = compose_train_config(overrides, workdir / f"run-{model}-{events}")
     import pytorch_lightning as pl
 
@@ -220,6 +225,8 @@ def stage_train(workdir: Path, events: int, model: str, steps: int) -> dict:
     total_steps = len(batches)
     if hasattr(batches, "targets"):  # sequences: next-item targets trained per epoch
         epoch_events = int((batches.targets >= 0).sum())
+    elif model == "two_tower":  # streamed shards: every training event but each user's first is a target
+        epoch_events = len(datamodule.data.train) - len(np.unique(np.asarray(datamodule.data.valid.user)))
     else:
         epoch_events = len(datamodule.data.train)
     per_step = epoch_events / max(total_steps, 1)
@@ -263,7 +270,8 @@ def stage_evaluate(workdir: Path, events: int, users: int) -> dict:
             "ndcg@10": round(float(summary["ndcg@10"]), 4)}
 
 
-STAGES = {"generate", "preprocess", "pandas", "load", "train_mf", "train_two_tower", "evaluate"}
+STAGES = {"generate", "preprocess", "pandas", "load", "train_mf", "train_two_tower", "train_mf_sparse",
+          "train_two_tower_sparse", "evaluate"}
 
 
 def run_stage(args: argparse.Namespace, stage: str, events: int) -> dict:
@@ -303,6 +311,9 @@ def main() -> None:
               "load": lambda: stage_load(args.workdir, events),
               "train_mf": lambda: stage_train(args.workdir, events, "mf", args.train_steps),
               "train_two_tower": lambda: stage_train(args.workdir, events, "two_tower", args.train_steps),
+              "train_mf_sparse": lambda: stage_train(args.workdir, events, "mf", args.train_steps, True),
+              "train_two_tower_sparse": lambda: stage_train(args.workdir, events, "two_tower", args.train_steps,
+                                                            True),
               "evaluate": lambda: stage_evaluate(args.workdir, events, args.eval_users)}[args.stage]
         print(json.dumps(fn(), default=str))
         return
