@@ -2,6 +2,8 @@
 
     python bench/scale.py --events 10000000,100000000,1000000000 --workdir /data/scale
     python bench/scale.py --events 10000000 --compare-pandas          # the former pandas path beside it
+    python bench/scale.py --events 50000000 --items 100000 --stages generate,preprocess,evaluate \
+        --eval-users 1000000                                          # 1M users ranked over 100k items
 
 Stages (each a fresh ``python bench/scale.py --stage ...`` process; peak RSS = its ru_maxrss):
 
@@ -77,12 +79,13 @@ class DiskWatcher:
         self.peak = max(self.peak, _dir_bytes(self.path))
 
 
-def sizes_for(events: int) -> tuple[int, int]:
-    return max(1000, events // 50), min(1_000_000, max(1000, events // 100))
+def sizes_for(events: int, items: int | None = None) -> tuple[int, int]:
+    """(users, items) of a generated log: events/50 users; events/100 items (at most 1M) unless ``items``."""
+    return max(1000, events // 50), int(items) if items else min(1_000_000, max(1000, events // 100))
 
 
 # --- stages (each runs in its own process) ----------------------------------------------------
-def stage_generate(workdir: Path, events: int, seed: int = 0) -> dict:
+def stage_generate(workdir: Path, events: int, seed: int = 0, items: int | None = None) -> dict:
     """Stream ``events`` rows into Parquet files of CHUNK_ROWS rows (row groups of 1M)."""
     import numpy as np
     import pyarrow as pa
@@ -93,7 +96,7 @@ def stage_generate(workdir: Path, events: int, seed: int = 0) -> dict:
     tmp = workdir / f".log-{events}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    n_users, n_items = sizes_for(events)
+    n_users, n_items = sizes_for(events, items)
     year = 365 * 24 * 3600
     for index, first in enumerate(range(0, events, CHUNK_ROWS)):
         rows = min(CHUNK_ROWS, events - first)
@@ -281,6 +284,8 @@ def run_stage(args: argparse.Namespace, stage: str, events: int) -> dict:
                "--eval-users", str(args.eval_users)]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.items:
+        command += ["--items", str(args.items)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -299,13 +304,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--train-steps", type=int, default=200)
     parser.add_argument("--eval-users", type=int, default=100_000)
+    parser.add_argument("--items", type=int, default=None,
+                        help="catalog size of generated logs (default events/100, at most 1M)")
     parser.add_argument("--keep", action="store_true", help="keep the logs and caches afterwards")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.stage:  # a child: one stage, one JSON line
         events = int(args.events)
-        fn = {"generate": lambda: stage_generate(args.workdir, events),
+        fn = {"generate": lambda: stage_generate(args.workdir, events, items=args.items),
               "preprocess": lambda: stage_preprocess(args.workdir, events, args.memory_limit, args.threads),
               "pandas": lambda: stage_pandas(args.workdir, events),
               "load": lambda: stage_load(args.workdir, events),
