@@ -5,7 +5,9 @@
     python bench/scale.py --events 50000000 --items 100000 --stages generate,preprocess,evaluate \
         --eval-users 1000000                                          # 1M users ranked over 100k items
 
-Stages (each a fresh ``python bench/scale.py --stage ...`` process; peak RSS = its ru_maxrss):
+Stages (each a fresh ``python bench/scale.py --stage ...`` process; peak RSS = its ru_maxrss, which
+includes the pages of memory-mapped cache files it read; peak anon = the peak of its private memory,
+RssAnon, sampled every 0.2 s):
 
 * ``generate``: a synthetic log written as Parquet in chunks of 10M rows (the generator streams:
   it never holds more than one chunk); users ~ events/50, items ~ events/100 (at most 1M), item
@@ -54,6 +56,39 @@ def _dir_bytes(path: Path) -> int:
             except FileNotFoundError:
                 continue
     return total
+
+
+class AnonWatcher:
+    """Peak private (anonymous) memory of this process, sampled: ru_maxrss also counts the pages of
+    memory-mapped cache files the process has read, which the kernel drops at will; RssAnon is the
+    memory the process itself allocated."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        self.every, self.peak = every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "AnonWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
 
 
 class DiskWatcher:
@@ -322,7 +357,10 @@ def main() -> None:
               "train_two_tower_sparse": lambda: stage_train(args.workdir, events, "two_tower", args.train_steps,
                                                             True),
               "evaluate": lambda: stage_evaluate(args.workdir, events, args.eval_users)}[args.stage]
-        print(json.dumps(fn(), default=str))
+        with AnonWatcher() as anon:
+            row = fn()
+        row["peak_anon_mb"] = round(anon.peak / 2**20)
+        print(json.dumps(row, default=str))
         return
     stages = [s for s in args.stages.split(",") if s]
     if args.compare_pandas and "pandas" not in stages:
@@ -353,6 +391,8 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
                 continue
             disk = row.get("disk_peak_mb", row.get("disk_mb", ""))
             notes = {k: v for k, v in row.items() if k not in ("seconds", "peak_mb", "disk_peak_mb", "disk_mb")}
+            if "peak_anon_mb" in row:
+                notes = {"peak_anon_mb": row["peak_anon_mb"], **notes}
             print(f"| {int(events):,} | {stage} | {row['seconds']:.1f} | {row['peak_mb']:,.0f} | "
                   f"{disk if disk == '' else f'{disk:,.0f}'} | {json.dumps(notes, default=str)[:160]} |")
 
