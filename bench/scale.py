@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 CHUNK_ROWS = 10_000_000
 COLUMNS = {"user": "user_id", "item": "item_id", "timestamp": "ts"}
@@ -58,60 +59,38 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
-class AnonWatcher:
-    """Peak private (anonymous) memory of this process, sampled: ru_maxrss also counts the pages of
-    memory-mapped cache files the process has read, which the kernel drops at will; RssAnon is the
-    memory the process itself allocated."""
+def _anon_bytes() -> int:
+    """This process's private (anonymous) resident memory: ru_maxrss also counts the pages of
+    memory-mapped cache files it has read, which the kernel drops at will."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
-    def __init__(self, every: float = 0.2) -> None:
-        self.every, self.peak = every, 0
+
+class PeakWatcher:
+    """The peak of ``sample()`` while a stage runs, sampled every ``every`` seconds in a thread
+    (private memory; a folder's size, whose spill files come and go)."""
+
+    def __init__(self, sample: Callable[[], int], every: float) -> None:
+        self.sample, self.every, self.peak = sample, every, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    @staticmethod
-    def current() -> int:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.current())
+            self.peak = max(self.peak, self.sample())
             self._stop.wait(self.every)
 
-    def __enter__(self) -> "AnonWatcher":
+    def __enter__(self) -> "PeakWatcher":
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.current())
-
-
-class DiskWatcher:
-    """Peak size of a folder while a stage runs (spill files come and go)."""
-
-    def __init__(self, path: Path, every: float = 1.0) -> None:
-        self.path, self.every, self.peak = path, every, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _dir_bytes(self.path))
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> "DiskWatcher":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _dir_bytes(self.path))
+        self.peak = max(self.peak, self.sample())
 
 
 def sizes_for(events: int, items: int | None = None) -> tuple[int, int]:
@@ -165,7 +144,7 @@ def stage_preprocess(workdir: Path, events: int, memory_limit: str, threads: int
     cache.mkdir(parents=True)
     pre, split = _pre_split()
     start = time.perf_counter()
-    with DiskWatcher(cache) as disk:
+    with PeakWatcher(lambda: _dir_bytes(cache), 1.0) as disk:
         data = load_or_prepare(InteractionFileSource(str(workdir / f"log-{events}"), COLUMNS), pre, split, cache,
                                engine=EngineConfig(memory_limit=memory_limit, threads=threads))
     return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "disk_peak_mb": disk.peak / 2**20,
@@ -357,7 +336,7 @@ def main() -> None:
               "train_two_tower_sparse": lambda: stage_train(args.workdir, events, "two_tower", args.train_steps,
                                                             True),
               "evaluate": lambda: stage_evaluate(args.workdir, events, args.eval_users)}[args.stage]
-        with AnonWatcher() as anon:
+        with PeakWatcher(_anon_bytes, 0.2) as anon:
             row = fn()
         row["peak_anon_mb"] = round(anon.peak / 2**20)
         print(json.dumps(row, default=str))
