@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from rectrain.data import cache
+from rectrain.data.batching import user_shards
 from rectrain.data.engine import EngineConfig, run_prepare
 from rectrain.data.engine.sinks import MemorySink, NpyFileSink
 from rectrain.data.preprocess import PreprocessConfig
@@ -318,9 +319,9 @@ USER_BLOCK_EVENTS = 1 << 24
 
 def _user_blocks(user: np.ndarray, n_users: int) -> list[tuple[int, int]]:
     """Consecutive user ranges ``[lo, hi)`` covering ``0..n_users``, each holding about
-    USER_BLOCK_EVENTS rows of the user-sorted ``user`` (cut where a user starts)."""
-    cuts = [int(user[i]) for i in range(USER_BLOCK_EVENTS, user.shape[0], USER_BLOCK_EVENTS)]
-    edges = sorted({0, n_users, *cuts})
+    USER_BLOCK_EVENTS rows of the user-sorted ``user`` (the same cuts as the training shards)."""
+    bounds = user_shards(user, USER_BLOCK_EVENTS)
+    edges = [0, *(int(user[b]) for b in bounds[1:-1]), n_users]
     return list(zip(edges[:-1], edges[1:]))
 
 

@@ -130,6 +130,7 @@ class RecDataModule(pl.LightningDataModule):
         self.data: PreparedData | None = None
         self.train_spec: PointwiseSpec | SequenceSpec = PointwiseSpec()
         self._queries: dict[str, LazyQueries] = {}
+        self._popularity: dict[str, np.ndarray] = {}
         self._query_totals: dict[str, int] = {}
         self._train_batches: Any = None
 
@@ -248,7 +249,7 @@ class RecDataModule(pl.LightningDataModule):
                 self._train_batches = self._sharded_batches(spec, users, items, bounds, rank, world)
             elif isinstance(spec, PointwiseSpec):
                 keys = positive_keys(users, items, data.n_items) if spec.exclude_positives else None
-                sampler = NegativeSampler(data.n_items, data.item_popularity("valid"), spec.alpha, keys)
+                sampler = NegativeSampler(data.n_items, self.item_popularity("valid"), spec.alpha, keys)
                 if records:
                     self._train_batches = PointwiseUserRecords(users, items, records, sampler, self.seed)
                 else:
@@ -271,7 +272,7 @@ class RecDataModule(pl.LightningDataModule):
         positives to reject and sequence windows are a shard's, so memory does not grow with the log."""
         n_items, batch_size = self.data.n_items, self.batch_size
         if isinstance(spec, PointwiseSpec):
-            popularity = self.data.item_popularity("valid")
+            popularity = self.item_popularity("valid")
 
             def build(lo: int, hi: int, seed: int) -> PointwiseBatches:
                 u, i = np.asarray(users[lo:hi], np.int64), np.asarray(items[lo:hi], np.int64)
@@ -313,5 +314,9 @@ class RecDataModule(pl.LightningDataModule):
         return self._eval_loader("test")
 
     def item_popularity(self, stage: str) -> np.ndarray:
-        self.setup()
-        return self.data.item_popularity(stage)
+        """Distinct users per item in ``stage``'s history, counted once: every evaluation batch of every
+        epoch reads it, and at a billion events the count is a pass over the whole log."""
+        if stage not in self._popularity:
+            self.setup()
+            self._popularity[stage] = self.data.item_popularity(stage)
+        return self._popularity[stage]
