@@ -16,6 +16,8 @@ Same `key=value` style as train.py. Keys:
   ann_recall  recall@10 against exact top-10 the search effort is tuned to (default 0.98)
   ann_m, ann_ef_construction  HNSW degree and build width (default 32, 80)
   ann_fetch   candidates fetched per query and re-scored exactly (default 100)
+  ann_head    items with the largest norms scored exactly on every query beside the index (default:
+              1% of the catalog, at most 16384; 0: the index alone)
               (threads also sets the faiss build threads)
 
 A thin entry point: rectrain.export.export_checkpoint does the work. Bad input ends with a one-line
@@ -30,12 +32,13 @@ from rectrain.cli import UsageError, parse_key_values, run_command
 
 KEYS: dict[str, Any] = {"ckpt_path": None, "output": None, "quantize": False, "opset": 17, "tolerance": 1e-5,
                         "user_vocab": None, "threads": 1, "segments": None, "ann": "auto", "ann_min_items": 100_000,
-                        "ann_recall": 0.98, "ann_m": 32, "ann_ef_construction": 80, "ann_fetch": 100}
+                        "ann_recall": 0.98, "ann_m": 32, "ann_ef_construction": 80, "ann_fetch": 100, "ann_head": None}
 
 
 def parse(argv: list[str]) -> dict[str, Any]:
     """``key=value`` arguments -> settings (see the module docstring)."""
-    values, _ = parse_key_values(argv, KEYS, types={"output": str, "user_vocab": str, "segments": str, "ann": str})
+    values, _ = parse_key_values(argv, KEYS, types={"output": str, "user_vocab": str, "segments": str, "ann": str,
+                                                         "ann_head": int})
     if not values["ckpt_path"]:
         raise UsageError("ckpt_path=<checkpoint> is required, e.g. "
                          "python export.py ckpt_path=outputs/two_tower/<date>/checkpoints/last.ckpt")
@@ -51,7 +54,7 @@ def export(settings: dict[str, Any]) -> str:
     torch.set_num_threads(settings["threads"])
     ann = AnnOptions(kind=settings["ann"] or "none", min_items=settings["ann_min_items"], recall=settings["ann_recall"],
                      m=settings["ann_m"], ef_construction=settings["ann_ef_construction"], fetch=settings["ann_fetch"],
-                     threads=settings["threads"])
+                     head=settings["ann_head"], threads=settings["threads"])
     report = export_checkpoint(settings["ckpt_path"], settings["output"], opset=settings["opset"],
                                tolerance=settings["tolerance"], quantize=settings["quantize"],
                                user_vocab=settings["user_vocab"], segments=settings["segments"], ann=ann)

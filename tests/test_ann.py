@@ -80,14 +80,72 @@ def test_index_reaches_the_tuned_recall_and_survives_a_round_trip(kind):
     assert again.kind == kind and again.n_items == 4000
 
 
+def test_the_head_holds_the_largest_norms_and_is_always_searched():
+    items, queries = _vectors(3000)
+    index = build_index(items, "ivf", head=60)
+    norms = np.linalg.norm(items, axis=1)
+    assert sorted(index.head_ids.tolist()) == sorted(np.argsort(-norms)[:60].tolist())
+    np.testing.assert_array_equal(index.head_vectors, items[index.head_ids])
+    assert index.n_items == 3000 and index.index.ntotal == 2940 and index.settings["params"]["head"] == 60
+    assert not set(index.head_ids.tolist()) & set(faiss_ids(index))  # each item lives in one place
+    index.settings["search"] = {"nprobe": 1}
+    got = index.search(queries[:50], 20)
+    assert got.shape == (50, 40)  # 20 from the head, 20 from the lists read
+    head_scores = queries[:50] @ index.head_vectors.T
+    for row, scores in zip(got, head_scores):  # the head's best are found whatever the index's effort
+        # (float16 picks the head's 20; the margin of 5 covers its rounding at the boundary)
+        assert set(index.head_ids[np.argsort(-scores)[:15]].tolist()) <= set(row.tolist())
+    # a head of the whole catalog is exact search (its float16 picks are re-scored); a head of 0 is a plain index
+    whole = build_index(items, "ivf", head=3000)
+    assert whole.index is None and tune(whole, queries, items, fetch=30)["tried"][0]["recall"] == 1.0
+    plain = build_index(items, "hnsw", head=0, m=8)
+    assert len(plain.head_ids) == 0 and plain.index.ntotal == 3000
+    with pytest.raises(AnnError, match="head must be between 0 and the 3000 items"):
+        build_index(items, "ivf", head=3001)
+
+
+def faiss_ids(index: AnnIndex) -> list[int]:
+    """Every id stored in an IVF index's lists."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(index.index)
+    invlists = ivf.invlists
+    out = []
+    for lst in range(ivf.nlist):
+        size = invlists.list_size(lst)
+        if size:
+            out.extend(faiss.rev_swig_ptr(invlists.get_ids(lst), size).tolist())
+    return out
+
+
+def test_a_format_1_index_without_a_head_still_loads():
+    import faiss
+
+    from rectrain.ann import augment_items as augment
+
+    items, queries = _vectors(500)
+    data, _ = augment(items)
+    bare = faiss.IndexIVFFlat(faiss.IndexFlatL2(17), 17, 4)
+    bare.train(data)
+    bare.add(data)
+    settings = {"format": "1", "kind": "ivf", "params": {"nlist": 4}, "search": {"nprobe": 4}, "fetch": 10,
+                "n_items": 500, "dim": 16}
+    old = AnnIndex.from_bytes(faiss.serialize_index(bare).tobytes(), settings)
+    assert len(old.head_ids) == 0 and old.n_items == 500
+    found, _ = rerank(old.search(queries, 10), queries, items, 10)
+    np.testing.assert_array_equal(found, exact_top_k(queries, items, 10))  # all 4 lists read: exact
+
+
 def test_an_index_that_does_not_fit_the_model_is_refused():
     items, _ = _vectors(300)
     index = build_index(items, "hnsw", m=8, ef_construction=20)
     blob = index.to_bytes()
     with pytest.raises(AnnError, match="300 vectors of width 17; the model has 299 items"):
         AnnIndex.from_bytes(blob, {**index.settings, "n_items": 299})
-    with pytest.raises(AnnError, match="not a faiss index"):
+    with pytest.raises(AnnError, match="not a rectrain index file"):
         AnnIndex.from_bytes(b"garbage" * 10, index.settings)
+    with pytest.raises(AnnError, match="not a faiss index"):
+        AnnIndex.from_bytes(b"garbage" * 10, {**index.settings, "format": "1"})
     with pytest.raises(AnnError, match="NaN or infinite"):
         build_index(np.full((10, 4), np.nan, np.float32))
 
@@ -247,9 +305,9 @@ def test_a_short_candidate_list_is_searched_again_with_more_candidates(ann_expor
     scorer, exact = Scorer.load(ann_export), Scorer.load(ann_export, exact=True)
     real_search, fetched = scorer.model.ann.search, []
 
-    def stingy(queries, fetch):  # the first search finds only 3 items (as an index at a low effort may)
-        fetched.append(fetch)
-        ids = real_search(queries, fetch)
+    def stingy(queries, fetch, effort=1.0):  # the first search finds only 3 items (as an index at a low effort may)
+        fetched.append((fetch, effort))
+        ids = real_search(queries, fetch, effort)
         if len(fetched) == 1:
             ids[:, 3:] = -1
         return ids
@@ -257,7 +315,7 @@ def test_a_short_candidate_list_is_searched_again_with_more_candidates(ann_expor
     monkeypatch.setattr(scorer.model.ann, "search", stingy)
     history = [scorer.model.item_vocab[5]]
     answer = scorer.recommend(history=history, k=5, exclude_seen=False)
-    assert fetched == [10, 40] and answer["retrieval"] == "ann"
+    assert fetched == [(10, 1.0), (40, 4.0)] and answer["retrieval"] == "ann"
     assert answer["items"] == exact.recommend(history=history, k=5, exclude_seen=False)["items"]
 
 
@@ -283,7 +341,7 @@ def test_an_hnsw_export_answers_as_the_exact_graph(checkpoints, tmp_path):
 
     report = export_checkpoint(checkpoints["two_tower"], tmp_path / "h.onnx",
                                ann=AnnOptions(kind="hnsw", fetch=10, m=8, recall=0.99))
-    assert report.ann["kind"] == "hnsw" and report.ann["params"] == {"M": 8, "ef_construction": 80}
+    assert report.ann["kind"] == "hnsw" and report.ann["params"] == {"head": 1, "M": 8, "ef_construction": 80}
     ann, exact = Scorer.load(tmp_path / "h.onnx"), Scorer.load(tmp_path / "h.onnx", exact=True)
     requests = _requests(ann.model, 100, seed=7)
     same = sum(a["items"] == b["items"] for a, b in zip(ann.recommend_many(requests), exact.recommend_many(requests)))

@@ -57,7 +57,8 @@ def tuning_histories(popularity: np.ndarray, max_length: int, n: int, seed: int)
 
 def build_for_export(query_session: Any, item_vectors_session: Any, *, kind: str, n_items: int,
                      popularity: np.ndarray, max_length: int, user_width: int, target_recall: float,
-                     m: int, ef_construction: int, fetch: int, threads: int, seed: int) -> AnnIndex:
+                     m: int, ef_construction: int, fetch: int, threads: int, seed: int,
+                     head: int | None = None) -> AnnIndex:
     """Build and tune an index over the exported item vectors; its settings carry the measured recall."""
     if not 0.0 < target_recall <= 1.0:
         raise AnnExportError(f"ann_recall must be in (0, 1], got {target_recall}")
@@ -70,7 +71,9 @@ def build_for_export(query_session: Any, item_vectors_session: Any, *, kind: str
         feed["user_features"] = np.zeros((len(history), user_width), np.float32)  # attributes unknown
     queries = np.concatenate([query_session.run(["query"], {k: v[i:i + 256] for k, v in feed.items()})[0]
                               for i in range(0, len(history), 256)])
-    index = build_index(vectors, kind, m=m, ef_construction=ef_construction, threads=threads, seed=seed)
+    if head is not None and not 0 <= head <= n_items:
+        raise AnnExportError(f"ann_head must be between 0 and the catalog's {n_items} items, got {head}")
+    index = build_index(vectors, kind, m=m, ef_construction=ef_construction, head=head, threads=threads, seed=seed)
     result = tune(index, queries, vectors, target_recall=target_recall, k=min(10, n_items), fetch=min(fetch, n_items))
     index.settings["tuning"]["queries_from"] = ("the query graph on histories of 1-20 items drawn by training "
                                                 f"popularity (seed {seed}), user attributes unknown")

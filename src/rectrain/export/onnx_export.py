@@ -174,6 +174,8 @@ class AnnOptions:
         recall: the recall@10 against exact top-10 the search effort is tuned to reach.
         m, ef_construction: HNSW graph degree and build width.
         fetch: candidates fetched per query and re-scored exactly (at least; exclusions add to it).
+        head: items with the largest norms scored exactly beside the index (None: 1% of the catalog,
+            at most 16,384; 0: none; see :mod:`rectrain.ann`).
         threads: faiss build threads.
     """
 
@@ -183,6 +185,7 @@ class AnnOptions:
     m: int = 32
     ef_construction: int = 80
     fetch: int = 100
+    head: int | None = None
     threads: int = 1
 
 
@@ -337,7 +340,7 @@ def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLik
             n_items=int(net.n_items), popularity=np.asarray(facts.get("item_popularity") or np.zeros(net.n_items)),
             max_length=int(max_length or 1), user_width=int(getattr(net, "n_user_features", 0) or 0),
             target_recall=ann.recall, m=ann.m, ef_construction=ann.ef_construction, fetch=ann.fetch,
-            threads=ann.threads, seed=seed)
+            head=ann.head, threads=ann.threads, seed=seed)
         staged_bytes["ann_index"] = index.to_bytes()
         refs["ann_index"] = {"file": paths["ann_index"].name, "sha256": _sha256(staged_bytes["ann_index"])}
         report.ann = index.settings

@@ -47,8 +47,14 @@ class TwoTowerRecommend(nn.Module):
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net.eval()
-        with torch.no_grad():
-            self.register_buffer("item_vectors", net.item_vectors().detach().clone())  # (I, d)
+        vectors = net.item_vectors()  # (I, d)
+        if isinstance(vectors, nn.Parameter):
+            # the id table itself (no item features, no normalisation), which the query tower also reads
+            # when tied: shared, so the graph holds one copy of the catalog, not two
+            self.item_vectors = vectors
+        else:
+            with torch.no_grad():
+                self.register_buffer("item_vectors", vectors.detach().clone())
 
     @staticmethod
     def clamp_lengths(history: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -320,7 +320,14 @@ class TwoTower(nn.Module):
         return self._post(self.item_tower(items))
 
     def score(self, queries: torch.Tensor, item_vectors: torch.Tensor) -> torch.Tensor:
-        """(..., d) queries x (N, d) items -> (..., N) scores."""
+        """(..., d) queries x (N, d) items -> (..., N) scores.
+
+        (B, d) queries go through ``addmm`` (ONNX: one Gemm, transB=1, that reads the table as it
+        is): ``queries @ item_vectors.T`` in the recommend graph, which also reads the table for the
+        history, was constant-folded into a transposed second copy of the catalog (twice the file;
+        protobuf's 2 GB limit at ~4M items x 64 dims)."""
+        if queries.dim() == 2:
+            return torch.addmm(queries.new_zeros(1), queries, item_vectors.t()) / self.temperature
         return queries @ item_vectors.T / self.temperature
 
     def repeat_values(self, queries: torch.Tensor) -> torch.Tensor:

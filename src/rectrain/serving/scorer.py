@@ -28,7 +28,7 @@ searching the index for candidates (at least the tuned ``fetch``, twice ``k``, p
 exclusions), adding the history items (the repeat bonus can lift them), re-scoring all of them
 exactly as the recommend graph does and keeping the top ``k``; answers then say
 ``"retrieval": "ann"``. A request whose exclusions swallow the candidates is searched again with
-four times the candidates, and after that answered exactly (``"retrieval": "exact"``), so it still
+four times the candidates and search effort, and after that answered exactly (``"retrieval": "exact"``), so it still
 gets ``k`` items. ``Scorer(exact=True)`` (``serve_onnx.py --exact``) always scores exactly.
 """
 from __future__ import annotations
@@ -408,9 +408,12 @@ class Scorer:
         wanted = np.minimum(ks, model.n_items - np.array([len(q.exclude) for q in queries]))
         answers: list[dict[str, Any] | None] = [None] * len(queries)
         todo = np.arange(len(queries))
-        fetch = max(ann.fetch, 2 * int(ks.max())) + exclude.shape[1]
+        base = max(ann.fetch, 2 * int(ks.max()))
+        # exclusions take candidates away: fetch as many more, and search as much more thoroughly
+        fetch = base + exclude.shape[1]
+        effort = fetch / base
         while len(todo) and fetch < model.n_items:
-            candidates = np.concatenate([ann.search(query_vectors[todo], fetch), seen[todo]], axis=1)
+            candidates = np.concatenate([ann.search(query_vectors[todo], fetch, effort), seen[todo]], axis=1)
             bonus = None
             if per_position is not None:
                 rows_seen, rows_values = seen[todo], per_position[todo]
@@ -424,7 +427,7 @@ class Scorer:
                 if found[row] >= wanted[r]:
                     answers[r] = self._answer(items[row, :ks[r]], scores[row, :ks[r]], model, "ann")
             todo = np.array([r for r in todo.tolist() if answers[r] is None], dtype=np.int64)
-            fetch *= 4
+            fetch, effort = fetch * 4, effort * 4  # a retry reads four times as much of the index
         if len(todo):  # exclusions swallowed every candidate the index offered: the whole catalog, exactly
             exact = self._recommend_rows_exact([queries[r] for r in todo.tolist()], model)
             for r, answer in zip(todo.tolist(), exact):
