@@ -8,7 +8,7 @@ training popularity (no training data is needed at export, and none is stored).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -55,22 +55,28 @@ def tuning_histories(popularity: np.ndarray, max_length: int, n: int, seed: int)
     return history, lengths
 
 
-def build_for_export(query_session: Any, item_vectors_session: Any, *, kind: str, n_items: int,
+def build_for_export(query_graph: bytes, item_vectors_graph: bytes, open_session: Callable[[bytes], Any], *,
+                     kind: str, n_items: int,
                      popularity: np.ndarray, max_length: int, user_width: int, target_recall: float,
                      m: int, ef_construction: int, fetch: int, threads: int, seed: int,
                      head: int | None = None) -> AnnIndex:
-    """Build and tune an index over the exported item vectors; its settings carry the measured recall."""
+    """Build and tune an index over the exported item vectors; its settings carry the measured recall.
+
+    The graphs come as bytes and ``open_session`` (bytes -> onnxruntime session) opens each for as
+    long as it is needed: a session holds a copy of the catalog, so none outlives its use."""
     if not 0.0 < target_recall <= 1.0:
         raise AnnExportError(f"ann_recall must be in (0, 1], got {target_recall}")
     if fetch < 10:
         raise AnnExportError(f"ann_fetch must be at least 10 (the tuned top-10 is re-ranked from it), got {fetch}")
-    (vectors,) = item_vectors_session.run(["item_vectors"], {"items": np.arange(n_items, dtype=np.int64)})
+    (vectors,) = open_session(item_vectors_graph).run(["item_vectors"], {"items": np.arange(n_items, dtype=np.int64)})
     history, lengths = tuning_histories(popularity, max_length, TUNING_QUERIES, seed)
     feed = {"history": history, "lengths": lengths}
     if user_width:
         feed["user_features"] = np.zeros((len(history), user_width), np.float32)  # attributes unknown
+    query_session = open_session(query_graph)
     queries = np.concatenate([query_session.run(["query"], {k: v[i:i + 256] for k, v in feed.items()})[0]
                               for i in range(0, len(history), 256)])
+    del query_session
     if head is not None and not 0 <= head <= n_items:
         raise AnnExportError(f"ann_head must be between 0 and the catalog's {n_items} items, got {head}")
     index = build_index(vectors, kind, m=m, ef_construction=ef_construction, head=head, threads=threads, seed=seed)

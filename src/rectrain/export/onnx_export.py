@@ -311,32 +311,39 @@ def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLik
                            if getattr(net, "repeat_bonus", None) is not None else None)
 
     # trace and compare every graph before anything is written
+    # (memory: each graph holds the catalog once, so nothing keeps a second copy of a graph - the
+    # answers on the example inputs stand for the checked graph - and a companion's graph is dropped
+    # once it is bytes; the peak is about ten catalogs, README "Large catalogs")
     specs = graph_specs(net)
     models: dict[str, onnx.ModelProto] = {}
+    checked_answers: dict[str, list[np.ndarray]] = {}
     reference = TorchReference(net)
     for spec in specs:
         model = trace(spec, opset)
+        session = _session(model)
         try:
-            parity = check_graph(spec, net, _session(model), kind, max_length=max_length, tol=tolerance, seed=seed,
+            parity = check_graph(spec, net, session, kind, max_length=max_length, tol=tolerance, seed=seed,
                                  reference=reference)
         except ParityError as exc:
             raise ExportError(f"onnxruntime does not match PyTorch, nothing written: {exc}") from exc
+        checked_answers[spec.name] = session.run(None, _example_feed(spec))
+        del session
         report.parity[spec.name] = parity.as_dict()
         models[spec.name] = model
 
     # metadata: companions first, so the main file can pin them by sha256
     main, companions = specs[0], specs[1:]
     refs: dict[str, Any] = {}
-    checked = {name: _copy(model) for name, model in models.items()}
+    unfinished_main = _copy(models[main.name]) if quantize else None  # int8 is made from the checked graph
     for spec in companions:
         _finish(models[spec.name], {**common, **md.graph_metadata(spec, report.parity[spec.name])}, spec)
-        staged_bytes[spec.name] = models[spec.name].SerializeToString()
-        _same_answers(checked[spec.name], staged_bytes[spec.name], spec)
+        staged_bytes[spec.name] = models.pop(spec.name).SerializeToString()
+        _same_answers(checked_answers[spec.name], staged_bytes[spec.name], spec)
         refs[spec.name] = {"file": paths[spec.name].name, "sha256": _sha256(staged_bytes[spec.name])}
     ann_meta: dict[str, str] = {}
     if ann_kind is not None:
         index = build_for_export(
-            ort_session(staged_bytes["query"]), ort_session(staged_bytes["item_vectors"]), kind=ann_kind,
+            staged_bytes["query"], staged_bytes["item_vectors"], ort_session, kind=ann_kind,
             n_items=int(net.n_items), popularity=np.asarray(facts.get("item_popularity") or np.zeros(net.n_items)),
             max_length=int(max_length or 1), user_width=int(getattr(net, "n_user_features", 0) or 0),
             target_recall=ann.recall, m=ann.m, ef_construction=ann.ef_construction, fetch=ann.fetch,
@@ -348,8 +355,8 @@ def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLik
     main_meta = {**common, **md.graph_metadata(main, report.parity[main.name]), "companions": md.to_json(refs),
                  **ann_meta}
     _finish(models[main.name], main_meta, main)
-    staged_bytes[main.name] = models[main.name].SerializeToString()
-    _same_answers(checked[main.name], staged_bytes[main.name], main)
+    staged_bytes[main.name] = models.pop(main.name).SerializeToString()
+    _same_answers(checked_answers[main.name], staged_bytes[main.name], main)
     report.metadata = main_meta
 
     if quantize:
@@ -357,7 +364,7 @@ def export_model(net: nn.Module, facts: dict[str, Any], output: str | os.PathLik
             from rectrain.runs import Run
 
             run = Run(path=ckpt_path or Path(str(output)), ckpt={}, facts=facts, net=net)
-        int8_model, report.quantization = _quantize(checked[main.name], run, kind, max_length,
+        int8_model, report.quantization = _quantize(unfinished_main, run, kind, max_length,
                                                     len(staged_bytes[main.name]))
         _finish(int8_model, {**main_meta, "graph": "recommend", "quantization": md.to_json(report.quantization),
                              "parity": md.to_json({"note": "int8: compared by validation metrics, not by tolerance"})},
@@ -376,13 +383,14 @@ def _sha256(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _same_answers(before: onnx.ModelProto, final: bytes, spec: GraphSpec) -> None:
-    """The bytes about to be written run and answer exactly like the graph that passed parity."""
-    import onnxruntime as ort
+def _example_feed(spec: GraphSpec) -> dict[str, np.ndarray]:
+    return {t.name: x.numpy() for t, x in zip(spec.inputs, spec.example)}
 
-    feed = {t.name: x.numpy() for t, x in zip(spec.inputs, spec.example)}
-    want = _session(before).run(None, feed)
-    got = ort.InferenceSession(final, providers=["CPUExecutionProvider"]).run(None, feed)
+
+def _same_answers(want: list[np.ndarray], final: bytes, spec: GraphSpec) -> None:
+    """The bytes about to be written run and answer exactly like the graph that passed parity
+    (``want``: that graph's answers on the spec's example inputs)."""
+    got = ort_session(final).run(None, _example_feed(spec))
     if any(not np.array_equal(a, b) for a, b in zip(want, got)):
         raise ExportError(f"graph {spec.name}: the final file answers differently from the checked graph")
 
