@@ -77,7 +77,26 @@ def test_queries_and_popularity_per_chunk_equal_the_whole_log(log, split, monkey
         assert_same(lazy.select(rows[1:]).subset(np.array([1, 2])),
                     dataclasses.replace(want.subset(rows[2:]), protocol=want.protocol))
         popularity = data.item_popularity(stage)
+        assert stage in data.popularity  # counted by the pipeline as it wrote the splits
         assert popularity.dtype == np.int64 and np.array_equal(popularity, oracle_popularity(data, stage))
+        recounted = dataclasses.replace(data, popularity={}).item_popularity(stage)  # a cache from before
+        assert np.array_equal(recounted, popularity)
+
+
+def test_distinct_users_per_item_streamed_in_batches_equals_one_count():
+    from rectrain.data.engine.sinks import DistinctUsersPerItem
+
+    rng = np.random.default_rng(0)
+    user = np.sort(rng.integers(0, 40, size=3000))
+    user[1000:1600] = user[999]  # one user longer than several batches
+    user = np.sort(user)
+    item = rng.integers(0, 25, size=3000)
+    want = np.bincount(np.unique(user * 25 + item) % 25, minlength=25)
+    for cuts in ([], [1], [5, 6, 7, 500, 1100, 1200, 2999], list(range(0, 3000, 13))):
+        counter = DistinctUsersPerItem(25)
+        for lo, hi in zip([0, *cuts], [*cuts, 3000]):
+            counter.add(user[lo:hi], item[lo:hi])
+        assert np.array_equal(counter.finish(), want), cuts
 
 
 def test_time_split_histories_merge_train_and_valid_in_time_order(log):

@@ -114,6 +114,9 @@ class PreparedData:
     #: raw user attributes (e.g. age, gender, occupation) aligned with ``user_vocab``: numbers as
     #: float64 (NaN missing), text as str ("" missing); empty for logs without a user table
     user_attributes: dict[str, np.ndarray] = field(default_factory=dict)
+    #: stage -> (n_items,) item popularity counted by the pipeline as it wrote the splits (see
+    #: :meth:`item_popularity`); empty for a cache written before it was kept
+    popularity: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_users(self) -> int:
@@ -147,10 +150,13 @@ class PreparedData:
     def item_popularity(self, stage: str = "valid") -> np.ndarray:
         """(n_items,) number of distinct users whose history (for ``stage``) holds each item.
 
-        Counted over blocks of whole users (the splits are sorted by user), so the memory is that of
-        a block, not of the log.
+        Counted by the pipeline while it wrote the splits and kept in the cache; a cache from before
+        that is counted here, over blocks of whole users (the splits are sorted by user), so the
+        memory is that of a block, not of the log.
         """
         parts = self._history_parts(stage)
+        if stage in self.popularity:
+            return np.asarray(self.popularity[stage], dtype=np.int64)
         counts = np.zeros(self.n_items, dtype=np.int64)
         for lo, hi in _user_blocks(parts[0].user, self.n_users):
             pairs = []
@@ -257,6 +263,8 @@ class PreparedData:
         for name in ("user_vocab", "item_vocab", "item_titles", "category_vocab",
                      "item_category_indptr", "item_category_index", "cold_items"):
             arrays[name] = getattr(self, name)
+        for stage, counts in self.popularity.items():
+            arrays[f"popularity_{stage}"] = counts
         attribute_names = list(self.user_attributes)
         for i, name in enumerate(attribute_names):  # files by position: attribute names may be any text
             arrays[f"user_attribute_{i}"] = self.user_attributes[name]
@@ -306,6 +314,7 @@ class PreparedData:
             item_category_index=arr["item_category_index"], cold_items=arr["cold_items"], split=meta["split"],
             mask_seen=meta["mask_seen"], stats=meta["stats"], fingerprint=meta["fingerprint"],
             user_attributes={name: arr[f"user_attribute_{i}"] for i, name in enumerate(meta.get("user_attributes", []))},
+            popularity={stage: arr[f"popularity_{stage}"] for stage in ("valid", "test") if f"popularity_{stage}" in arr},
         )
 
 
@@ -390,7 +399,8 @@ def prepare(log_: RawLog, pre: PreprocessConfig, split: SplitConfig, test_log: R
              for name in ("train", "valid", "test")}
     mask_seen = split.mask_seen if split.mask_seen is not None else split.kind != "session"
     data = PreparedData(**parts, user_vocab=out.user_vocab, item_vocab=out.item_vocab, split=split.kind,
-                        mask_seen=bool(mask_seen), stats=out.stats, cold_items=out.cold_items)
+                        mask_seen=bool(mask_seen), stats=out.stats, cold_items=out.cold_items,
+                        popularity=out.item_popularity)
     _attach_item_features(data, log_)
     if split.kind != "session":  # for session logs the "user" is a session: a user table does not apply
         _attach_user_attributes(data, log_)

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from rectrain.data.engine.backends import Engine, Parts
+from rectrain.data.engine.sinks import DistinctUsersPerItem
 from rectrain.data.preprocess import PreprocessConfig
 from rectrain.data.schema import ITEM, RATING, SESSION, TIMESTAMP, USER
 from rectrain.data.splits import TEST, TRAIN, VALID
@@ -45,6 +46,9 @@ class EngineOutput:
     item_vocab: np.ndarray
     cold_items: np.ndarray
     stats: dict[str, Any] = field(default_factory=dict)
+    #: stage -> (n_items,) distinct users per item in the events a model conditions on (valid: train;
+    #: test: train + valid), counted while the arrays were written
+    item_popularity: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class EngineFailure(RectrainError):
@@ -318,7 +322,9 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
     else:
         final = table.join(users, USER).select(USER_CODE, ITEM_CODE, TIMESTAMP, LABEL, ORDER)
         counts = _label_counts(engine, final)
-    arrays, stats_cold = _write_arrays(engine, final, user_vocab.shape[0], counts, cold_items, allocate, loo)
+    popularity = {"valid": DistinctUsersPerItem(item_vocab.shape[0]), "test": DistinctUsersPerItem(item_vocab.shape[0])}
+    arrays, stats_cold = _write_arrays(engine, final, user_vocab.shape[0], counts, cold_items, allocate, loo,
+                                       popularity)
     if split.cold_item_fraction > 0:
         stats["cold_item_train_events_dropped"] = stats_cold
     for name, label in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
@@ -326,7 +332,8 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
     if stats["n_train"] == 0:
         raise DataError("the training split is empty after filtering and splitting", path=source, key="data.split")
     stats.update(n_users=int(user_vocab.shape[0]), n_items=int(item_vocab.shape[0]))
-    return EngineOutput(arrays, user_vocab, item_vocab, cold_items, stats)
+    return EngineOutput(arrays, user_vocab, item_vocab, cold_items, stats,
+                        {stage: counter.finish() for stage, counter in popularity.items()})
 
 
 def _leave_one_out_counts(engine: Engine, final: Any) -> dict[int, int]:
@@ -369,9 +376,11 @@ def _labelled(block: Any, loo: bool) -> Any:
 
 
 def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, int], cold_items: np.ndarray,
-                  allocate: Allocate, loo: bool = False) -> tuple[dict[str, np.ndarray], int]:
+                  allocate: Allocate, loo: bool = False, popularity: dict[str, DistinctUsersPerItem] | None = None
+                  ) -> tuple[dict[str, np.ndarray], int]:
     """Stream the events, ordered by (user code, time, file order) block by block, into one array per
-    (split, column); cold items leave training."""
+    (split, column); cold items leave training. ``popularity`` counters (stage -> counter) see the
+    rows each stage conditions on (valid: train; test: train + valid) as they go by."""
     with _user_blocks(engine, final, n_users, sum(counts.values())) as parts:
         blocks = [(index, block) for index, block in enumerate(parts.tables) if block is not None]
         cold_in_train = 0
@@ -392,6 +401,11 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
                 label = batch.column(3).to_numpy()
                 if cold_items.size:
                     label = np.where((label == TRAIN) & np.isin(item, cold_items), -1, label)
+                if popularity:
+                    train = label == TRAIN
+                    popularity["valid"].add(user[train], item[train])
+                    seen = train | (label == VALID)
+                    popularity["test"].add(user[seen], item[seen])
                 for part, code in labels_of.items():
                     rows = label == code
                     if rows.any():

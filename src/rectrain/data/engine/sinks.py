@@ -67,3 +67,40 @@ class NpyFileSink:
     def close(self) -> None:
         for handle, _, _ in self._files.values():
             handle.close()
+
+
+class DistinctUsersPerItem:
+    """Per item, how many distinct users have it, from (user, item) rows streamed in user order.
+
+    Item popularity (what evaluation's popularity metrics and the popularity baseline use) counted
+    while the pipeline writes the arrays: a user's rows are complete once a later user appears, so
+    each call counts the users it has finished and carries the last one over. Memory: one batch
+    plus one user's rows; nothing is read back from disk (at 1B events, counting afterwards took
+    26 minutes of reading the memory-mapped splits).
+    """
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items = int(n_items)
+        self.counts = np.zeros(self.n_items, dtype=np.int64)
+        self._user = np.zeros(0, dtype=np.int64)
+        self._item = np.zeros(0, dtype=np.int64)
+
+    def add(self, user: np.ndarray, item: np.ndarray) -> None:
+        """Rows sorted by user, continuing the rows of the previous call."""
+        user = np.concatenate([self._user, user]) if self._user.size else np.asarray(user, dtype=np.int64)
+        item = np.concatenate([self._item, item]) if self._item.size else np.asarray(item, dtype=np.int64)
+        if not user.size:
+            return
+        last = int(np.searchsorted(user, user[-1]))  # the last user's rows may go on in the next call
+        self._count(user[:last], item[:last])
+        self._user, self._item = user[last:].copy(), item[last:].copy()
+
+    def finish(self) -> np.ndarray:
+        self._count(self._user, self._item)
+        self._user, self._item = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return self.counts
+
+    def _count(self, user: np.ndarray, item: np.ndarray) -> None:
+        if user.size:
+            pairs = np.unique(user.astype(np.int64) * self.n_items + item)
+            self.counts += np.bincount(pairs % self.n_items, minlength=self.n_items)
