@@ -15,9 +15,10 @@ Same `key=value` style as train.py. Keys:
   ann_min_items  catalog size from which ann=auto builds an index (default 100000)
   ann_recall  recall@10 against exact top-10 the search effort is tuned to (default 0.98)
   ann_m, ann_ef_construction  HNSW degree and build width (default 32, 80)
-  ann_fetch   candidates fetched per query and re-scored exactly (default 100)
+  ann_fetch   candidates fetched per query from the head and from the index, re-scored
+              exactly (default 50)
   ann_head    items with the largest norms scored exactly on every query beside the index (default:
-              1% of the catalog, at most 16384; 0: the index alone)
+              2% of the catalog, at most 32768; 0: the index alone)
               (threads also sets the faiss build threads)
 
 A thin entry point: rectrain.export.export_checkpoint does the work. Bad input ends with a one-line
@@ -32,7 +33,7 @@ from rectrain.cli import UsageError, parse_key_values, run_command
 
 KEYS: dict[str, Any] = {"ckpt_path": None, "output": None, "quantize": False, "opset": 17, "tolerance": 1e-5,
                         "user_vocab": None, "threads": 1, "segments": None, "ann": "auto", "ann_min_items": 100_000,
-                        "ann_recall": 0.98, "ann_m": 32, "ann_ef_construction": 80, "ann_fetch": 100, "ann_head": None}
+                        "ann_recall": 0.98, "ann_m": 32, "ann_ef_construction": 80, "ann_fetch": 50, "ann_head": None}
 
 
 def parse(argv: list[str]) -> dict[str, Any]:

@@ -341,7 +341,7 @@ def test_an_hnsw_export_answers_as_the_exact_graph(checkpoints, tmp_path):
 
     report = export_checkpoint(checkpoints["two_tower"], tmp_path / "h.onnx",
                                ann=AnnOptions(kind="hnsw", fetch=10, m=8, recall=0.99))
-    assert report.ann["kind"] == "hnsw" and report.ann["params"] == {"head": 1, "M": 8, "ef_construction": 80}
+    assert report.ann["kind"] == "hnsw" and report.ann["params"] == {"head": 2, "M": 8, "ef_construction": 80}
     ann, exact = Scorer.load(tmp_path / "h.onnx"), Scorer.load(tmp_path / "h.onnx", exact=True)
     requests = _requests(ann.model, 100, seed=7)
     same = sum(a["items"] == b["items"] for a, b in zip(ann.recommend_many(requests), exact.recommend_many(requests)))

@@ -233,6 +233,23 @@ def test_every_model_class_exports_with_parity(tmp_path, make):
             onnx.checker.check_model(onnx.load(path), full_check=True)
 
 
+@pytest.mark.parametrize("categories", [0, 3])
+def test_the_recommend_graph_holds_the_catalog_once(tmp_path, categories):
+    """The history embedding and the scored table are one initializer when they are one tensor (tied,
+    no item features, no normalisation): not a constant-folded transposed second copy of the catalog
+    (which doubled the file and hit protobuf's 2 GB at ~4M items). With item features the scored
+    vectors differ from the id table, and two tables are what the graph needs."""
+    torch.manual_seed(0)
+    net = TwoTower(n_items=300, n_categories=categories, dim=8, hidden=6, max_length=5).eval()
+    if categories:
+        net.set_item_features(torch.eye(categories)[torch.arange(300) % categories])
+    facts = {"model_class": "rectrain.models.two_tower.TwoTower", "model_config": net.config, "n_items": 300}
+    report = export_model(net, facts, tmp_path / "tt.onnx", ann=None)
+    tables = [list(t.dims) for t in onnx.load(report.files["recommend"]).graph.initializer if 300 in t.dims]
+    assert tables == [[300, 8]] * (1 if not categories else 2), tables
+    assert report.parity["recommend"]["max_abs_diff"] <= 1e-5
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter says it is legacy
 def test_frozen_axes_are_detected(tmp_path):
     net = MF(4, 6, dim=3).eval()

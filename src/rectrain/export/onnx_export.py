@@ -174,8 +174,8 @@ class AnnOptions:
         recall: the recall@10 against exact top-10 the search effort is tuned to reach.
         m, ef_construction: HNSW graph degree and build width.
         fetch: candidates fetched per query and re-scored exactly (at least; exclusions add to it).
-        head: items with the largest norms scored exactly beside the index (None: 1% of the catalog,
-            at most 16,384; 0: none; see :mod:`rectrain.ann`).
+        head: items with the largest norms scored exactly beside the index (None: 2% of the catalog,
+            at most 32,768; 0: none; see :mod:`rectrain.ann`).
         threads: faiss build threads.
     """
 
@@ -184,7 +184,7 @@ class AnnOptions:
     recall: float = 0.98
     m: int = 32
     ef_construction: int = 80
-    fetch: int = 100
+    fetch: int = 50
     head: int | None = None
     threads: int = 1
 
