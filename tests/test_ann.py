@@ -93,9 +93,9 @@ def test_the_head_holds_the_largest_norms_and_is_always_searched():
     assert got.shape == (50, 40)  # 20 from the head, 20 from the lists read
     head_scores = queries[:50] @ index.head_vectors.T
     for row, scores in zip(got, head_scores):  # the head's best are found whatever the index's effort
-        # (float16 picks the head's 20; the margin of 5 covers its rounding at the boundary)
+        # (8-bit codes pick the head's 20; the margin of 5 covers their rounding at the boundary)
         assert set(index.head_ids[np.argsort(-scores)[:15]].tolist()) <= set(row.tolist())
-    # a head of the whole catalog is exact search (its float16 picks are re-scored); a head of 0 is a plain index
+    # a head of the whole catalog is exact search (its 8-bit picks are re-scored); a head of 0 is a plain index
     whole = build_index(items, "ivf", head=3000)
     assert whole.index is None and tune(whole, queries, items, fetch=30)["tried"][0]["recall"] == 1.0
     plain = build_index(items, "hnsw", head=0, m=8)

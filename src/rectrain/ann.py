@@ -129,11 +129,15 @@ class AnnIndex:
 
     @functools.cached_property
     def head_index(self) -> Any:
-        """The head as a flat faiss index of float16 vectors: it only picks candidates, which are
-        re-scored in float32, and reads half the bytes (0.16 against 0.29 ms for 20k items)."""
+        """The head as a flat faiss index of 8-bit scalar-quantised vectors (per-dimension ranges): it
+        only picks candidates, which are re-scored in float32. A quarter of the bytes (20k x 64 dims:
+        1.3 MB, which stays in a core's L2 cache beside the rest of a request): the same answers on
+        1,000 requests at 1M items and 12% less time a request than float16 (numpy float32: 0.29 ms
+        for the scan alone)."""
         faiss = _faiss()
-        index = faiss.IndexScalarQuantizer(self.head_vectors.shape[1], faiss.ScalarQuantizer.QT_fp16,
+        index = faiss.IndexScalarQuantizer(self.head_vectors.shape[1], faiss.ScalarQuantizer.QT_8bit,
                                            faiss.METRIC_INNER_PRODUCT)
+        index.train(self.head_vectors)
         index.add(self.head_vectors)
         return index
 
