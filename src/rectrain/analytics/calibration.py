@@ -39,6 +39,7 @@ import numpy as np
 from rectrain.artifacts import (CALIBRATION_FORMAT, Calibration, default_calibration_path, sigmoid,
                                 stored_calibration, write_calibration)
 from rectrain.errors import RectrainError
+from rectrain.utils.arrays import unique_ints
 
 N_BINS = 15
 FORMAT_VERSION = CALIBRATION_FORMAT
@@ -155,7 +156,7 @@ def negative_sampling_rate(n_negatives: int, n_positive_events: int, n_unobserve
 def training_sampling_rate(data: Any, n_negatives: int) -> float:
     """``negative_sampling_rate`` of a PreparedData's training split (negatives exclude the user's positives)."""
     train = data.train
-    distinct = np.unique(train.user.astype(np.int64) * data.n_items + train.item).size
+    distinct = unique_ints(train.user.astype(np.int64) * data.n_items + train.item).size
     return negative_sampling_rate(n_negatives, len(train), data.n_users * data.n_items - distinct)
 
 

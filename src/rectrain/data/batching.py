@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+from rectrain.utils.arrays import unique_ints
 import torch
 
 
@@ -97,7 +98,7 @@ class NegativeSampler:
 
 def positive_keys(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
     """Sorted unique ``user * n_items + item`` keys, the membership table for negative rejection."""
-    return np.unique(np.asarray(users, np.int64) * n_items + np.asarray(items, np.int64))
+    return unique_ints(np.asarray(users, np.int64) * n_items + np.asarray(items, np.int64))
 
 
 def _epoch_generator(seed: int, epoch: int, rank: int) -> torch.Generator:

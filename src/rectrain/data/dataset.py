@@ -30,6 +30,7 @@ from rectrain.data.schema import ITEM, SESSION, TIMESTAMP, USER, RawLog
 from rectrain.errors import ConfigError, DataError
 from rectrain.data.queries import LazyQueries, RankingQueries, concat_ranges
 from rectrain.utils.io import atomic_dir, remove_stale_temporaries, stable_hash
+from rectrain.utils.arrays import unique_ints
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class PreparedData:
             for part in parts:
                 a, b = np.searchsorted(part.user, [lo, hi])
                 pairs.append(part.user[a:b] * self.n_items + part.item[a:b])
-            counts += np.bincount(np.unique(np.concatenate(pairs)) % self.n_items, minlength=self.n_items)
+            counts += np.bincount(unique_ints(np.concatenate(pairs)) % self.n_items, minlength=self.n_items)
         return counts
 
     def ranking_queries(self, stage: str) -> RankingQueries:

@@ -17,6 +17,7 @@ import torch
 
 from rectrain.data.queries import RankingQueries
 from rectrain.evaluation.ranking import tie_ordered_topk
+from rectrain.utils.arrays import unique_ints
 
 
 def _coo(index: np.ndarray | torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -41,7 +42,7 @@ def _binary_pairs(users: np.ndarray, items: np.ndarray, n_users: int, n_items: i
         raise ValueError("users and items must have the same shape")
     if users.size and (users.min() < 0 or users.max() >= n_users or items.min() < 0 or items.max() >= n_items):
         raise ValueError("user or item index outside 0..n_users-1 / 0..n_items-1")
-    keys = np.unique(items * n_users + users)
+    keys = unique_ints(items * n_users + users)
     return keys % n_users, keys // n_users
 
 
@@ -55,7 +56,7 @@ def history_matrix(queries: RankingQueries, rows: np.ndarray, last_n: int | None
     local = np.repeat(np.arange(rows.size), lengths)
     offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     items = queries.history_items[np.repeat(starts, lengths) + offsets]
-    keys = np.unique(local * queries.n_items + items)  # binary: a repeated item counts once
+    keys = unique_ints(local * queries.n_items + items)  # binary: a repeated item counts once
     index = np.stack([keys // queries.n_items, keys % queries.n_items])
     return _coo(index, torch.ones(keys.size, dtype=torch.float64), (rows.size, queries.n_items))
 

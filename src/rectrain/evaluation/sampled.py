@@ -22,6 +22,7 @@ from rectrain.evaluation import metrics as M
 from rectrain.data.queries import RankingQueries
 from rectrain.evaluation.ranking import (RankingResult, ScoreFn, check_ks, check_nan, check_queries, chunk_rows,
                                          score_chunk)
+from rectrain.utils.arrays import unique_ints
 
 
 def sample_negatives(queries: RankingQueries, n_negatives: int, rng: np.random.Generator) -> np.ndarray:
@@ -34,8 +35,8 @@ def sample_negatives(queries: RankingQueries, n_negatives: int, rng: np.random.G
     # forbidden (row, item) pairs as sorted int64 keys row * n_items + item
     ex_rows = np.repeat(np.arange(n_q), np.diff(queries.exclude_indptr))
     t_rows = np.repeat(np.arange(n_q), np.diff(queries.target_indptr))
-    forbidden = np.unique(np.concatenate([ex_rows * n_items + queries.exclude_items,
-                                          t_rows * n_items + queries.target_items]))
+    forbidden = unique_ints(np.concatenate([ex_rows * n_items + queries.exclude_items,
+                                            t_rows * n_items + queries.target_items]))
     n_forbidden = np.bincount(forbidden // n_items, minlength=n_q)  # (Q,)
     if n_q and np.any(n_items - n_forbidden < n_negatives):
         bad = int(np.argmax(n_items - n_forbidden < n_negatives))

@@ -33,6 +33,7 @@ from rectrain.data.dataset import DataSettings, PreparedData
 from rectrain.errors import ConfigError
 from rectrain.data.queries import LazyQueries
 from rectrain.features import UserFeatureEncoder
+from rectrain.utils.arrays import unique_ints
 
 
 def _as_is(batch: Any) -> Any:
@@ -218,7 +219,7 @@ class RecDataModule(pl.LightningDataModule):
     def member_users(self) -> np.ndarray:
         """Sorted indices of the users whose training events are trained on (see ``train_user_fraction``)."""
         self.setup()
-        users = np.unique(self.data.train.user)
+        users = unique_ints(self.data.train.user)
         if self.train_user_fraction >= 1.0:
             return users
         rng = np.random.default_rng(self.seed + 7_777)

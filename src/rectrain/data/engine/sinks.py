@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from rectrain.utils.arrays import unique_ints
 
 
 class MemorySink:
@@ -102,5 +103,5 @@ class DistinctUsersPerItem:
 
     def _count(self, user: np.ndarray, item: np.ndarray) -> None:
         if user.size:
-            pairs = np.unique(user.astype(np.int64) * self.n_items + item)
+            pairs = unique_ints(user.astype(np.int64) * self.n_items + item)
             self.counts += np.bincount(pairs % self.n_items, minlength=self.n_items)
