@@ -71,14 +71,20 @@ def _faiss() -> Any:
 def augment_items(vectors: np.ndarray) -> tuple[np.ndarray, float]:
     """(N, d) item vectors -> (N, d + 1) float32 for an L2 index, and ``R^2`` (largest squared norm)."""
     v = np.ascontiguousarray(vectors, dtype=np.float32)
-    if v.ndim != 2 or not len(v):
-        raise AnnError(f"item vectors must be a non-empty (items, dim) matrix, got shape {v.shape}")
-    if not np.all(np.isfinite(v)):
-        raise AnnError("item vectors hold NaN or infinite values")
-    norms = squared_norms(v)
+    norms = checked_norms(v)
     radius = float(norms.max())
     extra = np.sqrt(np.maximum(radius - norms, 0.0)).astype(np.float32)
     return np.hstack([v, extra[:, None]]), radius
+
+
+def checked_norms(v: np.ndarray) -> np.ndarray:
+    """Squared norms of a non-empty (items, dim) matrix of finite values (else AnnError)."""
+    if v.ndim != 2 or not len(v):
+        raise AnnError(f"item vectors must be a non-empty (items, dim) matrix, got shape {v.shape}")
+    norms = squared_norms(v)
+    if not np.all(np.isfinite(norms)):
+        raise AnnError("item vectors hold NaN or infinite values")
+    return norms
 
 
 def squared_norms(vectors: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
@@ -243,15 +249,11 @@ def build_index(vectors: np.ndarray, kind: str = "hnsw", *, m: int = 32, ef_cons
     if kind not in KINDS:
         raise AnnError(f"unknown index kind {kind!r}; choose one of {KINDS}")
     v = np.ascontiguousarray(vectors, dtype=np.float32)
-    if v.ndim != 2 or not len(v):
-        raise AnnError(f"item vectors must be a non-empty (items, dim) matrix, got shape {v.shape}")
+    norms = checked_norms(v)
     n, dim = v.shape
     head = default_head(n) if head is None else int(head)
     if not 0 <= head <= n:
         raise AnnError(f"head must be between 0 and the {n} items, got {head}")
-    norms = squared_norms(v)
-    if not np.all(np.isfinite(norms)):
-        raise AnnError("item vectors hold NaN or infinite values")
     by_norm = np.argsort(-norms, kind="stable")  # largest first; ties: lower index first
     head_ids, rest_ids = np.sort(by_norm[:head]), np.sort(by_norm[head:])
     started = time.perf_counter()

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from rectrain.utils.arrays import unique_ints
 import torch
+
+from rectrain.utils.arrays import unique_ints
 
 
 class NegativeSampler:

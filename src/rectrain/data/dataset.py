@@ -152,8 +152,8 @@ class PreparedData:
         """(n_items,) number of distinct users whose history (for ``stage``) holds each item.
 
         Counted by the pipeline while it wrote the splits and kept in the cache; a cache from before
-        that is counted here, over blocks of whole users (the splits are sorted by user), so the
-        memory is that of a block, not of the log.
+        that is counted here once (then kept in ``popularity``), over blocks of whole users (the
+        splits are sorted by user), so the memory is that of a block, not of the log.
         """
         parts = self._history_parts(stage)
         if stage in self.popularity:
@@ -165,6 +165,7 @@ class PreparedData:
                 a, b = np.searchsorted(part.user, [lo, hi])
                 pairs.append(part.user[a:b] * self.n_items + part.item[a:b])
             counts += np.bincount(unique_ints(np.concatenate(pairs)) % self.n_items, minlength=self.n_items)
+        self.popularity = {**self.popularity, stage: counts}  # a new dict: copies made by replace() keep theirs
         return counts
 
     def ranking_queries(self, stage: str) -> RankingQueries:

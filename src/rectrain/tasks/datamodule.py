@@ -131,7 +131,6 @@ class RecDataModule(pl.LightningDataModule):
         self.data: PreparedData | None = None
         self.train_spec: PointwiseSpec | SequenceSpec = PointwiseSpec()
         self._queries: dict[str, LazyQueries] = {}
-        self._popularity: dict[str, np.ndarray] = {}
         self._query_totals: dict[str, int] = {}
         self._train_batches: Any = None
 
@@ -315,9 +314,7 @@ class RecDataModule(pl.LightningDataModule):
         return self._eval_loader("test")
 
     def item_popularity(self, stage: str) -> np.ndarray:
-        """Distinct users per item in ``stage``'s history, counted once: every evaluation batch of every
-        epoch reads it, and at a billion events the count is a pass over the whole log."""
-        if stage not in self._popularity:
-            self.setup()
-            self._popularity[stage] = self.data.item_popularity(stage)
-        return self._popularity[stage]
+        """Distinct users per item in ``stage``'s history (every evaluation batch of every epoch reads
+        it): kept by the prepared data, which counted it once (:meth:`PreparedData.item_popularity`)."""
+        self.setup()
+        return self.data.item_popularity(stage)

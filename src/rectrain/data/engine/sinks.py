@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+
 from rectrain.utils.arrays import unique_ints
 
 
