@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -143,13 +144,36 @@ def stage_preprocess(workdir: Path, events: int, memory_limit: str, threads: int
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
     pre, split = _pre_split()
+    stages = StageSeconds()
     start = time.perf_counter()
-    with PeakWatcher(lambda: _dir_bytes(cache), 1.0) as disk:
+    with PeakWatcher(lambda: _dir_bytes(cache), 1.0) as disk, stages:
         data = load_or_prepare(InteractionFileSource(str(workdir / f"log-{events}"), COLUMNS), pre, split, cache,
                                engine=EngineConfig(memory_limit=memory_limit, threads=threads))
     return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "disk_peak_mb": disk.peak / 2**20,
             "cache_mb": _dir_bytes(cache) / 2**20, "train_events": len(data.train), "users": data.n_users,
-            "items": data.n_items, "removed": data.stats.get("removed")}
+            "items": data.n_items, "removed": data.stats.get("removed"), "stages": stages.seconds}
+
+
+class StageSeconds(logging.Handler):
+    """The seconds of each pipeline stage, from the pipeline's own log lines (nested stages included)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seconds: dict[str, float] = {}
+        self.logger = logging.getLogger("rectrain.data.engine.pipeline")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("preprocessing stage"):
+            name, _, seconds = record.args
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + float(seconds), 1)
+
+    def __enter__(self) -> "StageSeconds":
+        self.logger.addHandler(self)
+        self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
 
 
 def stage_pandas(workdir: Path, events: int) -> dict:

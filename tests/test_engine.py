@@ -279,7 +279,7 @@ def test_an_engine_failure_or_a_full_disk_is_one_line_naming_the_stage(tmp_path,
     with pytest.raises(EngineFailure) as info:
         load_or_prepare(_InMemory(synthetic), PreprocessConfig(), SplitConfig(), cache)
     text = str(info.value)
-    assert "stage 'index and write arrays'" in text and "disk is full" in text and "\n" not in text
+    assert "stage 'sort and write arrays'" in text and "disk is full" in text and "\n" not in text
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # nothing half-written left
     monkeypatch.undo()
     from rectrain.data.engine import backends
@@ -287,7 +287,7 @@ def test_an_engine_failure_or_a_full_disk_is_one_line_naming_the_stage(tmp_path,
     real = backends.Engine.keep
     monkeypatch.setattr(backends.Engine, "keep", lambda self, expr: (_ for _ in ()).throw(
         __import__("duckdb").OutOfMemoryException("Out of Memory Error: could not allocate block")))
-    with pytest.raises(EngineFailure, match=r"stage 'filter \(threshold, dedup, k-core\)' on duckdb: "
+    with pytest.raises(EngineFailure, match=r"stage 'dedup' on duckdb: "
                                             r"OutOfMemoryException"):
         prepare(synthetic, PreprocessConfig(), SplitConfig())
     monkeypatch.setattr(backends.Engine, "keep", real)
@@ -330,3 +330,55 @@ def test_partition_writes_each_part_once_and_gives_its_disk_back(tmp_path):
         assert single.folder is None and single.tables == [table]
     finally:
         engine.close()
+
+
+def test_leave_one_out_labels_read_off_the_sorted_stream():
+    from rectrain.data.engine.pipeline import leave_one_out_labels
+
+    user = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 5])
+    assert leave_one_out_labels(user).tolist() == [0, 1, 2, 0, 0, 0, 0, 1, 2, 0]  # < 3 events: all train
+    assert leave_one_out_labels(np.zeros(0, dtype=np.int64)).shape == (0,)
+
+
+def test_whole_users_recuts_batches_so_no_user_spans_two():
+    from rectrain.data.engine.pipeline import whole_users
+
+    rng = np.random.default_rng(1)
+    user = np.sort(rng.integers(0, 30, size=500))
+    user[100:300] = user[100]  # one user longer than several batches
+    user = np.sort(user)
+    value = np.arange(500)
+    cuts = [0, 1, 7, 8, 120, 150, 151, 400, 499, 500]
+    out = list(whole_users((user[lo:hi], value[lo:hi]) for lo, hi in zip(cuts, cuts[1:])))
+    assert np.array_equal(np.concatenate([u for u, _ in out]), user)
+    assert np.array_equal(np.concatenate([v for _, v in out]), value)
+    firsts, lasts = [u[0] for u, _ in out], [u[-1] for u, _ in out]
+    assert all(last < first for last, first in zip(lasts, firsts[1:]))  # a user's rows stay together
+
+
+def test_popularity_of_distinct_pairs_is_a_row_count():
+    from rectrain.data.engine.sinks import DistinctUsersPerItem
+
+    user, item = np.array([0, 0, 1, 1, 1, 3]), np.array([2, 0, 2, 1, 0, 2])
+    fast, slow = DistinctUsersPerItem(4, pairs_distinct=True), DistinctUsersPerItem(4)
+    fast.add(user, item), slow.add(user, item)
+    assert fast.finish().tolist() == slow.finish().tolist() == [2, 1, 3, 0]
+
+
+def test_prefetched_batches_keep_order_raise_the_engines_error_and_stop_with_the_caller():
+    import threading
+
+    from rectrain.data.engine.backends import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("engine broke")
+
+    with pytest.raises(ValueError, match="engine broke"):
+        list(prefetched(failing()))
+    stream = prefetched(iter(range(10**6)), depth=2)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()  # the caller stops early: the thread must not linger, blocked on a full queue
+    assert not any(t.name == "rectrain-prefetch" for t in threading.enumerate())

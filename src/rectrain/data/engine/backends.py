@@ -7,11 +7,14 @@ does not grow an ever longer query plan, and how to stream a result out as Arrow
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -134,7 +137,7 @@ class Engine:
             relation = self.con.con.sql(self._sql(expr))  # streamed: no copy of the whole result
             reader = relation.to_arrow_reader(rows) if hasattr(relation, "to_arrow_reader") else \
                 relation.fetch_arrow_reader(rows)
-            yield from reader
+            yield from prefetched(reader)
             return
         yield from expr.to_pyarrow_batches(chunk_size=rows)
 
@@ -150,6 +153,44 @@ class Engine:
         if self.name == "duckdb":
             self.con.disconnect()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def prefetched(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """``batches`` pulled by a thread, up to ``depth`` ahead: the engine produces the next batch
+    (it releases the GIL) while the caller works on this one (at 100M events, 2 of 14 s of a sorted
+    stream). The thread stops when the caller does, however it stops."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def pump() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put(end)
+        except BaseException as exc:  # the engine's error, raised in the caller's thread
+            ready.put(exc)
+
+    thread = threading.Thread(target=pump, name="rectrain-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a pump waiting on a full queue, then let it finish
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.1)
+        thread.join()
 
 
 class Parts:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -57,9 +58,12 @@ class EngineFailure(RectrainError):
 
 @contextlib.contextmanager
 def stage(engine: Engine, name: str, source: str) -> Iterator[None]:
-    """Turn an engine's or the file system's exception into one line that names the stage and the log."""
+    """Turn an engine's or the file system's exception into one line that names the stage and the log;
+    log the stage's seconds (where the time of a billion-event run goes)."""
+    started = time.perf_counter()
     try:
         yield
+        log.info("preprocessing stage '%s' on %s: %.1f s", name, engine.name, time.perf_counter() - started)
     except RectrainError:
         raise
     except Exception as exc:  # duckdb.Error, Py4JJavaError/AnalysisException, OSError (ENOSPC) ...
@@ -88,7 +92,8 @@ def run(engine: Engine, events: Any, pre: PreprocessConfig, split: Any, source: 
             labelled = engine.keep(labelled)
             engine.release(kept)
     with stage(engine, "index and write arrays", source):
-        return _index_and_write(engine, labelled, split, stats, source, allocate)
+        return _index_and_write(engine, labelled, split, stats, source, allocate,
+                                pairs_distinct=pre.dedup != "none" and split.kind != "session")
 
 
 # --- filtering --------------------------------------------------------------------------------
@@ -109,8 +114,8 @@ def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: st
     if pre.dedup not in ("first", "last", "none"):
         raise ConfigError("data.preprocess.dedup", f"must be first, last or none, got {pre.dedup!r}")
     if pre.dedup != "none":
-        with _user_parts(engine, table, rows_read) as parts:  # split first: each window sorts one part
-            pieces = [_dedup(part, pre.dedup) for part in parts.tables if part is not None]
+        with stage(engine, "dedup", source), _user_parts(engine, table, rows_read) as parts:
+            pieces = [_dedup(part, pre.dedup) for part in parts.tables if part is not None]  # a window per part
             table = engine.keep_in_parts(pieces or [_dedup(table, pre.dedup)])
     elif pre.min_rating is not None:
         table = engine.keep(table)
@@ -125,7 +130,8 @@ def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: st
         if pre.dedup != "none":
             removed["duplicates"] = n - after
         n = after
-    table = _k_core(engine, table, pre.min_user_interactions, pre.min_item_interactions, n, removed)
+    with stage(engine, "k-core", source):
+        table = _k_core(engine, table, pre.min_user_interactions, pre.min_item_interactions, n, removed)
     if int(engine.scalar(table.count())) == 0:
         raise DataError(f"no interactions left after filtering {rows_read} rows ({removed}); lower the thresholds",
                         path=source, key="data.preprocess")
@@ -157,38 +163,46 @@ def _user_parts(engine: Engine, table: Any, n_events: int) -> Parts:
 def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, removed: dict[str, int]) -> Any:
     """Drop users and items with too few events until both thresholds hold (the unique fixed point).
 
-    Each pass keeps only the small sets of surviving users and items; the event table is read
-    through semi-joins and never rewritten until the end.
+    Each step counts events per item (or user) over the events still alive and keeps the small set
+    of survivors; the event table is read through semi-joins only once something was removed, and
+    rewritten only at the end. A log that already holds (the usual case) costs one pass per side.
     """
     import ibis
 
     if min_user <= 1 and min_item <= 1:
         return table
-    users = engine.keep(table.select(USER).distinct())
-    items = engine.keep(table.select(ITEM).distinct())
-    sizes = first_sizes = (int(engine.scalar(users.count())), int(engine.scalar(items.count())))
+    alive: dict[str, Any] = {}  # column -> surviving ids; absent: all of them
+    changed_any = False
     while True:
+        changed = False
         for column, minimum in ((ITEM, min_item), (USER, min_user)):
             if minimum <= 1:
                 continue
-            current = table.filter(table[USER].isin(users[USER]) & table[ITEM].isin(items[ITEM]))
-            good = engine.keep(current.group_by(column).agg(_n=ibis._.count())
-                               .filter(ibis._._n >= int(minimum)).select(column))
-            if column == ITEM:
-                items = good
-            else:
-                users = good
-        new_sizes = (int(engine.scalar(users.count())), int(engine.scalar(items.count())))
-        if new_sizes == sizes:
+            counts = engine.keep(_alive_events(table, alive).group_by(column).agg(_n=ibis._.count()))
+            good = counts.filter(counts._n >= int(minimum)).select(column)
+            if int(engine.scalar(good.count())) < int(engine.scalar(counts.count())):
+                previous, alive[column] = alive.get(column), engine.keep(good)
+                if previous is not None:
+                    engine.release(previous)
+                changed = True
+            engine.release(counts)
+        if not changed:
             break
-        sizes = new_sizes
-    if sizes == first_sizes:  # nothing removed: no second copy of a billion events on disk
+        changed_any = True
+    if not changed_any:  # nothing removed: no second copy of a billion events on disk
         removed["k_core"] = 0
         return table
-    result = engine.keep(table.filter(table[USER].isin(users[USER]) & table[ITEM].isin(items[ITEM])))
+    result = engine.keep(_alive_events(table, alive))
     removed["k_core"] = n - int(engine.scalar(result.count()))
     engine.release(table)
     return result
+
+
+def _alive_events(table: Any, alive: dict[str, Any]) -> Any:
+    """The events whose user and item both survive (semi-joins on the survivor sets)."""
+    for column, ids in alive.items():
+        table = table.filter(table[column].isin(ids[column]))
+    return table
 
 
 # --- split labels -----------------------------------------------------------------------------
@@ -263,13 +277,14 @@ def _without_item_core(pre: PreprocessConfig) -> PreprocessConfig:
 
 
 # --- vocabularies, drops, arrays --------------------------------------------------------------
-def _first_appearance(engine: Engine, table: Any, column: str, code: str) -> Any:
-    """Vocabulary of ``column`` by first appearance in the file: (raw id, contiguous code)."""
+def _first_appearance(engine: Engine, table: Any, column: str, code: str, count: bool = False) -> Any:
+    """Vocabulary of ``column`` by first appearance in the file: (raw id, contiguous code[, ``_n``
+    events per id, counted in the same pass when ``count``])."""
     import ibis
 
-    firsts = table.group_by(column).agg(_first=table[ORDER].min())
+    firsts = table.group_by(column).agg(_first=table[ORDER].min(), **({"_n": ibis._.count()} if count else {}))
     return engine.keep(firsts.mutate(**{code: ibis.row_number().over(ibis.window(order_by="_first"))})
-                       .select(column, code))
+                       .select(column, code, *(["_n"] if count else [])))
 
 
 def _fetch_vocab(engine: Engine, vocab: Any, column: str, code: str) -> np.ndarray:
@@ -281,8 +296,12 @@ def _fetch_vocab(engine: Engine, vocab: Any, column: str, code: str) -> np.ndarr
 
 
 def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, Any], source: str,
-                     allocate: Allocate) -> EngineOutput:
-    """Vocabularies, the drops each protocol needs, then the arrays sorted by (user, time, file order)."""
+                     allocate: Allocate, pairs_distinct: bool = False) -> EngineOutput:
+    """Vocabularies, the drops each protocol needs, then the arrays sorted by (user, time, file order).
+
+    ``pairs_distinct``: no (user, item) pair occurs twice (deduplicated, users not re-keyed), so
+    distinct users per item is a plain count of the rows.
+    """
     import ibis
 
     loo = split.kind == "leave_one_out"
@@ -292,9 +311,11 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
         labelled, table = table, engine.keep(table.join(items, ITEM))
         engine.release(labelled)
         stats["eval_events_unseen_item_dropped"] = before - int(engine.scalar(table.count()))
-    else:
+    # leave-one-out keeps every event (every item is in the vocabulary): the users are counted off the
+    # events as they are, without the join that brings the item codes
+    users = _first_appearance(engine, table, USER, USER_CODE, count=loo)
+    if loo:
         table = table.join(items, ITEM)
-    users = _first_appearance(engine, table, USER, USER_CODE)
     if split.kind == "session":
         # the window as a column first: Ibis' Spark compiler mis-aliases a window inside a filter
         counted = table.mutate(_length=table[ORDER].count().over(ibis.window(group_by=table[USER])))
@@ -307,8 +328,9 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
         before = int(engine.scalar(table.count()))
         table = engine.keep(table.filter((table[LABEL] == TRAIN) | table[USER].isin(trained[USER])))
         stats["eval_events_cold_user_dropped"] = before - int(engine.scalar(table.count()))
-    user_vocab = _fetch_vocab(engine, users, USER, USER_CODE)
-    item_vocab = _fetch_vocab(engine, items, ITEM, ITEM_CODE)
+    with stage(engine, "vocabularies", source):
+        user_vocab = _fetch_vocab(engine, users, USER, USER_CODE)
+        item_vocab = _fetch_vocab(engine, items, ITEM, ITEM_CODE)
 
     cold_items = np.zeros(0, dtype=np.int64)
     if split.cold_item_fraction > 0:
@@ -318,13 +340,15 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
                                         replace=False)).astype(np.int64)
     if loo:
         final = table.join(users, USER).select(USER_CODE, ITEM_CODE, TIMESTAMP, ORDER)
-        counts = _leave_one_out_counts(engine, final)
+        counts = _leave_one_out_counts(engine, users)
     else:
         final = table.join(users, USER).select(USER_CODE, ITEM_CODE, TIMESTAMP, LABEL, ORDER)
         counts = _label_counts(engine, final)
-    popularity = {"valid": DistinctUsersPerItem(item_vocab.shape[0]), "test": DistinctUsersPerItem(item_vocab.shape[0])}
-    arrays, stats_cold = _write_arrays(engine, final, user_vocab.shape[0], counts, cold_items, allocate, loo,
-                                       popularity)
+    popularity = {stage_name: DistinctUsersPerItem(item_vocab.shape[0], pairs_distinct=pairs_distinct)
+                  for stage_name in ("valid", "test")}
+    with stage(engine, "sort and write arrays", source):
+        arrays, stats_cold = _write_arrays(engine, final, user_vocab.shape[0], counts, cold_items, allocate, loo,
+                                           popularity)
     if split.cold_item_fraction > 0:
         stats["cold_item_train_events_dropped"] = stats_cold
     for name, label in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
@@ -336,12 +360,10 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
                         {stage: counter.finish() for stage, counter in popularity.items()})
 
 
-def _leave_one_out_counts(engine: Engine, final: Any) -> dict[int, int]:
-    """Events per label without labelling: a user with >= 3 events gives one test and one valid event."""
-    import ibis
-
-    per_user = final.group_by(USER_CODE).agg(_n=ibis._.count())
-    summary = per_user.aggregate(_events=per_user._n.sum(), _users=(per_user._n >= 3).sum())
+def _leave_one_out_counts(engine: Engine, users: Any) -> dict[int, int]:
+    """Events per label without labelling, from the events per user (``_n``) of the user vocabulary:
+    a user with >= 3 events gives one test and one valid event."""
+    summary = users.aggregate(_events=users._n.sum(), _users=(users._n >= 3).sum())
     (batch,) = [b for b in engine.batches(summary) if b.num_rows]
     events, eligible = int(batch.column(0)[0].as_py() or 0), int(batch.column(1)[0].as_py() or 0)
     return {TRAIN: events - 2 * eligible, VALID: eligible, TEST: eligible}
@@ -357,9 +379,11 @@ def _label_counts(engine: Engine, final: Any) -> dict[int, int]:
     return counts
 
 
-#: events per sorted block of users: the final sort runs block by block, so its memory and spill
-#: are bounded by a block, not by the log
-SORT_BLOCK_EVENTS = 50_000_000
+#: events per sorted block of users: the final sort runs block by block, so its spill (~32 bytes an
+#: event) is bounded by a block, not by the log. Blocks cost a pass that writes the log once more
+#: (DuckDB at 100M events: one out-of-core sort 11.5 s; two blocks 28 s, 12 of them the extra pass),
+#: so a block is as large as a spill the cache's disk can take without strain
+SORT_BLOCK_EVENTS = 250_000_000
 
 
 def _user_blocks(engine: Engine, final: Any, n_users: int, n_events: int) -> Parts:
@@ -380,7 +404,11 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
                   ) -> tuple[dict[str, np.ndarray], int]:
     """Stream the events, ordered by (user code, time, file order) block by block, into one array per
     (split, column); cold items leave training. ``popularity`` counters (stage -> counter) see the
-    rows each stage conditions on (valid: train; test: train + valid) as they go by."""
+    rows each stage conditions on (valid: train; test: train + valid) as they go by.
+
+    Leave-one-out labels are read off the sorted stream (a user's last event is test, the one before
+    valid), so each block is sorted once; a window would sort it a second time.
+    """
     with _user_blocks(engine, final, n_users, sum(counts.values())) as parts:
         blocks = [(index, block) for index, block in enumerate(parts.tables) if block is not None]
         cold_in_train = 0
@@ -393,12 +421,11 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
             for col, dtype in dtypes.items():
                 allocate.open(f"{part}_{col}", dtype, sizes[part])
         labels_of = {"train": TRAIN, "valid": VALID, "test": TEST}
+        columns = [USER_CODE, ITEM_CODE, TIMESTAMP] + ([] if loo else [LABEL])
         for index, block in blocks:
-            for batch in engine.batches(_labelled(block, loo).order_by([USER_CODE, TIMESTAMP, ORDER])):
-                user = batch.column(0).to_numpy().astype(np.int64, copy=False)
-                item = batch.column(1).to_numpy().astype(np.int64, copy=False)
-                timestamp = batch.column(2).to_numpy().astype(np.float64, copy=False)
-                label = batch.column(3).to_numpy()
+            ordered = block.select(*columns, ORDER).order_by([USER_CODE, TIMESTAMP, ORDER]).select(*columns)
+            for user, item, timestamp, *label in whole_users(_as_arrays(batch) for batch in engine.batches(ordered)):
+                label = leave_one_out_labels(user) if loo else label[0]
                 if cold_items.size:
                     label = np.where((label == TRAIN) & np.isin(item, cold_items), -1, label)
                 if popularity:
@@ -415,6 +442,44 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
             parts.drop(index)  # its events are in the arrays now: give the disk back as they grow
     arrays = allocate.finish()  # raises if the stream and the counts disagree
     return arrays, cold_in_train
+
+
+def _as_arrays(batch: Any) -> tuple[np.ndarray, ...]:
+    """(user, item, timestamp[, label]) of an Arrow batch as numpy arrays of the cache's dtypes."""
+    dtypes = (np.int64, np.int64, np.float64, np.int8)
+    return tuple(batch.column(i).to_numpy().astype(dtypes[i], copy=False) for i in range(batch.num_columns))
+
+
+def whole_users(batches: Iterator[tuple[np.ndarray, ...]]) -> Iterator[tuple[np.ndarray, ...]]:
+    """Re-cut column batches sorted by their first column (the user) so that no user spans two
+    batches: the rows of a batch's last user wait for the next batch."""
+    carry: tuple[np.ndarray, ...] | None = None
+    for columns in batches:
+        if carry is not None:
+            columns = tuple(np.concatenate([held, new]) for held, new in zip(carry, columns))
+        user = columns[0]
+        if not user.size:
+            continue
+        cut = int(np.searchsorted(user, user[-1]))  # where the last user's rows begin
+        if cut:
+            yield tuple(column[:cut] for column in columns)
+        carry = tuple(column[cut:] for column in columns)
+    if carry is not None and carry[0].size:
+        yield carry
+
+
+def leave_one_out_labels(user: np.ndarray) -> np.ndarray:
+    """Split labels of rows sorted by (user, time, file order), whole users only: per user with at
+    least 3 events the last is test and the one before it valid; the rest is train."""
+    n = user.shape[0]
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    lengths = np.diff(np.r_[starts, n])
+    from_end = np.repeat(starts + lengths - 1, lengths) - np.arange(n)
+    eligible = np.repeat(lengths >= 3, lengths)
+    label = np.full(n, TRAIN, dtype=np.int8)
+    label[eligible & (from_end == 1)] = VALID
+    label[eligible & (from_end == 0)] = TEST
+    return label
 
 
 def _count_cold_train(engine: Engine, blocks: list[Any], cold_items: np.ndarray) -> int:

@@ -81,14 +81,19 @@ class DistinctUsersPerItem:
     26 minutes of reading the memory-mapped splits).
     """
 
-    def __init__(self, n_items: int) -> None:
+    def __init__(self, n_items: int, pairs_distinct: bool = False) -> None:
         self.n_items = int(n_items)
+        #: no (user, item) pair repeats (a deduplicated log): each row is one user of its item
+        self.pairs_distinct = bool(pairs_distinct)
         self.counts = np.zeros(self.n_items, dtype=np.int64)
         self._user = np.zeros(0, dtype=np.int64)
         self._item = np.zeros(0, dtype=np.int64)
 
     def add(self, user: np.ndarray, item: np.ndarray) -> None:
         """Rows sorted by user, continuing the rows of the previous call."""
+        if self.pairs_distinct:
+            self.counts += np.bincount(item, minlength=self.n_items)
+            return
         user = np.concatenate([self._user, user]) if self._user.size else np.asarray(user, dtype=np.int64)
         item = np.concatenate([self._item, item]) if self._item.size else np.asarray(item, dtype=np.int64)
         if not user.size:
