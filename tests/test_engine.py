@@ -354,6 +354,11 @@ def test_whole_users_recuts_batches_so_no_user_spans_two():
     assert np.array_equal(np.concatenate([v for _, v in out]), value)
     firsts, lasts = [u[0] for u, _ in out], [u[-1] for u, _ in out]
     assert all(last < first for last, first in zip(lasts, firsts[1:]))  # a user's rows stay together
+    for _ in range(200):  # any cut points, a batch starting on a new user or inside a held one
+        cuts = [0, *np.sort(rng.choice(np.arange(1, 500), size=rng.integers(1, 40), replace=False)), 500]
+        out = list(whole_users((user[lo:hi], value[lo:hi]) for lo, hi in zip(cuts, cuts[1:])))
+        assert np.array_equal(np.concatenate([v for _, v in out]), value)
+        assert all(u1[-1] < u2[0] for (u1, _), (u2, _) in zip(out, out[1:]))
 
 
 def test_popularity_of_distinct_pairs_is_a_row_count():

@@ -455,14 +455,20 @@ def whole_users(batches: Iterator[tuple[np.ndarray, ...]]) -> Iterator[tuple[np.
     batches: the rows of a batch's last user wait for the next batch."""
     carry: tuple[np.ndarray, ...] | None = None
     for columns in batches:
-        if carry is not None:
-            columns = tuple(np.concatenate([held, new]) for held, new in zip(carry, columns))
         user = columns[0]
         if not user.size:
             continue
+        if carry is not None:  # the held user's rows, with their continuation at the head of this batch
+            head = int(np.searchsorted(user, carry[0][0], side="right"))
+            joined = tuple(np.concatenate([held, new[:head]]) for held, new in zip(carry, columns))
+            if head == user.size:  # the held user goes on past this batch too
+                carry = joined
+                continue
+            yield joined
+            columns, user = tuple(column[head:] for column in columns), user[head:]
         cut = int(np.searchsorted(user, user[-1]))  # where the last user's rows begin
         if cut:
-            yield tuple(column[:cut] for column in columns)
+            yield tuple(column[:cut] for column in columns)  # views: the batch itself is not copied
         carry = tuple(column[cut:] for column in columns)
     if carry is not None and carry[0].size:
         yield carry

@@ -54,7 +54,7 @@ class NpyFileSink:
 
     def append(self, name: str, values: np.ndarray) -> None:
         handle, dtype, _ = self._files[name]
-        handle.write(np.ascontiguousarray(values, dtype=dtype).tobytes())
+        handle.write(memoryview(np.ascontiguousarray(values, dtype=dtype)).cast("B"))  # no bytes copy
         self._filled[name] += values.shape[0]
 
     def finish(self) -> dict[str, np.ndarray]:
