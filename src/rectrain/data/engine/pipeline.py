@@ -149,9 +149,10 @@ def _dedup(table: Any, keep: str) -> Any:
     return table.mutate(_rank=ibis.row_number().over(window)).filter(ibis._._rank == 0).drop("_rank")
 
 
-#: events per partition of the per-user steps (dedup, leave-one-out labels): a window over a
-#: billion events would sort (and spill) all of them at once; by user hash, each part sorts ~this many
-EVENTS_PER_PART = 100_000_000
+#: events per partition of dedup: DuckDB's window spills by itself, and one window is faster than
+#: parts written first (300M events: 72-75 s against 99.5 s in three parts); parts only bound the
+#: window's spill (~32 bytes an event) on logs beyond a billion events
+EVENTS_PER_PART = 1_000_000_000
 
 
 def _user_parts(engine: Engine, table: Any, n_events: int) -> Parts:
@@ -380,9 +381,10 @@ def _label_counts(engine: Engine, final: Any) -> dict[int, int]:
 
 
 #: events per sorted block of users: the final sort runs block by block, so its spill (~32 bytes an
-#: event) is bounded by a block, not by the log. Blocks cost a pass that writes the log once more
-#: (DuckDB at 100M events: one out-of-core sort 11.5 s; two blocks 28 s, 12 of them the extra pass),
-#: so a block is as large as a spill the cache's disk can take without strain
+#: event) is bounded by a block, not by the log. More than one block costs a pass that writes the
+#: log once more (100M events: one out-of-core sort 11.5 s, two blocks 28 s; 300M: 78 s against
+#: 105 s), but a single sort of a billion events would spill ~32 GB beside the scratch table and the
+#: growing arrays (~60 GB at the peak): blocks of 250M keep a 1B-event run under ~50 GB
 SORT_BLOCK_EVENTS = 250_000_000
 
 
