@@ -388,6 +388,11 @@ def _label_counts(engine: Engine, final: Any) -> dict[int, int]:
 SORT_BLOCK_EVENTS = 250_000_000
 
 
+#: rows per batch of the sorted stream: the batches in flight (prefetched, and this one's labels,
+#: masks and copies) are the write loop's memory, ~100 MB at 2^20 rows, a quarter of it at 2^18
+WRITE_BATCH_ROWS = 1 << 18
+
+
 def _user_blocks(engine: Engine, final: Any, n_users: int, n_events: int) -> Parts:
     """``final`` split into blocks of consecutive user codes (whole users per block, blocks in code
     order), each of about SORT_BLOCK_EVENTS events."""
@@ -426,7 +431,7 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
         columns = [USER_CODE, ITEM_CODE, TIMESTAMP] + ([] if loo else [LABEL])
         for index, block in blocks:
             ordered = block.select(*columns, ORDER).order_by([USER_CODE, TIMESTAMP, ORDER]).select(*columns)
-            for user, item, timestamp, *label in whole_users(_as_arrays(batch) for batch in engine.batches(ordered)):
+            for user, item, timestamp, *label in whole_users(_as_arrays(batch) for batch in engine.batches(ordered, WRITE_BATCH_ROWS)):
                 label = leave_one_out_labels(user) if loo else label[0]
                 if cold_items.size:
                     label = np.where((label == TRAIN) & np.isin(item, cold_items), -1, label)
