@@ -431,7 +431,8 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
         columns = [USER_CODE, ITEM_CODE, TIMESTAMP] + ([] if loo else [LABEL])
         for index, block in blocks:
             ordered = block.select(*columns, ORDER).order_by([USER_CODE, TIMESTAMP, ORDER]).select(*columns)
-            for user, item, timestamp, *label in whole_users(_as_arrays(batch) for batch in engine.batches(ordered, WRITE_BATCH_ROWS)):
+            stream = (_as_arrays(batch) for batch in engine.batches(ordered, WRITE_BATCH_ROWS))
+            for user, item, timestamp, *label in whole_users(stream):
                 label = leave_one_out_labels(user) if loo else label[0]
                 if cold_items.size:
                     label = np.where((label == TRAIN) & np.isin(item, cold_items), -1, label)
@@ -485,7 +486,7 @@ def leave_one_out_labels(user: np.ndarray) -> np.ndarray:
     """Split labels of rows sorted by (user, time, file order), whole users only: per user with at
     least 3 events the last is test and the one before it valid; the rest is train."""
     n = user.shape[0]
-    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])  # no rows: one empty run, no labels
     lengths = np.diff(np.r_[starts, n])
     from_end = np.repeat(starts + lengths - 1, lengths) - np.arange(n)
     eligible = np.repeat(lengths >= 3, lengths)
