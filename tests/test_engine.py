@@ -170,6 +170,16 @@ def test_a_bad_parquet_value_names_file_row_group_and_row(tmp_path):
         load_or_prepare(source, PreprocessConfig(), SplitConfig(), tmp_path / "cache")
     text = str(info.value)
     assert f"{path}, row group 2, row 641" in text and "item_id" in text and "data.source.columns.item" in text
+    # every column is checked in one pass; the first column of the mapping with a bad row is named
+    frame.loc[100, "timestamp"] = np.nan
+    frame.to_parquet(path, row_group_size=256)
+    with pytest.raises(DataError, match=r"item_id.*row group 2, row 641"):
+        load_or_prepare(source, PreprocessConfig(), SplitConfig(), tmp_path / "cache")
+    frame.loc[640, "item_id"] = "x"
+    frame.to_parquet(path, row_group_size=256)
+    with pytest.raises(DataError) as info:
+        load_or_prepare(source, PreprocessConfig(), SplitConfig(), tmp_path / "cache")
+    assert f"{path}, row group 0, row 101" in str(info.value) and "data.source.columns.timestamp" in str(info.value)
 
 
 def test_the_engine_spills_inside_the_cache_dir_and_leaves_nothing(tmp_path, synthetic, monkeypatch):

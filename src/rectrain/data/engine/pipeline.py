@@ -80,7 +80,7 @@ def run(engine: Engine, events: Any, pre: PreprocessConfig, split: Any, source: 
     """Filter, label, index and write ``events`` (an Ibis table on ``engine``); see the module doc."""
     stats: dict[str, Any] = {}
     with stage(engine, "filter (threshold, dedup, k-core)", source):
-        kept = filter_events(engine, events, pre, source, stats)
+        kept, per_id = filter_events(engine, events, pre, source, stats)
     with stage(engine, f"split ({split.kind})", source):
         if split.kind == "leave_one_out":
             labelled = kept  # labelled per block of users while the arrays are written: no extra copy
@@ -93,12 +93,19 @@ def run(engine: Engine, events: Any, pre: PreprocessConfig, split: Any, source: 
             engine.release(kept)
     with stage(engine, "index and write arrays", source):
         return _index_and_write(engine, labelled, split, stats, source, allocate,
-                                pairs_distinct=pre.dedup != "none" and split.kind != "session")
+                                pairs_distinct=pre.dedup != "none" and split.kind != "session",
+                                per_id=per_id if split.kind == "leave_one_out" else {})
 
 
 # --- filtering --------------------------------------------------------------------------------
-def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: str, stats: dict[str, Any]) -> Any:
-    """Threshold, dedup and iterative k-core; counts what each stage removed into ``stats``."""
+def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: str, stats: dict[str, Any]
+                  ) -> tuple[Any, dict[str, Any]]:
+    """Threshold, dedup and iterative k-core; counts what each stage removed into ``stats``.
+
+    Returns the kept events and, per id column k-core counted (``user``, ``item``), a table of
+    (id, ``_n`` events, ``_first`` file position) over exactly those events: the vocabularies of a
+    leave-one-out split are read off it instead of counting a billion events once more.
+    """
     import ibis
 
     removed: dict[str, int] = {}
@@ -131,11 +138,11 @@ def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: st
             removed["duplicates"] = n - after
         n = after
     with stage(engine, "k-core", source):
-        table = _k_core(engine, table, pre.min_user_interactions, pre.min_item_interactions, n, removed)
+        table, per_id = _k_core(engine, table, pre.min_user_interactions, pre.min_item_interactions, n, removed)
     if int(engine.scalar(table.count())) == 0:
         raise DataError(f"no interactions left after filtering {rows_read} rows ({removed}); lower the thresholds",
                         path=source, key="data.preprocess")
-    return table
+    return table, per_id
 
 
 def _dedup(table: Any, keep: str) -> Any:
@@ -161,42 +168,49 @@ def _user_parts(engine: Engine, table: Any, n_events: int) -> Parts:
     return engine.partition(table, (table[USER].hash() % parts).abs(), parts)
 
 
-def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, removed: dict[str, int]) -> Any:
+def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, removed: dict[str, int]
+            ) -> tuple[Any, dict[str, Any]]:
     """Drop users and items with too few events until both thresholds hold (the unique fixed point).
 
     Each step counts events per item (or user) over the events still alive and keeps the small set
     of survivors; the event table is read through semi-joins only once something was removed, and
     rewritten only at the end. A log that already holds (the usual case) costs one pass per side.
+    The last round removed nothing, so its counts (with each id's first file position) describe
+    the result exactly: they are returned per column.
     """
     import ibis
 
     if min_user <= 1 and min_item <= 1:
-        return table
+        return table, {}
     alive: dict[str, Any] = {}  # column -> surviving ids; absent: all of them
+    counted: dict[str, Any] = {}  # column -> (id, _n, _first) of the latest count
     changed_any = False
     while True:
         changed = False
         for column, minimum in ((ITEM, min_item), (USER, min_user)):
             if minimum <= 1:
                 continue
-            counts = engine.keep(_alive_events(table, alive).group_by(column).agg(_n=ibis._.count()))
+            counts = engine.keep(_alive_events(table, alive).group_by(column)
+                                 .agg(_n=ibis._.count(), _first=ibis._[ORDER].min()))
+            if column in counted:
+                engine.release(counted[column])
+            counted[column] = counts
             good = counts.filter(counts._n >= int(minimum)).select(column)
             if int(engine.scalar(good.count())) < int(engine.scalar(counts.count())):
                 previous, alive[column] = alive.get(column), engine.keep(good)
                 if previous is not None:
                     engine.release(previous)
                 changed = True
-            engine.release(counts)
         if not changed:
             break
         changed_any = True
     if not changed_any:  # nothing removed: no second copy of a billion events on disk
         removed["k_core"] = 0
-        return table
+        return table, counted
     result = engine.keep(_alive_events(table, alive))
     removed["k_core"] = n - int(engine.scalar(result.count()))
     engine.release(table)
-    return result
+    return result, counted
 
 
 def _alive_events(table: Any, alive: dict[str, Any]) -> Any:
@@ -238,7 +252,7 @@ def _label_sessions(engine: Engine, table: Any, pre: PreprocessConfig, split: An
     has_session = SESSION in table.columns
     table = table.mutate(_test=ibis.literal(False))
     if test_events is not None:
-        test_kept = filter_events(engine, test_events, _without_item_core(pre), source, {})
+        test_kept, _ = filter_events(engine, test_events, _without_item_core(pre), source, {})
         offset = int(engine.scalar(table[ORDER].max())) + 2
         test_kept = test_kept.mutate(**{ORDER: test_kept[ORDER] + offset}, _test=ibis.literal(True))
         table = engine.keep(table.union(test_kept.select(table.columns)))
@@ -278,12 +292,15 @@ def _without_item_core(pre: PreprocessConfig) -> PreprocessConfig:
 
 
 # --- vocabularies, drops, arrays --------------------------------------------------------------
-def _first_appearance(engine: Engine, table: Any, column: str, code: str, count: bool = False) -> Any:
+def _first_appearance(engine: Engine, table: Any, column: str, code: str, count: bool = False,
+                      counted: Any | None = None) -> Any:
     """Vocabulary of ``column`` by first appearance in the file: (raw id, contiguous code[, ``_n``
-    events per id, counted in the same pass when ``count``])."""
+    events per id, counted in the same pass when ``count``]). ``counted``: k-core's (id, ``_n``,
+    ``_first``) of exactly these events, which spares the pass over them."""
     import ibis
 
-    firsts = table.group_by(column).agg(_first=table[ORDER].min(), **({"_n": ibis._.count()} if count else {}))
+    firsts = counted if counted is not None else table.group_by(column).agg(
+        _first=table[ORDER].min(), **({"_n": ibis._.count()} if count else {}))
     return engine.keep(firsts.mutate(**{code: ibis.row_number().over(ibis.window(order_by="_first"))})
                        .select(column, code, *(["_n"] if count else [])))
 
@@ -297,16 +314,20 @@ def _fetch_vocab(engine: Engine, vocab: Any, column: str, code: str) -> np.ndarr
 
 
 def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, Any], source: str,
-                     allocate: Allocate, pairs_distinct: bool = False) -> EngineOutput:
+                     allocate: Allocate, pairs_distinct: bool = False, per_id: dict[str, Any] | None = None
+                     ) -> EngineOutput:
     """Vocabularies, the drops each protocol needs, then the arrays sorted by (user, time, file order).
 
     ``pairs_distinct``: no (user, item) pair occurs twice (deduplicated, users not re-keyed), so
-    distinct users per item is a plain count of the rows.
+    distinct users per item is a plain count of the rows. ``per_id``: k-core's counts per user and
+    item of exactly ``table``'s events (leave-one-out keeps every event), read instead of recounting.
     """
+    per_id = per_id or {}
     import ibis
 
     loo = split.kind == "leave_one_out"
-    items = _first_appearance(engine, table if loo else table.filter(table[LABEL] == TRAIN), ITEM, ITEM_CODE)
+    items = _first_appearance(engine, table if loo else table.filter(table[LABEL] == TRAIN), ITEM, ITEM_CODE,
+                              counted=per_id.get(ITEM))
     if split.kind != "leave_one_out":
         before = int(engine.scalar(table.count()))
         labelled, table = table, engine.keep(table.join(items, ITEM))
@@ -314,7 +335,7 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
         stats["eval_events_unseen_item_dropped"] = before - int(engine.scalar(table.count()))
     # leave-one-out keeps every event (every item is in the vocabulary): the users are counted off the
     # events as they are, without the join that brings the item codes
-    users = _first_appearance(engine, table, USER, USER_CODE, count=loo)
+    users = _first_appearance(engine, table, USER, USER_CODE, count=loo, counted=per_id.get(USER))
     if loo:
         table = table.join(items, ITEM)
     if split.kind == "session":
