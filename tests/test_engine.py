@@ -150,6 +150,69 @@ def test_parquet_is_scanned_by_the_engine_and_equals_the_reader(tmp_path):
     assert_identical(globbed, want)
 
 
+def test_a_csv_log_is_streamed_to_the_engine_in_chunks_and_equals_the_reader(tmp_path, monkeypatch):
+    """A CSV is never read whole: validated chunk by chunk, written to Parquet, scanned by the engine."""
+    from rectrain.data import readers
+
+    log = tied(generate_synthetic(n_users=200, n_items=150, mean_length=15, seed=6), 600.0)
+    path = tmp_path / "events.csv"
+    log.interactions.rename(columns={"user": "uid", "item": "sku", "timestamp": "ts"}).to_csv(path, index=False)
+    columns = {"user": "uid", "item": "sku", "timestamp": "ts"}
+    pre, split = PreprocessConfig(min_user_interactions=3, min_item_interactions=3), SplitConfig("leave_one_out")
+    want = prepare_in_memory(read_interactions(path, columns), pre, split)
+    chunks = []
+    monkeypatch.setattr(readers, "READ_CHUNK_ROWS", 257)
+    monkeypatch.setattr(readers, "read_interactions", lambda *a, **k: pytest.fail("the whole log was read"))
+    real_validate = readers._validate
+    monkeypatch.setattr(readers, "_validate", lambda frame, *a, **k: chunks.append(len(frame)) or
+                        real_validate(frame, *a, **k))
+    got = load_or_prepare(InteractionFileSource(str(path), columns), pre, split, tmp_path / "cache")
+    assert_identical(got, want)
+    assert max(chunks) == 257 and sum(chunks) == len(log.interactions)
+    assert not [p for p in (tmp_path / "cache").rglob("*.parquet")]  # the Parquet copy went with the engine
+
+
+def test_tsv_sessions_with_a_test_file_are_streamed_and_equal_the_reader(tmp_path, monkeypatch):
+    from rectrain.data import readers
+
+    train, test = write_sessions(tmp_path / "train.tsv", 1), write_sessions(tmp_path / "test.tsv", 2, 40, start=1.41e9)
+    pre, split = PreprocessConfig(dedup="none", min_item_interactions=2), SplitConfig("session", valid_fraction=0.2)
+    want = prepare_in_memory(read_sessions(train), pre, split, read_sessions(test))
+    monkeypatch.setattr(readers, "READ_CHUNK_ROWS", 100)
+    assert_identical(load_or_prepare(SessionFileSource(str(train), str(test)), pre, split, None), want)
+
+
+def test_a_bad_value_deep_in_a_csv_names_its_line_and_leaves_no_cache(tmp_path, monkeypatch):
+    from rectrain.data import readers
+
+    rows = [f"{i % 50},{i % 40},{1000 + i}" for i in range(5000)]
+    rows[4321] = "7,,1234"
+    path = tmp_path / "events.csv"
+    path.write_text("u,i,t\n" + "\n".join(rows) + "\n")
+    monkeypatch.setattr(readers, "READ_CHUNK_ROWS", 1000)
+    with pytest.raises(DataError) as info:
+        load_or_prepare(InteractionFileSource(str(path), {"user": "u", "item": "i", "timestamp": "t"}),
+                        PreprocessConfig(), SplitConfig(), tmp_path / "cache")
+    assert f"{path}" in str(info.value) and "line 4323" in str(info.value) and "column 'i'" in str(info.value)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_a_csv_log_on_a_spark_cluster_is_refused_by_key(tmp_path):
+    """Its executors could not read the local Parquet copy: the user is told to convert, by key."""
+    from types import SimpleNamespace
+
+    from rectrain.data.engine.backends import Engine
+    from rectrain.data.engine.scan import from_chunks
+
+    def spark(master: str) -> Engine:
+        return Engine(SimpleNamespace(_session=SimpleNamespace(sparkContext=SimpleNamespace(master=master))), "spark",
+                      tmp_path)
+
+    with pytest.raises(ConfigError, match="data.source.path.*Parquet"):
+        from_chunks(spark("spark://head:7077"), iter([]))
+    assert spark("local[2]").reads_local_files() and not spark("yarn").reads_local_files()
+
+
 def test_parquet_sessions_equal_the_tsv_reader(tmp_path):
     train = write_sessions(tmp_path / "train.parquet", 3, fmt="parquet")
     test = write_sessions(tmp_path / "test.parquet", 4, 30, fmt="parquet", start=1.41e9)
@@ -249,6 +312,9 @@ def test_spark_equals_pandas_on_every_fixture(tmp_path, synthetic):
     pre, split = PreprocessConfig(dedup="none"), SplitConfig("session", valid_fraction=0.1)
     got = load_or_prepare(SessionFileSource(str(train), str(test)), pre, split, tmp_path / "cache", engine=engine)
     assert_identical(got, prepare_in_memory(read_sessions(train), pre, split, read_sessions(test)))
+    train_tsv = write_sessions(tmp_path / "train.tsv", 3)  # a delimited log, streamed to Spark as Parquet
+    got = load_or_prepare(SessionFileSource(str(train_tsv)), pre, split, None, engine=engine)
+    assert_identical(got, prepare_in_memory(read_sessions(train_tsv), pre, split))
 
 
 def test_validation_on_sampled_users_is_seeded_labelled_and_the_test_stays_complete(compose_cfg):

@@ -20,7 +20,7 @@ import pytest
 
 from rectrain.data import movielens
 from rectrain.data.movielens import read_movielens
-from rectrain.data.readers import read_interactions, read_sessions
+from rectrain.data.readers import iter_interactions, read_interactions, read_sessions
 from rectrain.errors import DataError
 
 COLUMNS = {"user": "uid", "item": "iid", "timestamp": "ts", "rating": "r"}
@@ -288,6 +288,58 @@ def test_wrong_number_of_fields(tmp_path, row):
 def test_wrong_number_of_fields_in_quoted_file(tmp_path):
     path = write(tmp_path / "log.csv", 'uid,iid,ts,r\n"1",2,100,4\n1,2,100,4,9\n')
     assert "line 3" in read_error(path)
+
+
+def _long_log_with_a_bad_value(bad: str) -> str:
+    """3,000 rows with blank lines and padding, ``bad`` on line 2,611."""
+    lines = ["uid,iid,ts,r"]
+    for row in range(3000):
+        if row % 250 == 0:
+            lines.append("")
+        lines.append(f" {row % 97},{row % 31} ,{1000 + row},{row % 5}")
+    lines[2611 - 1] = bad
+    return "\n".join(lines) + "\n"
+
+
+STREAMED = [  # (file text, reader options): each must fail the same whole and streamed in chunks
+    ("uid,iid,ts,r\n1,2,100,4\n1,3,2020-01-01,4\n", {}),
+    ("uid,iid,ts,r\n\n1,2,100,4\n\n\n1,3,oops,4\n", {}),
+    ("uid,iid,ts,r\n1,2,2020-01-01,4\n1,3,yesterday,4\n", {"timestamp_format": "iso"}),
+    ("uid,iid,ts,r\n1,2,100,4\n1, ,100,4\n", {}),
+    ("uid,iid,ts,r\n1,2,100,4\n1,2,100,4\n1,2,100,five\n", {}),
+    ("uid,iid,ts,r,extra\n1,2,100,4,x\n1,2,100,4,x\n1,2,100\n", {}),
+    ('uid,iid,ts,r\n"1",2,100,4\n1,2,100,4,9\n', {}),
+    ("uid,iid,ts,r\n\n", {}),
+    (_long_log_with_a_bad_value("5,6,1e3,four"), {}),  # a text rating in a later chunk: re-read as text
+    (_long_log_with_a_bad_value("5,NaN,1e3,4"), {}),
+    (_long_log_with_a_bad_value("5,6,,4"), {}),
+]
+
+
+@pytest.mark.parametrize("case,chunk_rows", [(case, rows) for case, (text, _) in enumerate(STREAMED)
+                                             for rows in (1, 7, 1000) if rows > 1 or len(text) < 1000])
+def test_a_log_streamed_in_chunks_fails_as_the_whole_read_does(tmp_path, case, chunk_rows):
+    """Same message (file, exact line, column, value, key) whichever chunk holds the bad row (a row
+    per chunk only on the short logs: 3,000 chunks take seconds)."""
+    text, options = STREAMED[case]
+    path = write(tmp_path / "log.csv", text)
+    whole = read_error(path, **options)
+    with pytest.raises(DataError) as info:
+        list(iter_interactions(path, COLUMNS, chunk_rows=chunk_rows, **options))
+    assert str(info.value) == whole
+    if case >= len(STREAMED) - 3:
+        assert "line 2611" in whole
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 1000, None])
+def test_a_log_streamed_in_chunks_equals_the_whole_read(tmp_path, chunk_rows):
+    path = write(tmp_path / "log.csv", _long_log_with_a_bad_value(" 5 , 006 ,1e3,4"))
+    want = read_interactions(path, COLUMNS).interactions
+    chunks = list(iter_interactions(path, COLUMNS, chunk_rows=chunk_rows))
+    assert len(chunks) == (1 if chunk_rows is None else -(-3000 // chunk_rows))
+    got = pd.concat(chunks, ignore_index=True)
+    pd.testing.assert_frame_equal(got, want)
+    assert (got["item"] == "006").sum() == 1 and all(type(v) is str for v in got["user"])
 
 
 def test_unknown_role_and_missing_required_role(tmp_path):

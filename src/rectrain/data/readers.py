@@ -37,7 +37,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -63,6 +63,9 @@ _DEFAULT_SEP = {"csv": ",", "tsv": "\t"}
 _OPENERS: dict[str, Callable[..., IO[bytes]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _BLOCK_BYTES = 1 << 22
 _PARQUET_BATCH_ROWS = 1 << 16
+#: rows per chunk of a streamed delimited log: a chunk's ids as Python str are its memory (~100 MB
+#: for 2^20 rows of three columns)
+READ_CHUNK_ROWS = 1 << 20
 _EPOCH = pd.Timestamp(0, tz="UTC")
 _NUMERIC_TIME_FORMATS = ("s", "seconds", "unix", "epoch", "ms", "milliseconds")
 
@@ -112,6 +115,38 @@ def read_interactions(
     table = read_table(path, mapping, kinds, sep=sep, fmt=fmt, encoding=encoding, timestamp_format=timestamp_format)
     items = read_item_features(item_features) if item_features else None
     return RawLog(interactions=_canonical_interactions(table), items=items, source=str(path))
+
+
+def iter_interactions(
+    path: PathLike,
+    columns: Mapping[str, ColumnRef],
+    *,
+    sep: str | None = None,
+    fmt: str | None = None,
+    encoding: str = "utf-8",
+    timestamp_format: str | None = None,
+    chunk_rows: int | None = None,
+) -> Iterator[pd.DataFrame]:
+    """The interactions of a delimited (CSV/TSV) log, validated ``chunk_rows`` rows at a time
+    (default READ_CHUNK_ROWS).
+
+    What :func:`read_interactions` returns, in file order, a chunk at a time: the same columns,
+    checks and messages (file, exact line, column, key), with memory for one chunk whatever the
+    size of the file. The preprocessing engine streams a large CSV through it into Parquet.
+    """
+    mapping = _check_interaction_mapping(columns)
+    p = _check_file(path)
+    fmt = _resolve_format(p, fmt)
+    if fmt == "parquet":
+        raise DataError("a Parquet log is scanned by the engine itself, not streamed here", path=str(p),
+                        key="data.source.format")
+    sep = sep if sep is not None else _DEFAULT_SEP[fmt]
+    if not sep:
+        raise DataError("the separator is empty", path=str(p), key="data.source.sep")
+    spec = _TableSpec(mapping, {name: INTERACTION_KINDS[name] for name in mapping}, timestamp_format,
+                      "data.source.columns", {}, None)
+    for chunk in _iter_delimited(p, spec, sep, encoding, chunk_rows or READ_CHUNK_ROWS):
+        yield _canonical_interactions(chunk)
 
 
 def read_sessions(path: PathLike, *, sep: str = "\t", encoding: str = "utf-8") -> RawLog:
@@ -350,6 +385,17 @@ class _Layout:
 
 
 def _read_delimited(p: Path, spec: _TableSpec, sep: str, encoding: str) -> pd.DataFrame:
+    (table,) = _iter_delimited(p, spec, sep, encoding, chunk_rows=None)
+    return table
+
+
+def _iter_delimited(p: Path, spec: _TableSpec, sep: str, encoding: str,
+                    chunk_rows: int | None) -> Iterator[pd.DataFrame]:
+    """The validated columns of a delimited file, ``chunk_rows`` rows at a time (None: all at once).
+
+    Header and byte scan first (they keep only the blank lines' numbers), then the C parser reads
+    and each chunk is validated on its own: memory is one chunk, errors name the exact line.
+    """
     _check_encoding_name(p, encoding)
     has_header = not all(isinstance(ref, int) for ref in spec.columns.values())
     if not has_header and any(isinstance(ref, str) for ref in spec.columns.values()):
@@ -364,13 +410,16 @@ def _read_delimited(p: Path, spec: _TableSpec, sep: str, encoding: str) -> pd.Da
     layout = _scan_layout(p, sep, encoding, n_fields=len(names), first_line=header_line, has_header=has_header)
     if layout.n_rows == 0:
         raise DataError("the file has a header but no data rows", path=str(p))
-    frame = _parse_delimited(p, sep, encoding, len(names), _column_dtypes(positions, spec), has_header, layout)
-    if len(frame) == 0:
+    rows = 0
+    for frame in _parse_delimited(p, sep, encoding, len(names), _column_dtypes(positions, spec), has_header, layout,
+                                  chunk_rows):
+        if chunk_rows is None and len(frame) != layout.n_rows:  # quoted fields spanning lines
+            layout.quoted = True  # keep going, line numbers are approximate
+        if len(frame):
+            yield _validate(frame, positions, spec, _line_locator(p, spec, layout, rows), strip=layout.padded)
+        rows += len(frame)
+    if rows == 0:
         raise DataError("the file has a header but no data rows", path=str(p))
-    if len(frame) != layout.n_rows:  # quoted fields spanning lines: keep going, numbers are approximate
-        layout.quoted = True
-    location = _line_locator(p, spec, layout)
-    return _validate(frame, positions, spec, location, strip=layout.padded)
 
 
 def _check_encoding_name(p: Path, encoding: str) -> None:
@@ -519,14 +568,15 @@ def _raise_field_count(p: Path, bad: tuple[int, int], n_fields: int, has_header:
 
 
 def _parse_delimited(p: Path, sep: str, encoding: str, n_fields: int, dtypes: dict[int, str], has_header: bool,
-                     layout: _Layout) -> pd.DataFrame:
-    """Parse the declared columns with the C engine (python engine for multi-character separators).
+                     layout: _Layout, chunk_rows: int | None = None) -> Iterator[pd.DataFrame]:
+    """Parse the declared columns with the C engine (python engine for multi-character separators),
+    ``chunk_rows`` rows at a time (None: one frame).
 
     Numeric columns are parsed as float64 by the C parser itself (to_numeric on strings is ~10x
-    slower); if any value does not parse, everything is re-read as text so validation can show
-    the offending value and its line. Ids are read as text: ``12`` stays ``"12"``.
-    When the scan could not count fields (quotes, multi-character separator) every column is read,
-    so pandas itself rejects rows with too many fields.
+    slower); if any value of a chunk does not parse, the file is re-read as text from that chunk
+    on, so validation can show the offending value and its line. Ids are read as text: ``12``
+    stays ``"12"``. When the scan could not count fields (quotes, multi-character separator) every
+    column is read, so pandas itself rejects rows with too many fields.
     """
     usecols = sorted(dtypes)
     counted = not layout.quoted and _single_byte(sep, encoding) is not None
@@ -537,13 +587,26 @@ def _parse_delimited(p: Path, sep: str, encoding: str, n_fields: int, dtypes: di
         usecols=usecols if counted else None, na_filter=False, encoding=encoding,
         skip_blank_lines=True, compression="infer",
     )
+
+    def frames(dtype: Any) -> Iterator[pd.DataFrame]:
+        if chunk_rows is None:
+            yield pd.read_csv(p, dtype=dtype, **options)
+            return
+        with pd.read_csv(p, dtype=dtype, chunksize=chunk_rows, **options) as reader:
+            yield from reader
+
+    done = 0
     try:
         try:
-            frame = pd.read_csv(p, dtype=dtypes, **options)
+            for frame in frames(dtypes):
+                yield frame if counted else frame[usecols]
+                done += 1
         except pd.errors.ParserError:
             raise
-        except ValueError:  # a numeric column holds text: re-read as text to locate it
-            frame = pd.read_csv(p, dtype=object, **options)
+        except ValueError:  # a numeric column of chunk `done` holds text: from there on, read as text
+            for index, frame in enumerate(frames(object)):
+                if index >= done:
+                    yield frame if counted else frame[usecols]
     except UnicodeDecodeError as err:  # the scan decodes first; this is a safety net
         raise _encoding_error(p, None, encoding, err) from None
     except pd.errors.ParserError as err:
@@ -553,7 +616,6 @@ def _parse_delimited(p: Path, sep: str, encoding: str, n_fields: int, dtypes: di
         raise DataError(f"cannot parse the file as delimited text ({detail}); check the separator "
                         "(data.source.sep) and that every row has as many fields as the header", path=str(p),
                         line=line) from None
-    return frame if counted else frame[usecols]
 
 
 def _column_dtypes(positions: dict[str, int], spec: _TableSpec) -> dict[int, str]:
@@ -572,13 +634,15 @@ def _column_dtypes(positions: dict[str, int], spec: _TableSpec) -> dict[int, str
     return dtypes
 
 
-def _line_locator(p: Path, spec: _TableSpec, layout: _Layout) -> Callable[[str], Fail]:
-    """Errors for delimited files carry the physical line of the row (header = line 1)."""
+def _line_locator(p: Path, spec: _TableSpec, layout: _Layout, offset: int = 0) -> Callable[[str], Fail]:
+    """Errors for delimited files carry the physical line of the row (header = line 1); ``offset``:
+    the data rows before this chunk."""
     caveat = "; line numbers may be approximate: a quoted field spans several lines" if layout.quoted else ""
 
     def for_column(name: str) -> Fail:
         def fail(row: int, message: str) -> DataError:
-            return DataError(message + caveat, path=str(p), line=layout.line_of(row), column=spec.label(name))
+            return DataError(message + caveat, path=str(p), line=layout.line_of(offset + row),
+                             column=spec.label(name))
         return fail
 
     return for_column

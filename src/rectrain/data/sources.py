@@ -71,19 +71,21 @@ class InteractionFileSource:
         return read_interactions(self.path, self.columns, sep=self.sep, fmt=self.fmt, encoding=self.encoding,
                                  item_features=self.item_features, timestamp_format=self.timestamp_format)
 
-    def engine_inputs(self) -> tuple[RawLog, Callable[[Any], Any], None] | None:
-        """For a Parquet log (file, directory or glob): the side tables and a scan the engine runs itself.
-
-        None for delimited files: they are read and validated by :mod:`rectrain.data.readers` first.
-        """
-        if not _is_parquet(self.path, self.fmt):
-            return None
-        from rectrain.data.engine.scan import from_parquet
-        from rectrain.data.readers import read_item_features
+    def engine_inputs(self) -> tuple[RawLog, Callable[[Any], Any], None]:
+        """The side tables and a scan the engine runs itself: a Parquet log (file, directory or glob)
+        is read there; a CSV/TSV log is validated chunk by chunk and streamed to it (any size)."""
+        from rectrain.data.engine.scan import from_chunks, from_parquet
+        from rectrain.data.readers import iter_interactions, read_item_features
 
         items = read_item_features(self.item_features) if self.item_features else None
         side = RawLog(interactions=pd.DataFrame(), items=items, source=str(self.path))
-        return side, lambda engine: from_parquet(engine, self.path, self.columns, self.timestamp_format), None
+        if _is_parquet(self.path, self.fmt):
+            return side, lambda engine: from_parquet(engine, self.path, self.columns, self.timestamp_format), None
+
+        def stream(engine: Any) -> Any:
+            return from_chunks(engine, iter_interactions(self.path, self.columns, sep=self.sep, fmt=self.fmt,
+                                                         encoding=self.encoding, timestamp_format=self.timestamp_format))
+        return side, stream, None
 
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": "file", "file": _file_stamp(self.path), "columns": self.columns, "sep": self.sep,
@@ -125,15 +127,16 @@ class SessionFileSource:
 
         return read_sessions(self.test_path, sep=self.sep, encoding=self.encoding)
 
-    def engine_inputs(self) -> tuple[RawLog, Callable[[Any], Any], Callable[[Any], Any] | None] | None:
-        """Parquet session logs are scanned by the engine itself (see :class:`InteractionFileSource`)."""
-        if not _is_parquet(self.path, None) or (self.test_path and not _is_parquet(self.test_path, None)):
-            return None
-        from rectrain.data.engine.scan import from_parquet
-        from rectrain.data.readers import SESSION_COLUMNS
+    def engine_inputs(self) -> tuple[RawLog, Callable[[Any], Any], Callable[[Any], Any] | None]:
+        """Session logs are scanned by the engine itself, or streamed to it (see :class:`InteractionFileSource`)."""
+        from rectrain.data.engine.scan import from_chunks, from_parquet
+        from rectrain.data.readers import SESSION_COLUMNS, iter_interactions
 
         def scan(path: str) -> Callable[[Any], Any]:
-            return lambda engine: from_parquet(engine, path, SESSION_COLUMNS)
+            if _is_parquet(path, None):
+                return lambda engine: from_parquet(engine, path, SESSION_COLUMNS)
+            return lambda engine: from_chunks(engine, iter_interactions(path, SESSION_COLUMNS, sep=self.sep, fmt="csv",
+                                                                        encoding=self.encoding))
 
         side = RawLog(interactions=pd.DataFrame(), source=str(self.path))
         return side, scan(self.path), scan(self.test_path) if self.test_path else None

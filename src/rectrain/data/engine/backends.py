@@ -117,6 +117,11 @@ class Engine:
         if name.startswith("rectrain_step_"):
             self.con.drop_table(name, force=True)
 
+    def reads_local_files(self) -> bool:
+        """Whether a file in this machine's scratch folder is readable by the engine: DuckDB and
+        Spark in local mode; not a Spark cluster, whose executors run elsewhere."""
+        return self.name == "duckdb" or str(self.con._session.sparkContext.master).startswith("local")
+
     def register(self, table: Any) -> Any:
         """An engine table holding a pyarrow Table (a log or a lookup that is already in memory)."""
         name = f"rectrain_input_{next(self._names)}"

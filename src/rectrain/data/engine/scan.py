@@ -1,25 +1,29 @@
-"""Canonical event tables on an engine: from a RawLog in memory, or straight from Parquet files.
+"""Canonical event tables on an engine: from a RawLog in memory, a streamed CSV, or Parquet files.
 
 The pipeline reads ``user, item, timestamp`` [, ``rating``, ``session``] and ``_order`` (the event's
-position in the input: file by file in name order, row by row). A log that fits in memory (the
-synthetic data, MovieLens, a CSV read and validated by :mod:`rectrain.data.readers`) is handed to the
-engine as Arrow. A Parquet log — one file, a directory or a glob of files, any size — is scanned by
-the engine itself, so it never passes through Python memory; its values are checked there, and a bad
-one is reported as file, row group and row.
+position in the input: file by file in name order, row by row). A log already in memory (the
+synthetic data, MovieLens) is handed to the engine as Arrow. A Parquet log — one file, a directory
+or a glob of files, any size — is scanned by the engine itself, so it never passes through Python
+memory; its values are checked there, and a bad one is reported as file, row group and row. A
+CSV/TSV log of any size is validated chunk by chunk by :mod:`rectrain.data.readers` (errors name
+the exact line) and written as Parquet into the engine's scratch folder as it goes, then scanned.
 """
 from __future__ import annotations
 
 import glob as globlib
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
+import pandas as pd
 
 from rectrain.data.engine.backends import Engine
 from rectrain.data.readers import MISSING_ID_STRINGS  # the readers' rule for a missing id, shared
 from rectrain.data.schema import ITEM, RATING, SESSION, TIMESTAMP, USER, RawLog
-from rectrain.errors import DataError
+from rectrain.errors import ConfigError, DataError
 
 ORDER = "_order"
 
@@ -40,6 +44,42 @@ def from_raw_log(engine: Engine, raw: RawLog) -> Any:
             columns[name] = pa.array(values.to_numpy(dtype=object), type=pa.string(), from_pandas=True)
     columns[ORDER] = pa.array(np.arange(len(frame), dtype=np.int64))
     return engine.register(pa.table(columns))
+
+
+def from_chunks(engine: Engine, chunks: Iterable[pd.DataFrame]) -> Any:
+    """Validated canonical chunks (:func:`rectrain.data.readers.iter_interactions`) written one by
+    one as row groups of a Parquet file in the engine's scratch folder (removed with it), then
+    scanned: memory holds one chunk, and ``_order`` is the row's position in the log."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not engine.reads_local_files():
+        raise ConfigError("data.source.path", "a CSV/TSV log is streamed through a local Parquet file, which a "
+                          "Spark cluster's executors cannot read: convert it once to Parquet on storage they share "
+                          "(README, 'CSV/TSV logs of any size') and point data.source.path there")
+    handle, name = tempfile.mkstemp(prefix="log-", suffix=".parquet", dir=engine.workdir)  # a training and a test log
+    os.close(handle)
+    path, writer = Path(name), None
+    try:
+        for chunk in chunks:
+            table = pa.table({name: _arrow_column(name, chunk[name]) for name in chunk.columns})
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table, row_group_size=max(len(chunk), 1))
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise DataError("the log has no rows")
+    return from_parquet(engine, path, {name: name for name in pq.ParquetFile(path).schema_arrow.names})
+
+
+def _arrow_column(name: str, values: pd.Series) -> Any:
+    import pyarrow as pa
+
+    if name in (TIMESTAMP, RATING):
+        return pa.array(values.to_numpy(dtype=np.float64), type=pa.float64())
+    return pa.array(values.to_numpy(dtype=object), type=pa.string())
 
 
 @dataclass
