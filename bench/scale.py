@@ -2,6 +2,7 @@
 
     python bench/scale.py --events 10000000,100000000,1000000000 --workdir /data/scale
     python bench/scale.py --events 10000000 --compare-pandas          # the former pandas path beside it
+    python bench/scale.py --events 100000000 --stages generate,csv,preprocess_csv   # a CSV log
     python bench/scale.py --events 50000000 --items 100000 --stages generate,preprocess,evaluate \
         --eval-users 1000000                                          # 1M users ranked over 100k items
 
@@ -15,6 +16,8 @@ RssAnon, sampled every 0.2 s):
 * ``preprocess``: ``load_or_prepare`` on the Parquet directory with the DuckDB engine (k-core 5/5,
   dedup first, leave-one-out), writing the cache; disk = peak size of the cache folder while it
   runs (spill included, sampled every second).
+* ``csv`` / ``preprocess_csv``: the same log as one CSV file, written batch by batch, then prepared
+  from it: validated chunk by chunk (exact lines in errors) and streamed to the engine as Parquet.
 * ``pandas`` (``--compare-pandas``): the former path: the validated reader into pandas, then
   ``prepare_in_memory``, then the cache write.
 * ``load``: opening the cache (memory-mapped) with checksums, as the first run after a build does.
@@ -135,19 +138,40 @@ def _pre_split():
     return PreprocessConfig(min_user_interactions=5, min_item_interactions=5), SplitConfig("leave_one_out")
 
 
-def stage_preprocess(workdir: Path, events: int, memory_limit: str, threads: int | None) -> dict:
+def stage_csv(workdir: Path, events: int) -> dict:
+    """The generated log as one CSV file, written batch by batch (many real logs arrive so)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    start = time.perf_counter()
+    path, tmp = workdir / f"log-{events}.csv", workdir / f".log-{events}.csv.partial"
+    writer = None
+    with open(tmp, "wb") as sink:
+        for part in sorted((workdir / f"log-{events}").glob("*.parquet")):
+            for batch in pq.ParquetFile(part).iter_batches(batch_size=1 << 20):
+                writer = writer or pacsv.CSVWriter(sink, batch.schema)
+                writer.write_batch(batch)
+        if writer is not None:
+            writer.close()
+    tmp.rename(path)
+    return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "disk_mb": path.stat().st_size / 2**20}
+
+
+def stage_preprocess(workdir: Path, events: int, memory_limit: str, threads: int | None, csv: bool = False) -> dict:
+    """``csv``: from the CSV copy of the log (validated in chunks, streamed to the engine as Parquet)."""
     from rectrain.data.dataset import load_or_prepare
     from rectrain.data.engine import EngineConfig
     from rectrain.data.sources import InteractionFileSource
 
-    cache = workdir / f"cache-{events}"
+    cache = workdir / (f"cache-csv-{events}" if csv else f"cache-{events}")
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
     pre, split = _pre_split()
     stages = StageSeconds()
     start = time.perf_counter()
     with PeakWatcher(lambda: _dir_bytes(cache), 1.0) as disk, stages:
-        data = load_or_prepare(InteractionFileSource(str(workdir / f"log-{events}"), COLUMNS), pre, split, cache,
+        log_path = workdir / (f"log-{events}.csv" if csv else f"log-{events}")
+        data = load_or_prepare(InteractionFileSource(str(log_path), COLUMNS), pre, split, cache,
                                engine=EngineConfig(memory_limit=memory_limit, threads=threads))
     return {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "disk_peak_mb": disk.peak / 2**20,
             "cache_mb": _dir_bytes(cache) / 2**20, "train_events": len(data.train), "users": data.n_users,
@@ -311,7 +335,7 @@ def stage_evaluate(workdir: Path, events: int, users: int) -> dict:
             "ndcg@10": round(float(summary["ndcg@10"]), 4)}
 
 
-STAGES = {"generate", "preprocess", "pandas", "load", "train_mf", "train_two_tower", "train_mf_sparse",
+STAGES = {"generate", "csv", "preprocess_csv", "preprocess", "pandas", "load", "train_mf", "train_two_tower", "train_mf_sparse",
           "train_two_tower_sparse", "evaluate"}
 
 
@@ -351,7 +375,10 @@ def main() -> None:
     if args.stage:  # a child: one stage, one JSON line
         events = int(args.events)
         fn = {"generate": lambda: stage_generate(args.workdir, events, items=args.items),
+              "csv": lambda: stage_csv(args.workdir, events),
               "preprocess": lambda: stage_preprocess(args.workdir, events, args.memory_limit, args.threads),
+              "preprocess_csv": lambda: stage_preprocess(args.workdir, events, args.memory_limit, args.threads,
+                                                         csv=True),
               "pandas": lambda: stage_pandas(args.workdir, events),
               "load": lambda: stage_load(args.workdir, events),
               "train_mf": lambda: stage_train(args.workdir, events, "mf", args.train_steps),
@@ -379,7 +406,8 @@ def main() -> None:
             print(f"{events:>13,} {stage:<16} {json.dumps(row, default=str)}", flush=True)
             out.write_text(json.dumps(results, indent=2, default=str))
         if not args.keep:
-            for name in (f"log-{events}", f"cache-{events}", f"cache-pandas-{events}", f"joined-{events}.parquet"):
+            for name in (f"log-{events}", f"cache-{events}", f"cache-pandas-{events}", f"joined-{events}.parquet",
+                         f"log-{events}.csv", f"cache-csv-{events}"):
                 path = args.workdir / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     print_table({str(e): results[str(e)] for e in [int(e) for e in args.events.split(",")]})
