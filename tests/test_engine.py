@@ -463,3 +463,36 @@ def test_prefetched_batches_keep_order_raise_the_engines_error_and_stop_with_the
     assert [next(stream) for _ in range(3)] == [0, 1, 2]
     stream.close()  # the caller stops early: the thread must not linger, blocked on a full queue
     assert not any(t.name == "rectrain-prefetch" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("kind", ["file", "memory"])
+def test_an_array_opened_with_an_upper_bound_ends_at_the_rows_it_got(tmp_path, kind):
+    """Training without its cold items is sized by an upper bound; the header then says the truth."""
+    from rectrain.data.engine.sinks import MemorySink, NpyFileSink
+
+    def sink(folder: Path):
+        folder.mkdir()
+        return NpyFileSink(folder) if kind == "file" else MemorySink()
+
+    out = sink(tmp_path / "ok")
+    out.open("bounded", np.float64, 1000, exact=False)
+    out.open("exact", np.int64, 7)
+    out.open("empty", np.int64, 10**12 if kind == "file" else 10, exact=False)  # 13 digits down to 1
+    out.append("bounded", np.arange(737, dtype=np.float64) / 3)
+    out.append("bounded", np.array([5.5]))
+    out.append("exact", np.arange(7))
+    arrays = out.finish()
+    assert arrays["bounded"].dtype == np.float64 and np.array_equal(arrays["bounded"], np.r_[np.arange(737) / 3, 5.5])
+    assert np.array_equal(arrays["exact"], np.arange(7)) and arrays["empty"].shape == (0,)
+    if kind == "file":
+        for name, rows in (("bounded", 738), ("empty", 0)):
+            path = tmp_path / "ok" / f"{name}.npy"
+            assert np.load(path).shape == (rows,) and path.read_bytes().index(b"\n") % 64 == 63  # aligned
+    wrong = sink(tmp_path / "wrong")
+    wrong.open("exact", np.int64, 3)
+    wrong.open("bounded", np.int64, 2, exact=False)
+    wrong.append("exact", np.arange(2))
+    with pytest.raises(RuntimeError, match=r"'bounded' got more rows than counted: 3 > 2"):
+        wrong.append("bounded", np.arange(3))
+    with pytest.raises(RuntimeError, match=r"not filled to their counted length: \{'exact': \(2, 3\)\}"):
+        wrong.finish()

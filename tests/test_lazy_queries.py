@@ -84,18 +84,21 @@ def test_queries_and_popularity_per_chunk_equal_the_whole_log(log, split, monkey
 
 
 def test_distinct_users_per_item_streamed_in_batches_equals_one_count():
+    """The write loop's batches (re-cut to whole users, however the engine cut them) counted one by one."""
+    from rectrain.data.engine.pipeline import whole_users
     from rectrain.data.engine.sinks import DistinctUsersPerItem
 
     rng = np.random.default_rng(0)
     user = np.sort(rng.integers(0, 40, size=3000))
     user[1000:1600] = user[999]  # one user longer than several batches
     user = np.sort(user)
-    item = rng.integers(0, 25, size=3000)
+    item = rng.integers(0, 25, size=3000)  # repeats within a user: distinct users, not rows
     want = np.bincount(np.unique(user * 25 + item) % 25, minlength=25)
     for cuts in ([], [1], [5, 6, 7, 500, 1100, 1200, 2999], list(range(0, 3000, 13))):
         counter = DistinctUsersPerItem(25)
-        for lo, hi in zip([0, *cuts], [*cuts, 3000]):
-            counter.add(user[lo:hi], item[lo:hi])
+        batches = ((user[lo:hi], item[lo:hi]) for lo, hi in zip([0, *cuts], [*cuts, 3000]))
+        for users, items in whole_users(batches):
+            counter.add(users, items)
         assert np.array_equal(counter.finish(), want), cuts
 
 

@@ -221,18 +221,6 @@ def _alive_events(table: Any, alive: dict[str, Any]) -> Any:
 
 
 # --- split labels -----------------------------------------------------------------------------
-def _label_leave_one_out(table: Any, user: str = USER) -> Any:
-    """Per user by (time, file order): last event -> test, second to last -> valid (users with >= 3)."""
-    import ibis
-
-    back = ibis.window(group_by=table[user], order_by=[ibis.desc(table[TIMESTAMP]), ibis.desc(table[ORDER])])
-    n_user = table[ORDER].count().over(ibis.window(group_by=table[user]))
-    position = ibis.row_number().over(back)
-    label = ibis.cases(((n_user >= 3) & (position == 0), TEST), ((n_user >= 3) & (position == 1), VALID),
-                       else_=TRAIN)
-    return table.mutate(**{LABEL: label.cast("int8")})
-
-
 def _label_time(engine: Engine, table: Any, split: Any) -> Any:
     """Global cut by event rank in (time, file order): exact fractions even with tied timestamps."""
     import ibis
@@ -421,12 +409,6 @@ def _user_blocks(engine: Engine, final: Any, n_users: int, n_events: int) -> Par
     return engine.partition(final, final[USER_CODE] * blocks // max(n_users, 1), blocks)
 
 
-def _labelled(block: Any, loo: bool) -> Any:
-    """A block's events with their split label (leave-one-out labels per block: whole users are in one)."""
-    block = _label_leave_one_out(block, USER_CODE) if loo else block
-    return block.select(USER_CODE, ITEM_CODE, TIMESTAMP, LABEL, ORDER)
-
-
 def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, int], cold_items: np.ndarray,
                   allocate: Allocate, loo: bool = False, popularity: dict[str, DistinctUsersPerItem] | None = None
                   ) -> tuple[dict[str, np.ndarray], int]:
@@ -439,15 +421,11 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
     """
     with _user_blocks(engine, final, n_users, sum(counts.values())) as parts:
         blocks = [(index, block) for index, block in enumerate(parts.tables) if block is not None]
-        cold_in_train = 0
-        if cold_items.size:
-            cold_in_train = _count_cold_train(engine, [_labelled(block, loo) for _, block in blocks], cold_items)
-        sizes = {"train": counts.get(TRAIN, 0) - cold_in_train, "valid": counts.get(VALID, 0),
-                 "test": counts.get(TEST, 0)}
+        sizes = {"train": counts.get(TRAIN, 0), "valid": counts.get(VALID, 0), "test": counts.get(TEST, 0)}
         dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.float64}
         for part in sizes:
-            for col, dtype in dtypes.items():
-                allocate.open(f"{part}_{col}", dtype, sizes[part])
+            for col, dtype in dtypes.items():  # cold items leave training as the stream goes by
+                allocate.open(f"{part}_{col}", dtype, sizes[part], exact=part != "train" or not cold_items.size)
         labels_of = {"train": TRAIN, "valid": VALID, "test": TEST}
         columns = [USER_CODE, ITEM_CODE, TIMESTAMP] + ([] if loo else [LABEL])
         for index, block in blocks:
@@ -470,7 +448,7 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
                         allocate.append(f"{part}_timestamp", timestamp[rows])
             parts.drop(index)  # its events are in the arrays now: give the disk back as they grow
     arrays = allocate.finish()  # raises if the stream and the counts disagree
-    return arrays, cold_in_train
+    return arrays, sizes["train"] - int(arrays["train_user"].shape[0])
 
 
 def _as_arrays(batch: Any) -> tuple[np.ndarray, ...]:
@@ -515,12 +493,3 @@ def leave_one_out_labels(user: np.ndarray) -> np.ndarray:
     label[eligible & (from_end == 1)] = VALID
     label[eligible & (from_end == 0)] = TEST
     return label
-
-
-def _count_cold_train(engine: Engine, blocks: list[Any], cold_items: np.ndarray) -> int:
-    total = 0
-    for block in blocks:
-        for batch in engine.batches(block.select(ITEM_CODE, LABEL)):
-            item, label = batch.column(0).to_numpy(), batch.column(1).to_numpy()
-            total += int(((label == TRAIN) & np.isin(item, cold_items)).sum())
-    return total

@@ -4,9 +4,15 @@ The engine streams each split's rows in order, so every array is filled front to
 written with plain appends (header first, length known from a count), not through a writable
 memory map: dirty mapped pages would count against the process's resident memory, appended bytes
 go through the page cache and do not. The finished files are opened memory-mapped (copy-on-write).
+
+An array opened with ``exact=False`` has only an upper bound (training without its cold items,
+which the stream drops as it goes): it ends at the rows it received, and a file's header is
+rewritten in place with that length.
 """
 from __future__ import annotations
 
+import io
+import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -15,26 +21,39 @@ import numpy as np
 from rectrain.utils.arrays import unique_ints
 
 
+def _check_room(name: str, filled: int, rows: int, length: int) -> None:
+    if filled + rows > length:
+        raise RuntimeError(f"array {name!r} got more rows than counted: {filled + rows} > {length}")
+
+
+def _check_filled(filled: dict[str, int], lengths: dict[str, int], exact: dict[str, bool]) -> None:
+    """Every array opened as exact holds its counted rows."""
+    short = {n: (f, lengths[n]) for n, f in filled.items() if exact[n] and f != lengths[n]}
+    if short:
+        raise RuntimeError(f"arrays not filled to their counted length: {short}")
+
+
 class MemorySink:
     """Arrays in memory (small logs, tests, a cache that cannot be written)."""
 
     def __init__(self) -> None:
         self._arrays: dict[str, np.ndarray] = {}
         self._filled: dict[str, int] = {}
+        self._exact: dict[str, bool] = {}
 
-    def open(self, name: str, dtype: Any, length: int) -> None:
-        self._arrays[name], self._filled[name] = np.empty(length, dtype=dtype), 0
+    def open(self, name: str, dtype: Any, length: int, exact: bool = True) -> None:
+        """An array of ``length`` rows (``exact=False``: at most that many)."""
+        self._arrays[name], self._filled[name], self._exact[name] = np.empty(length, dtype=dtype), 0, exact
 
     def append(self, name: str, values: np.ndarray) -> None:
         start = self._filled[name]
+        _check_room(name, start, values.shape[0], self._arrays[name].shape[0])
         self._arrays[name][start:start + values.shape[0]] = values
         self._filled[name] = start + values.shape[0]
 
     def finish(self) -> dict[str, np.ndarray]:
-        short = {n: (f, self._arrays[n].shape[0]) for n, f in self._filled.items() if f != self._arrays[n].shape[0]}
-        if short:
-            raise RuntimeError(f"arrays not filled to their counted length: {short}")
-        return self._arrays
+        _check_filled(self._filled, {n: a.shape[0] for n, a in self._arrays.items()}, self._exact)
+        return {name: array[:self._filled[name]] for name, array in self._arrays.items()}
 
 
 class NpyFileSink:
@@ -44,25 +63,28 @@ class NpyFileSink:
         self.directory = Path(directory)
         self._files: dict[str, tuple[BinaryIO, np.dtype, int]] = {}
         self._filled: dict[str, int] = {}
+        self._exact: dict[str, bool] = {}
 
-    def open(self, name: str, dtype: Any, length: int) -> None:
+    def open(self, name: str, dtype: Any, length: int, exact: bool = True) -> None:
+        """``<name>.npy`` of ``length`` rows (``exact=False``: at most that many)."""
         dtype = np.dtype(dtype)
         handle = open(self.directory / f"{name}.npy", "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (length,)}
-        np.lib.format.write_array_header_1_0(handle, header)
-        self._files[name], self._filled[name] = (handle, dtype, length), 0
+        handle.write(_npy_header(dtype, length))
+        self._files[name], self._filled[name], self._exact[name] = (handle, dtype, length), 0, exact
 
     def append(self, name: str, values: np.ndarray) -> None:
-        handle, dtype, _ = self._files[name]
+        handle, dtype, length = self._files[name]
+        _check_room(name, self._filled[name], values.shape[0], length)
         handle.write(memoryview(np.ascontiguousarray(values, dtype=dtype)).cast("B"))  # no bytes copy
         self._filled[name] += values.shape[0]
 
     def finish(self) -> dict[str, np.ndarray]:
-        for handle, _, _ in self._files.values():
+        _check_filled(self._filled, {n: f[2] for n, f in self._files.items()}, self._exact)
+        for name, (handle, dtype, length) in self._files.items():
+            if self._filled[name] != length:  # an upper bound: the header says the rows it got
+                handle.seek(0)
+                handle.write(_npy_header(dtype, self._filled[name], size=len(_npy_header(dtype, length))))
             handle.close()
-        short = {n: (f, self._files[n][2]) for n, f in self._filled.items() if f != self._files[n][2]}
-        if short:
-            raise RuntimeError(f"arrays not filled to their counted length: {short}")
         return {name: np.load(self.directory / f"{name}.npy", mmap_mode="c", allow_pickle=False)
                 for name in self._files}
 
@@ -71,14 +93,28 @@ class NpyFileSink:
             handle.close()
 
 
+def _npy_header(dtype: np.dtype, length: int, size: int | None = None) -> bytes:
+    """The ``.npy`` (1.0) header of a 1-d array; ``size``: padded with spaces to that many bytes, so
+    a shorter length can replace a header already written in front of the data."""
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                              "fortran_order": False, "shape": (int(length),)})
+    header = out.getvalue()
+    if size is None or size == len(header):
+        return header
+    text = header[10:].rstrip(b" \n")  # magic (6), version (2), length (2), then the dict
+    if len(text) + 11 > size:
+        raise ValueError(f"a header of {len(text) + 11} bytes does not fit in {size}")
+    return header[:8] + struct.pack("<H", size - 10) + text + b" " * (size - 11 - len(text)) + b"\n"
+
+
 class DistinctUsersPerItem:
-    """Per item, how many distinct users have it, from (user, item) rows streamed in user order.
+    """Per item, how many distinct users have it, from (user, item) rows of whole users.
 
     Item popularity (what evaluation's popularity metrics and the popularity baseline use) counted
-    while the pipeline writes the arrays: a user's rows are complete once a later user appears, so
-    each call counts the users it has finished and carries the last one over. Memory: one batch
-    plus one user's rows; nothing is read back from disk (at 1B events, counting afterwards took
-    26 minutes of reading the memory-mapped splits).
+    while the pipeline writes the arrays, whose batches hold whole users (``whole_users``): a
+    user's distinct items are counted within the call that holds all of them. Nothing is read back
+    from disk (at 1B events, counting afterwards took 26 minutes of reading the memory-mapped splits).
     """
 
     def __init__(self, n_items: int, pairs_distinct: bool = False) -> None:
@@ -86,28 +122,14 @@ class DistinctUsersPerItem:
         #: no (user, item) pair repeats (a deduplicated log): each row is one user of its item
         self.pairs_distinct = bool(pairs_distinct)
         self.counts = np.zeros(self.n_items, dtype=np.int64)
-        self._user = np.zeros(0, dtype=np.int64)
-        self._item = np.zeros(0, dtype=np.int64)
 
     def add(self, user: np.ndarray, item: np.ndarray) -> None:
-        """Rows sorted by user, continuing the rows of the previous call."""
+        """The rows of some users, all of each user's rows in this one call."""
         if self.pairs_distinct:
             self.counts += np.bincount(item, minlength=self.n_items)
-            return
-        user = np.concatenate([self._user, user]) if self._user.size else np.asarray(user, dtype=np.int64)
-        item = np.concatenate([self._item, item]) if self._item.size else np.asarray(item, dtype=np.int64)
-        if not user.size:
-            return
-        last = int(np.searchsorted(user, user[-1]))  # the last user's rows may go on in the next call
-        self._count(user[:last], item[:last])
-        self._user, self._item = user[last:].copy(), item[last:].copy()
-
-    def finish(self) -> np.ndarray:
-        self._count(self._user, self._item)
-        self._user, self._item = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        return self.counts
-
-    def _count(self, user: np.ndarray, item: np.ndarray) -> None:
-        if user.size:
+        elif user.size:
             pairs = unique_ints(user.astype(np.int64) * self.n_items + item)
             self.counts += np.bincount(pairs % self.n_items, minlength=self.n_items)
+
+    def finish(self) -> np.ndarray:
+        return self.counts
