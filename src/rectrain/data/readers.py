@@ -140,12 +140,9 @@ def iter_interactions(
     if fmt == "parquet":
         raise DataError("a Parquet log is scanned by the engine itself, not streamed here", path=str(p),
                         key="data.source.format")
-    sep = sep if sep is not None else _DEFAULT_SEP[fmt]
-    if not sep:
-        raise DataError("the separator is empty", path=str(p), key="data.source.sep")
     spec = _TableSpec(mapping, {name: INTERACTION_KINDS[name] for name in mapping}, timestamp_format,
                       "data.source.columns", {}, None)
-    for chunk in _iter_delimited(p, spec, sep, encoding, chunk_rows or READ_CHUNK_ROWS):
+    for chunk in _iter_delimited(p, spec, _separator(p, fmt, sep), encoding, chunk_rows or READ_CHUNK_ROWS):
         yield _canonical_interactions(chunk)
 
 
@@ -229,10 +226,7 @@ def read_table(
     spec = _TableSpec(dict(columns), dict(kinds), timestamp_format, key_prefix, dict(labels or {}), on_duplicate_id)
     if fmt == "parquet":
         return _read_parquet(p, spec)
-    sep = sep if sep is not None else _DEFAULT_SEP[fmt]
-    if not sep:
-        raise DataError("the separator is empty", path=str(p), key="data.source.sep")
-    return _read_delimited(p, spec, sep, encoding)
+    return _read_delimited(p, spec, _separator(p, fmt, sep), encoding)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,6 +313,14 @@ def _resolve_format(p: Path, fmt: str | None) -> str:
         raise DataError(f"cannot tell the format from the extension {''.join(p.suffixes)!r}; "
                         "set data.source.format to csv, tsv or parquet", path=str(p), key="data.source.format")
     return found
+
+
+def _separator(p: Path, fmt: str, sep: str | None) -> str:
+    """The declared separator, or the format's own (``,`` for csv, tab for tsv)."""
+    sep = sep if sep is not None else _DEFAULT_SEP[fmt]
+    if not sep:
+        raise DataError("the separator is empty", path=str(p), key="data.source.sep")
+    return sep
 
 
 def _open_binary(p: Path) -> IO[bytes]:
