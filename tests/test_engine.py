@@ -172,6 +172,32 @@ def test_a_csv_log_is_streamed_to_the_engine_in_chunks_and_equals_the_reader(tmp
     assert not [p for p in (tmp_path / "cache").rglob("*.parquet")]  # the Parquet copy went with the engine
 
 
+def test_csv_ids_that_are_canonical_integers_are_scanned_as_integers_and_others_stay_text(tmp_path, monkeypatch):
+    """``7`` and ``007`` are two items; ``-3`` and ``12`` may be integers: the vocabularies say the same."""
+    from rectrain.data import readers
+    from rectrain.data.engine.backends import connect
+    from rectrain.data.engine.scan import from_chunks
+
+    rng = np.random.default_rng(4)
+    n = 4000
+    users = rng.integers(-20, 120, n).astype(str)
+    items = np.where(rng.random(n) < 0.1, "007", rng.integers(0, 60, n).astype(str))  # "007" beside "7"
+    path = tmp_path / "events.csv"
+    pd.DataFrame({"u": users, "i": items, "t": 1e9 + rng.integers(0, 500, n) * 60}).to_csv(path, index=False)
+    columns = {"user": "u", "item": "i", "timestamp": "t"}
+    monkeypatch.setattr(readers, "READ_CHUNK_ROWS", 999)
+    engine = connect(EngineConfig(), tmp_path)
+    try:
+        scanned = from_chunks(engine, readers.iter_interactions(path, columns))
+        assert scanned.schema()["user"].is_integer() and scanned.schema()["item"].is_string()
+    finally:
+        engine.close()
+    pre, split = PreprocessConfig(min_user_interactions=3, min_item_interactions=3), SplitConfig("leave_one_out")
+    got = load_or_prepare(InteractionFileSource(str(path), columns), pre, split, tmp_path / "cache")
+    assert_identical(got, prepare_in_memory(read_interactions(path, columns), pre, split))
+    assert {"007", "7"} <= set(got.item_vocab.tolist()) and "-3" in set(got.user_vocab.tolist())
+
+
 def test_tsv_sessions_with_a_test_file_are_streamed_and_equal_the_reader(tmp_path, monkeypatch):
     from rectrain.data import readers
 

