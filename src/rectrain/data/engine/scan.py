@@ -80,8 +80,10 @@ def from_chunks(engine: Engine, chunks: Iterable[pd.DataFrame]) -> Any:
             writer.close()
     if writer is None:
         raise DataError("the log has no rows")
-    scanned = from_parquet(engine, path, {column: column for column in pq.ParquetFile(path).schema_arrow.names})
-    return scanned.mutate(**{column: scanned[column].cast("int64") for column, yes in integral.items() if yes})
+    raw = _scan_with_position(engine, parquet_files(path))  # checked by the readers already: no second pass
+    columns = [column for column in (USER, ITEM, TIMESTAMP, RATING, SESSION) if column in raw.columns]
+    return raw.select(*[raw[column].cast("int64").name(column) if integral.get(column) else raw[column]
+                        for column in columns], raw[ORDER])
 
 
 #: canonical decimal integers that fit int64 with room: what int -> text gives back unchanged
