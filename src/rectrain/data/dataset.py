@@ -567,8 +567,9 @@ def _prepare(source: Any, pre: PreprocessConfig, split: SplitConfig, key: str, e
              directory: Path | None = None) -> PreparedData:
     """Prepare from the source (no cache involved); the result carries its cache key as fingerprint.
 
-    A source that the engine can read itself (``engine_inputs()``: a Parquet log) is scanned there;
-    any other is loaded into a RawLog first.
+    A log file (``engine_inputs()``: Parquet scanned by the engine, CSV/TSV streamed to it in
+    validated chunks) never passes whole through memory; a source without one (the synthetic data,
+    MovieLens) is loaded into a RawLog first.
     """
     inputs = source.engine_inputs() if hasattr(source, "engine_inputs") else None
     if inputs is not None:
