@@ -349,10 +349,10 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
         cold_items = np.sort(rng.choice(n_items, size=int(round(n_items * split.cold_item_fraction)),
                                         replace=False)).astype(np.int64)
     if loo:
-        final = table.join(users, USER).select(USER_CODE, ITEM_CODE, TIMESTAMP, ORDER)
+        final = _narrow_codes(table.join(users, USER), TIMESTAMP, ORDER, n=max(len(user_vocab), len(item_vocab)))
         counts = _leave_one_out_counts(engine, users)
     else:
-        final = table.join(users, USER).select(USER_CODE, ITEM_CODE, TIMESTAMP, LABEL, ORDER)
+        final = _narrow_codes(table.join(users, USER), TIMESTAMP, LABEL, ORDER, n=max(len(user_vocab), len(item_vocab)))
         counts = _label_counts(engine, final)
     popularity = {stage_name: DistinctUsersPerItem(item_vocab.shape[0], pairs_distinct=pairs_distinct)
                   for stage_name in ("valid", "test")}
@@ -368,6 +368,14 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
     stats.update(n_users=int(user_vocab.shape[0]), n_items=int(item_vocab.shape[0]))
     return EngineOutput(arrays, user_vocab, item_vocab, cold_items, stats,
                         {stage: counter.finish() for stage, counter in popularity.items()})
+
+
+def _narrow_codes(table: Any, *columns: str, n: int) -> Any:
+    """User and item codes as int32 while they fit, then ``columns``: the final sort's rows (and its
+    spill and blocks) a quarter narrower (100M events: sort and write 16.3 -> 14-15 s)."""
+    code = "int32" if n < 2**31 else "int64"
+    return table.select(table[USER_CODE].cast(code).name(USER_CODE), table[ITEM_CODE].cast(code).name(ITEM_CODE),
+                        *columns)
 
 
 def _leave_one_out_counts(engine: Engine, users: Any) -> dict[int, int]:
