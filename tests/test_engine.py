@@ -223,20 +223,41 @@ def test_a_bad_value_deep_in_a_csv_names_its_line_and_leaves_no_cache(tmp_path, 
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
-def test_a_csv_log_on_a_spark_cluster_is_refused_by_key(tmp_path):
-    """Its executors could not read the local Parquet copy: the user is told to convert, by key."""
+def test_a_csv_log_on_a_spark_cluster_is_read_in_memory_with_a_warning(tmp_path, caplog):
+    """Its executors could not read the local Parquet copy: the log goes over as one table, as
+    before streaming, and the user is told how to go beyond memory."""
     from types import SimpleNamespace
 
     from rectrain.data.engine.backends import Engine
     from rectrain.data.engine.scan import from_chunks
+    from rectrain.data.readers import iter_interactions
 
     def spark(master: str) -> Engine:
         return Engine(SimpleNamespace(_session=SimpleNamespace(sparkContext=SimpleNamespace(master=master))), "spark",
                       tmp_path)
 
-    with pytest.raises(ConfigError, match="data.source.path.*Parquet"):
-        from_chunks(spark("spark://head:7077"), iter([]))
+    path = tmp_path / "events.csv"
+    path.write_text("u,i,t\n" + "".join(f"{k % 7},{k % 5},{1000 + k}\n" for k in range(50)))
+    cluster = spark("spark://head:7077")
+    cluster.register = lambda table: table  # what Spark would be handed
+    with caplog.at_level("WARNING"):
+        handed = from_chunks(cluster, iter_interactions(path, {"user": "u", "item": "i", "timestamp": "t"},
+                                                        chunk_rows=16))
+    assert "convert it once to Parquet" in caplog.text
+    assert handed.column("user").to_pylist() == [str(k % 7) for k in range(50)]
+    assert handed.column("_order").to_pylist() == list(range(50))
     assert spark("local[2]").reads_local_files() and not spark("yarn").reads_local_files()
+
+
+def test_session_logs_whose_ids_differ_in_type_are_joined_as_text(tmp_path):
+    """Training items all canonical integers (scanned as integers), the test file's not: one type."""
+    train, test = write_sessions(tmp_path / "train.tsv", 1), write_sessions(tmp_path / "test.tsv", 2, 40, start=1.41e9)
+    frame = pd.read_csv(test, sep="\t", dtype=str)
+    frame.loc[frame.index[:5], "ItemId"] = "00" + frame["ItemId"].iloc[:5]  # "0012": text, another item than 12
+    frame.to_csv(test, sep="\t", index=False)
+    pre, split = PreprocessConfig(dedup="none", min_item_interactions=2), SplitConfig("session", valid_fraction=0.2)
+    got = load_or_prepare(SessionFileSource(str(train), str(test)), pre, split, None)
+    assert_identical(got, prepare_in_memory(read_sessions(train), pre, split, read_sessions(test)))
 
 
 def test_parquet_sessions_equal_the_tsv_reader(tmp_path):
@@ -522,3 +543,21 @@ def test_an_array_opened_with_an_upper_bound_ends_at_the_rows_it_got(tmp_path, k
         wrong.append("bounded", np.arange(3))
     with pytest.raises(RuntimeError, match=r"not filled to their counted length: \{'exact': \(2, 3\)\}"):
         wrong.finish()
+
+
+def test_user_blocks_of_int32_codes_do_not_overflow(tmp_path):
+    """Codes narrowed to int32 for the sort: the block key (code x blocks) is computed in int64."""
+    import pyarrow as pa
+
+    from rectrain.data.engine.backends import connect
+    from rectrain.data.engine.pipeline import USER_CODE, _user_blocks
+
+    engine = connect(EngineConfig(), tmp_path)
+    try:
+        codes = pa.array([0, 200_000_000, 350_000_000, 699_999_999], type=pa.int32())
+        final = engine.register(pa.table({USER_CODE: codes}))
+        with _user_blocks(engine, final, n_users=700_000_000, n_events=1_000_000_000) as parts:
+            got = [sorted(part.execute()[USER_CODE].tolist()) if part is not None else [] for part in parts.tables]
+    finally:
+        engine.close()
+    assert got == [[0], [200_000_000], [350_000_000], [699_999_999]]

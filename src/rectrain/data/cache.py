@@ -74,13 +74,18 @@ def _manifest_entry(path: Path) -> dict[str, Any]:
 
 
 def _in_threads(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-    """``[fn(x) for x in items]`` on one thread per core: sha256 releases the GIL, and a cache of a
-    billion events is 24 GB to hash (1.6 GB/s on one core here). An exception is raised in the
-    order of ``items``, as the loop would."""
+    """``[fn(x) for x in items]`` on a few threads (one per core, at most 4: a disk serves only so
+    many readers): sha256 releases the GIL, and a cache of a billion events is 24 GB to hash (1.6
+    GB/s on one core here). The first exception in the order of ``items`` is raised, as the loop
+    would, and the work not yet started is cancelled."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=max(1, min(len(items), os.cpu_count() or 1))) as pool:
-        return list(pool.map(fn, items))
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(items), os.cpu_count() or 1, 4)))
+    try:
+        futures = [pool.submit(fn, item) for item in items]
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 #: rows per checksummed shard of a large array: the manifest records each shard's rows and sha256, so

@@ -92,9 +92,11 @@ def run(engine: Engine, events: Any, pre: PreprocessConfig, split: Any, source: 
             labelled = engine.keep(labelled)
             engine.release(kept)
     with stage(engine, "index and write arrays", source):
+        if split.kind != "leave_one_out":  # k-core's counts describe the events before the protocol's drops
+            _release_all(engine, per_id)
+            per_id = {}
         return _index_and_write(engine, labelled, split, stats, source, allocate,
-                                pairs_distinct=pre.dedup != "none" and split.kind != "session",
-                                per_id=per_id if split.kind == "leave_one_out" else {})
+                                pairs_distinct=pre.dedup != "none" and split.kind != "session", per_id=per_id)
 
 
 # --- filtering --------------------------------------------------------------------------------
@@ -240,10 +242,12 @@ def _label_sessions(engine: Engine, table: Any, pre: PreprocessConfig, split: An
     has_session = SESSION in table.columns
     table = table.mutate(_test=ibis.literal(False))
     if test_events is not None:
-        test_kept, _ = filter_events(engine, test_events, _without_item_core(pre), source, {})
+        test_kept, test_counts = filter_events(engine, test_events, _without_item_core(pre), source, {})
+        _release_all(engine, test_counts)
         offset = int(engine.scalar(table[ORDER].max())) + 2
         test_kept = test_kept.mutate(**{ORDER: test_kept[ORDER] + offset}, _test=ibis.literal(True))
-        table = engine.keep(table.union(test_kept.select(table.columns)))
+        table, test_kept = _same_id_types(table, test_kept.select(table.columns))
+        table = engine.keep(table.union(test_kept))
     use_session = has_session and int(engine.scalar(table[SESSION].isnull().sum())) == 0
     key = table[SESSION] if use_session else table[USER]
     table = table.mutate(_key=key.cast("string") + ibis.ifelse(table._test, "#test", ""))
@@ -271,6 +275,20 @@ def _label_sessions(engine: Engine, table: Any, pre: PreprocessConfig, split: An
     label = ibis.ifelse(labelled._test, TEST, labelled._session_label)
     return labelled.mutate(**{LABEL: label.cast("int8")}).select(*[c for c in table.columns if c not in (
         "_key", "_code", "_new", "_test")], LABEL)
+
+
+def _same_id_types(a: Any, b: Any) -> tuple[Any, Any]:
+    """Two logs with their id columns of one type: a column that is integer in one and text in the
+    other (a streamed CSV's ids become integers only when all of them are canonical) becomes text in
+    both, the same text the integers were read from."""
+    differ = [c for c in (USER, ITEM, SESSION) if c in a.columns and a[c].type() != b[c].type()]
+    return (a.mutate(**{c: a[c].cast("string") for c in differ}) if differ else a,
+            b.mutate(**{c: b[c].cast("string") for c in differ}) if differ else b)
+
+
+def _release_all(engine: Engine, tables: dict[str, Any]) -> None:
+    for table in tables.values():
+        engine.release(table)
 
 
 def _without_item_core(pre: PreprocessConfig) -> PreprocessConfig:
@@ -324,6 +342,7 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
     # leave-one-out keeps every event (every item is in the vocabulary): the users are counted off the
     # events as they are, without the join that brings the item codes
     users = _first_appearance(engine, table, USER, USER_CODE, count=loo, counted=per_id.get(USER))
+    _release_all(engine, per_id)  # the vocabularies are kept tables of their own
     if loo:
         table = table.join(items, ITEM)
     if split.kind == "session":
@@ -415,7 +434,8 @@ def _user_blocks(engine: Engine, final: Any, n_users: int, n_events: int) -> Par
     """``final`` split into blocks of consecutive user codes (whole users per block, blocks in code
     order), each of about SORT_BLOCK_EVENTS events."""
     blocks = min(max(1, -(-n_events // SORT_BLOCK_EVENTS)), max(n_users, 1))
-    return engine.partition(final, final[USER_CODE] * blocks // max(n_users, 1), blocks)
+    key = final[USER_CODE].cast("int64") * blocks // max(n_users, 1)  # int32 codes would overflow here
+    return engine.partition(final, key, blocks)
 
 
 def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, int], cold_items: np.ndarray,
@@ -431,6 +451,7 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
     with _user_blocks(engine, final, n_users, sum(counts.values())) as parts:
         blocks = [(index, block) for index, block in enumerate(parts.tables) if block is not None]
         sizes = {"train": counts.get(TRAIN, 0), "valid": counts.get(VALID, 0), "test": counts.get(TEST, 0)}
+        cold_dropped = 0
         dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.float64}
         for part in sizes:
             for col, dtype in dtypes.items():  # cold items leave training as the stream goes by
@@ -443,7 +464,9 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
             for user, item, timestamp, *label in whole_users(stream):
                 label = leave_one_out_labels(user) if loo else label[0]
                 if cold_items.size:
-                    label = np.where((label == TRAIN) & np.isin(item, cold_items), -1, label)
+                    cold = (label == TRAIN) & np.isin(item, cold_items)
+                    cold_dropped += int(cold.sum())
+                    label = np.where(cold, -1, label)
                 if popularity:
                     train = label == TRAIN
                     popularity["valid"].add(user[train], item[train])
@@ -457,7 +480,10 @@ def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, in
                         allocate.append(f"{part}_timestamp", timestamp[rows])
             parts.drop(index)  # its events are in the arrays now: give the disk back as they grow
     arrays = allocate.finish()  # raises if the stream and the counts disagree
-    return arrays, sizes["train"] - int(arrays["train_user"].shape[0])
+    if arrays["train_user"].shape[0] != sizes["train"] - cold_dropped:  # training was sized by a bound
+        raise RuntimeError(f"training holds {arrays['train_user'].shape[0]} events, counted "
+                           f"{sizes['train']} less {cold_dropped} of cold items")
+    return arrays, cold_dropped
 
 
 def _as_arrays(batch: Any) -> tuple[np.ndarray, ...]:

@@ -11,6 +11,7 @@ the exact line) and written as Parquet into the engine's scratch folder as it go
 from __future__ import annotations
 
 import glob as globlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -23,9 +24,10 @@ import pandas as pd
 from rectrain.data.engine.backends import Engine
 from rectrain.data.readers import MISSING_ID_STRINGS  # the readers' rule for a missing id, shared
 from rectrain.data.schema import ITEM, RATING, SESSION, TIMESTAMP, USER, RawLog
-from rectrain.errors import ConfigError, DataError
+from rectrain.errors import DataError
 
 ORDER = "_order"
+log = logging.getLogger(__name__)
 
 
 def from_raw_log(engine: Engine, raw: RawLog) -> Any:
@@ -51,6 +53,9 @@ def from_chunks(engine: Engine, chunks: Iterable[pd.DataFrame]) -> Any:
     one as row groups of a Parquet file in the engine's scratch folder (removed with it), then
     scanned: memory holds one chunk, and ``_order`` is the row's position in the log.
 
+    A Spark cluster's executors cannot read that file: there the chunks are joined in memory and
+    handed over as one table (with a warning), as before streaming.
+
     Ids arrive as text. A column whose every id is a canonical integer (``0``, ``12``, ``-3``; not
     ``007`` or ``+5``) is scanned as integers, the same ids written back as the same text, which
     the engine groups and sorts ~3x faster (100M events: dedup 66 s on text, 20 s on integers).
@@ -58,10 +63,12 @@ def from_chunks(engine: Engine, chunks: Iterable[pd.DataFrame]) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not engine.reads_local_files():
-        raise ConfigError("data.source.path", "a CSV/TSV log is streamed through a local Parquet file, which a "
-                          "Spark cluster's executors cannot read: convert it once to Parquet on storage they share "
-                          "(README, 'CSV/TSV logs of any size') and point data.source.path there")
+    if not engine.reads_local_files():  # a Spark cluster cannot read this machine's scratch folder
+        log.warning("a CSV/TSV log on a Spark cluster is read into this process's memory before Spark gets it; "
+                    "beyond memory, convert it once to Parquet on storage the executors share (README, "
+                    "'CSV/TSV logs of any size')")
+        frame = pd.concat(list(chunks), ignore_index=True)
+        return from_raw_log(engine, RawLog(interactions=frame))
     handle, temp = tempfile.mkstemp(prefix="log-", suffix=".parquet", dir=engine.workdir)  # a training and a test log
     os.close(handle)
     path, writer = Path(temp), None
