@@ -40,6 +40,19 @@ def _file_stamp(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _engine_scan(path: str, columns: Mapping[str, str], fmt: str | None, sep: str | None, encoding: str,
+                 timestamp_format: str | None = None) -> Callable[[Any], Any]:
+    """``engine -> table`` for a log file: Parquet scanned by the engine, CSV/TSV validated in chunks
+    and streamed to it."""
+    from rectrain.data.engine.scan import from_chunks, from_parquet
+    from rectrain.data.readers import iter_interactions
+
+    if _is_parquet(path, fmt):
+        return lambda engine: from_parquet(engine, path, columns, timestamp_format)
+    return lambda engine: from_chunks(engine, iter_interactions(path, columns, sep=sep, fmt=fmt, encoding=encoding,
+                                                                timestamp_format=timestamp_format))
+
+
 class SyntheticSource:
     """The generated default dataset (see :func:`rectrain.data.synthetic.generate_synthetic`)."""
 
@@ -74,18 +87,12 @@ class InteractionFileSource:
     def engine_inputs(self) -> tuple[RawLog, Callable[[Any], Any], None]:
         """The side tables and a scan the engine runs itself: a Parquet log (file, directory or glob)
         is read there; a CSV/TSV log is validated chunk by chunk and streamed to it (any size)."""
-        from rectrain.data.engine.scan import from_chunks, from_parquet
-        from rectrain.data.readers import iter_interactions, read_item_features
+        from rectrain.data.readers import read_item_features
 
         items = read_item_features(self.item_features) if self.item_features else None
         side = RawLog(interactions=pd.DataFrame(), items=items, source=str(self.path))
-        if _is_parquet(self.path, self.fmt):
-            return side, lambda engine: from_parquet(engine, self.path, self.columns, self.timestamp_format), None
-
-        def stream(engine: Any) -> Any:
-            return from_chunks(engine, iter_interactions(self.path, self.columns, sep=self.sep, fmt=self.fmt,
-                                                         encoding=self.encoding, timestamp_format=self.timestamp_format))
-        return side, stream, None
+        return side, _engine_scan(self.path, self.columns, self.fmt, self.sep, self.encoding,
+                                  self.timestamp_format), None
 
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": "file", "file": _file_stamp(self.path), "columns": self.columns, "sep": self.sep,
@@ -129,14 +136,11 @@ class SessionFileSource:
 
     def engine_inputs(self) -> tuple[RawLog, Callable[[Any], Any], Callable[[Any], Any] | None]:
         """Session logs are scanned by the engine itself, or streamed to it (see :class:`InteractionFileSource`)."""
-        from rectrain.data.engine.scan import from_chunks, from_parquet
-        from rectrain.data.readers import SESSION_COLUMNS, iter_interactions
+        from rectrain.data.readers import SESSION_COLUMNS
 
         def scan(path: str) -> Callable[[Any], Any]:
-            if _is_parquet(path, None):
-                return lambda engine: from_parquet(engine, path, SESSION_COLUMNS)
-            return lambda engine: from_chunks(engine, iter_interactions(path, SESSION_COLUMNS, sep=self.sep, fmt="csv",
-                                                                        encoding=self.encoding))
+            return _engine_scan(path, SESSION_COLUMNS, None if _is_parquet(path, None) else "csv", self.sep,
+                                self.encoding)
 
         side = RawLog(interactions=pd.DataFrame(), source=str(self.path))
         return side, scan(self.path), scan(self.test_path) if self.test_path else None

@@ -328,9 +328,9 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
     distinct users per item is a plain count of the rows. ``per_id``: k-core's counts per user and
     item of exactly ``table``'s events (leave-one-out keeps every event), read instead of recounting.
     """
-    per_id = per_id or {}
     import ibis
 
+    per_id = per_id or {}
     loo = split.kind == "leave_one_out"
     items = _first_appearance(engine, table if loo else table.filter(table[LABEL] == TRAIN), ITEM, ITEM_CODE,
                               counted=per_id.get(ITEM))
@@ -391,8 +391,9 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
 
 
 def _narrow_codes(table: Any, *columns: str, n: int) -> Any:
-    """User and item codes as int32 while they fit (``n``: the larger vocabulary), then ``columns``: the final sort's rows (and its
-    spill and blocks) a quarter narrower (100M events: sort and write 16.3 -> 14-15 s)."""
+    """User and item codes as int32 while they fit (``n``: the larger vocabulary), then ``columns``:
+    the final sort's rows (and its spill and blocks) a quarter narrower (100M events: sort and write
+    16.3 -> 14-15 s)."""
     code = "int32" if n < 2**31 else "int64"
     return table.select(table[USER_CODE].cast(code).name(USER_CODE), table[ITEM_CODE].cast(code).name(ITEM_CODE),
                         *columns)
