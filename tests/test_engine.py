@@ -423,6 +423,7 @@ def test_per_user_parts_and_sorted_blocks_change_nothing(synthetic, pre, split, 
     from rectrain.data.engine import pipeline
 
     monkeypatch.setattr(pipeline, "EVENTS_PER_PART", 1500)
+    monkeypatch.setattr(pipeline, "SINGLE_SORT_EVENTS", 2000)
     monkeypatch.setattr(pipeline, "SORT_BLOCK_EVENTS", 997)
     assert len(synthetic.interactions) > 4 * 1500
     assert_identical(prepare(synthetic, pre, split), prepare_in_memory(synthetic, pre, split))
@@ -546,7 +547,8 @@ def test_an_array_opened_with_an_upper_bound_ends_at_the_rows_it_got(tmp_path, k
 
 
 def test_user_blocks_of_int32_codes_do_not_overflow(tmp_path):
-    """Codes narrowed to int32 for the sort: the block key (code x blocks) is computed in int64."""
+    """Codes narrowed to int32 for the sort: the block key (code x blocks) is computed in int64; up to
+    SINGLE_SORT_EVENTS the events are sorted in one piece, beyond it in blocks of SORT_BLOCK_EVENTS."""
     import pyarrow as pa
 
     from rectrain.data.engine.backends import connect
@@ -557,7 +559,12 @@ def test_user_blocks_of_int32_codes_do_not_overflow(tmp_path):
         codes = pa.array([0, 200_000_000, 350_000_000, 699_999_999], type=pa.int32())
         final = engine.register(pa.table({USER_CODE: codes}))
         with _user_blocks(engine, final, n_users=700_000_000, n_events=1_000_000_000) as parts:
-            got = [sorted(part.execute()[USER_CODE].tolist()) if part is not None else [] for part in parts.tables]
+            got = [sorted(part.execute()[USER_CODE].tolist()) for part in parts.tables if part is not None]
+            blocks = len(parts.tables)
+        with _user_blocks(engine, final, n_users=700_000_000, n_events=250_000_000) as parts:
+            single = (len(parts.tables), parts.folder)
     finally:
         engine.close()
-    assert got == [[0], [200_000_000], [350_000_000], [699_999_999]]
+    assert blocks == 32  # 1B events in blocks of 32M
+    assert single == (1, None)  # up to 250M events one sort: no parts written first
+    assert got == [[0], [200_000_000], [350_000_000], [699_999_999]]  # each in its own block, in code order
