@@ -8,7 +8,8 @@
 
 Stages (each a fresh ``python bench/scale.py --stage ...`` process; peak RSS = its ru_maxrss, which
 includes the pages of memory-mapped cache files it read; peak anon = the peak of its private memory,
-RssAnon, sampled every 0.2 s):
+RssAnon, sampled every 0.2 s; iowait_s / steal_s = CPU seconds, summed over the cores, spent
+waiting on the disk / given by the hypervisor to other machines while it ran):
 
 * ``generate``: a synthetic log written as Parquet in chunks of 10M rows (the generator streams:
   it never holds more than one chunk); users ~ events/50, items ~ events/100 (at most 1M), item
@@ -349,11 +350,30 @@ def run_stage(args: argparse.Namespace, stage: str, events: int) -> dict:
     if args.items:
         command += ["--items", str(args.items)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    before = _cpu_wait_seconds()
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         return {"error": " | ".join(tail)}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    after = _cpu_wait_seconds()
+    if before and after:
+        row["iowait_s"], row["steal_s"] = (round(b - a, 1) for a, b in zip(before, after))
+    return row
+
+
+def _cpu_wait_seconds() -> tuple[float, float] | None:
+    """(iowait, steal) CPU seconds of this machine since boot, summed over its cores (Linux
+    /proc/stat): idle time spent waiting on the disk, and time the hypervisor gave to other
+    machines. The same stage of the same code ran 20-30% slower on some runs here; these two say
+    whether a figure carries a slow disk or a busy host."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[5]) / tick, int(fields[8]) / tick
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def main() -> None:

@@ -409,8 +409,10 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
     popularity = {stage_name: DistinctUsersPerItem(item_vocab.shape[0], pairs_distinct=pairs_distinct)
                   for stage_name in ("valid", "test")}
     with stage(engine, "sort and write arrays", source):
-        arrays, stats_cold = _write_arrays(engine, final, user_vocab.shape[0], counts, cold_items, allocate, loo,
-                                           popularity)
+        with stage(engine, "write user blocks", source):  # one block (no pass) up to SINGLE_SORT_EVENTS
+            blocks = _user_blocks(engine, final, user_vocab.shape[0], sum(counts.values()))
+        with blocks:
+            arrays, stats_cold = _write_arrays(engine, blocks, counts, cold_items, allocate, loo, popularity)
     if split.cold_item_fraction > 0:
         stats["cold_item_train_events_dropped"] = stats_cold
     for name, label in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
@@ -475,47 +477,47 @@ def _user_blocks(engine: Engine, final: Any, n_users: int, n_events: int) -> Par
     return engine.partition(final, key, blocks)
 
 
-def _write_arrays(engine: Engine, final: Any, n_users: int, counts: dict[int, int], cold_items: np.ndarray,
+def _write_arrays(engine: Engine, parts: Parts, counts: dict[int, int], cold_items: np.ndarray,
                   allocate: Allocate, loo: bool = False, popularity: dict[str, DistinctUsersPerItem] | None = None
                   ) -> tuple[dict[str, np.ndarray], int]:
-    """Stream the events, ordered by (user code, time, file order) block by block, into one array per
-    (split, column); cold items leave training. ``popularity`` counters (stage -> counter) see the
-    rows each stage conditions on (valid: train; test: train + valid) as they go by.
+    """Stream the events of the user blocks ``parts``, ordered by (user code, time, file order) block
+    by block, into one array per (split, column); cold items leave training. ``popularity``
+    counters (stage -> counter) see the rows each stage conditions on (valid: train; test: train +
+    valid) as they go by.
 
     Leave-one-out labels are read off the sorted stream (a user's last event is test, the one before
     valid), so each block is sorted once; a window would sort it a second time.
     """
-    with _user_blocks(engine, final, n_users, sum(counts.values())) as parts:
-        blocks = [(index, block) for index, block in enumerate(parts.tables) if block is not None]
-        sizes = {"train": counts.get(TRAIN, 0), "valid": counts.get(VALID, 0), "test": counts.get(TEST, 0)}
-        cold_dropped = 0
-        dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.float64}
-        for part in sizes:
-            for col, dtype in dtypes.items():  # cold items leave training as the stream goes by
-                allocate.open(f"{part}_{col}", dtype, sizes[part], exact=part != "train" or not cold_items.size)
-        labels_of = {"train": TRAIN, "valid": VALID, "test": TEST}
-        columns = [USER_CODE, ITEM_CODE, TIMESTAMP] + ([] if loo else [LABEL])
-        for index, block in blocks:
-            ordered = block.select(*columns, ORDER).order_by([USER_CODE, TIMESTAMP, ORDER]).select(*columns)
-            stream = (_as_arrays(batch) for batch in engine.batches(ordered, WRITE_BATCH_ROWS))
-            for user, item, timestamp, *label in whole_users(stream):
-                label = leave_one_out_labels(user) if loo else label[0]
-                if cold_items.size:
-                    cold = (label == TRAIN) & np.isin(item, cold_items)
-                    cold_dropped += int(cold.sum())
-                    label = np.where(cold, -1, label)
-                if popularity:
-                    train = label == TRAIN
-                    popularity["valid"].add(user[train], item[train])
-                    seen = train | (label == VALID)
-                    popularity["test"].add(user[seen], item[seen])
-                for part, code in labels_of.items():
-                    rows = label == code
-                    if rows.any():
-                        allocate.append(f"{part}_user", user[rows])
-                        allocate.append(f"{part}_item", item[rows])
-                        allocate.append(f"{part}_timestamp", timestamp[rows])
-            parts.drop(index)  # its events are in the arrays now: give the disk back as they grow
+    blocks = [(index, block) for index, block in enumerate(parts.tables) if block is not None]
+    sizes = {"train": counts.get(TRAIN, 0), "valid": counts.get(VALID, 0), "test": counts.get(TEST, 0)}
+    cold_dropped = 0
+    dtypes = {"user": np.int64, "item": np.int64, "timestamp": np.float64}
+    for part in sizes:
+        for col, dtype in dtypes.items():  # cold items leave training as the stream goes by
+            allocate.open(f"{part}_{col}", dtype, sizes[part], exact=part != "train" or not cold_items.size)
+    labels_of = {"train": TRAIN, "valid": VALID, "test": TEST}
+    columns = [USER_CODE, ITEM_CODE, TIMESTAMP] + ([] if loo else [LABEL])
+    for index, block in blocks:
+        ordered = block.select(*columns, ORDER).order_by([USER_CODE, TIMESTAMP, ORDER]).select(*columns)
+        stream = (_as_arrays(batch) for batch in engine.batches(ordered, WRITE_BATCH_ROWS))
+        for user, item, timestamp, *label in whole_users(stream):
+            label = leave_one_out_labels(user) if loo else label[0]
+            if cold_items.size:
+                cold = (label == TRAIN) & np.isin(item, cold_items)
+                cold_dropped += int(cold.sum())
+                label = np.where(cold, -1, label)
+            if popularity:
+                train = label == TRAIN
+                popularity["valid"].add(user[train], item[train])
+                seen = train | (label == VALID)
+                popularity["test"].add(user[seen], item[seen])
+            for part, code in labels_of.items():
+                rows = label == code
+                if rows.any():
+                    allocate.append(f"{part}_user", user[rows])
+                    allocate.append(f"{part}_item", item[rows])
+                    allocate.append(f"{part}_timestamp", timestamp[rows])
+        parts.drop(index)  # its events are in the arrays now: give the disk back as they grow
     arrays = allocate.finish()  # raises if the stream and the counts disagree
     if arrays["train_user"].shape[0] != sizes["train"] - cold_dropped:  # training was sized by a bound
         raise RuntimeError(f"training holds {arrays['train_user'].shape[0]} events, counted "
