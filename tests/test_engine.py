@@ -418,28 +418,15 @@ def test_an_engine_failure_or_a_full_disk_is_one_line_naming_the_stage(tmp_path,
 
 @pytest.mark.parametrize("pre,split", [CASES[1], CASES[2], CASES[4]], ids=["loo", "time", "session"])
 def test_per_user_parts_and_sorted_blocks_change_nothing(synthetic, pre, split, monkeypatch):
-    """At a billion events dedup and k-core's counts run per hash part of the ids and the final sort
-    (with the leave-one-out labels) per block of users; shrunk to a few thousand events here, the arrays are still identical."""
+    """At a billion events dedup runs per user-hash part and the final sort (with the leave-one-out
+    labels) per block of users; shrunk to a few thousand events here, the arrays are still identical."""
     from rectrain.data.engine import pipeline
 
     monkeypatch.setattr(pipeline, "EVENTS_PER_PART", 1500)
-    monkeypatch.setattr(pipeline, "COUNT_PART_EVENTS", 1700)
-    monkeypatch.setattr(pipeline, "ID_SAMPLE_FRACTION", 1.0)
-    monkeypatch.setattr(pipeline, "SAMPLED_IDS_PER_PART", 40)
     monkeypatch.setattr(pipeline, "SINGLE_SORT_EVENTS", 2000)
     monkeypatch.setattr(pipeline, "SORT_BLOCK_EVENTS", 997)
-    count_parts: list[dict[str, int]] = []
-    real_count = pipeline._count_per_id
-
-    def spied(engine, events, column, n_events, parts_of):
-        counted = real_count(engine, events, column, n_events, parts_of)
-        count_parts.append(dict(parts_of))
-        return counted
-
-    monkeypatch.setattr(pipeline, "_count_per_id", spied)
     assert len(synthetic.interactions) > 4 * 1500
     assert_identical(prepare(synthetic, pre, split), prepare_in_memory(synthetic, pre, split))
-    assert count_parts and all(parts > 1 for parts in count_parts[-1].values())  # the counts ran in parts
 
 
 def test_partition_writes_each_part_once_and_gives_its_disk_back(tmp_path):

@@ -186,14 +186,14 @@ def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, re
         return table, {}
     alive: dict[str, Any] = {}  # column -> surviving ids; absent: all of them
     counted: dict[str, Any] = {}  # column -> (id, _n, _first) of the latest count
-    parts_of: dict[str, int] = {}
     changed_any = False
     while True:
         changed = False
         for column, minimum in ((ITEM, min_item), (USER, min_user)):
             if minimum <= 1:
                 continue
-            counts = _count_per_id(engine, _alive_events(table, alive), column, n, parts_of)
+            counts = engine.keep(_alive_events(table, alive).group_by(column)
+                                 .agg(_n=ibis._.count(), _first=ibis._[ORDER].min()))
             if column in counted:
                 engine.release(counted[column])
             counted[column] = counts
@@ -213,38 +213,6 @@ def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, re
     removed["k_core"] = n - int(engine.scalar(result.count()))
     engine.release(table)
     return result, counted
-
-
-#: a count per id over more events than this may run in parts of the ids' hash (below, one count)
-COUNT_PART_EVENTS = 250_000_000
-#: ids seen in a 1% sample of the events per part of such a count. A hash aggregate over many ids
-#: outgrows the CPU caches and moves its rows through partitions: at 1B events, 20M users counted
-#: in 4 parts (each part reading the column again) take 64 s against 106 s in one count (8 parts:
-#: 85 s), while 1M items take 25.6 s in one count against 45 s in 4 parts. The sample (whole
-#: vectors, well under a second) sees ~7.9M of those users and fewer than 1M of those items; it is
-#: a lower bound, so a log whose ids it misses is counted in one piece, as below the threshold
-SAMPLED_IDS_PER_PART = 2_000_000
-ID_SAMPLE_FRACTION = 0.01
-
-
-def _count_per_id(engine: Engine, events: Any, column: str, n_events: int, parts_of: dict[str, int]) -> Any:
-    """(id, ``_n`` events, ``_first`` file position) per id of ``column``, kept. ``parts_of``: column
-    -> parts, decided on the first round (later rounds have fewer ids)."""
-    import ibis
-
-    def count(part: Any) -> Any:
-        return part.group_by(column).agg(_n=ibis._.count(), _first=part[ORDER].min())
-
-    if column not in parts_of:
-        parts_of[column] = 1
-        if n_events > COUNT_PART_EVENTS and engine.name == "duckdb":  # Spark spreads a count by itself
-            sample = events.sample(ID_SAMPLE_FRACTION, method="block", seed=0)
-            parts_of[column] = max(1, -(-int(engine.scalar(sample[column].nunique())) // SAMPLED_IDS_PER_PART))
-    parts = parts_of[column]
-    if parts == 1:
-        return engine.keep(count(events))
-    key = (events[column].hash() % parts).abs()
-    return engine.keep_in_parts([count(events.filter(key == p)) for p in range(parts)])
 
 
 def _alive_events(table: Any, alive: dict[str, Any]) -> Any:
