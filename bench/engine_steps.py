@@ -1,0 +1,84 @@
+"""Two choices of the DuckDB pipeline measured side by side, each repeated, on a generated log:
+
+* ``sort``: the final sort of 250M events in one piece against 8 blocks of consecutive users
+  (~31M events each, what ``SORT_BLOCK_EVENTS`` gives past ``SINGLE_SORT_EVENTS``), streamed out in
+  batches of 2^18 rows as the pipeline reads them;
+* ``count``: k-core's count per id (events and first file position) in one piece against 4 parts
+  of the ids' hash, for users (20M at 1B events) and items (1M).
+
+    python bench/scale.py --events 1000000000 --stages generate --workdir /data/scale --keep
+    python bench/engine_steps.py --log /data/scale/log-1000000000 --steps sort,count
+
+Each step runs on one connection with a 3GB cap (``--memory-limit``) and spill in a temporary
+folder; the two variants alternate, so a slow moment of a shared machine hits both.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+
+def _drain(con, sql: str) -> int:
+    """Rows of ``sql`` streamed as the pipeline streams them (the sort's merge runs as it is read)."""
+    relation = con.sql(sql)
+    reader = relation.to_arrow_reader(1 << 18) if hasattr(relation, "to_arrow_reader") else \
+        relation.fetch_record_batch(1 << 18)
+    return sum(batch.num_rows for batch in reader)
+
+
+def sort_step(con, log: Path, repeats: int) -> None:
+    files = sorted(log.glob("*.parquet"))[:25]  # 25 files of 10M rows: 250M events
+    users = 5_000_000
+    con.execute(f"CREATE OR REPLACE TABLE block AS SELECT (user_id % {users})::INT AS u, item_id::INT AS i, ts, "
+                f"file_row_number AS o FROM read_parquet({[str(f) for f in files]}, file_row_number=true)")
+    (rows,), = con.sql("SELECT count(*) FROM block").fetchall()
+    print(f"| sort of {rows:,} events | seconds |\n|---|---:|")
+    for rep in range(repeats):
+        start = time.perf_counter()
+        _drain(con, "SELECT u, i, ts FROM block ORDER BY u, ts, o")
+        print(f"| one sort (run {rep + 1}) | {time.perf_counter() - start:.1f} |", flush=True)
+        start = time.perf_counter()
+        for part in range(8):
+            _drain(con, f"SELECT u, i, ts FROM block WHERE u * 8 // {users} = {part} ORDER BY u, ts, o")
+        print(f"| 8 blocks of consecutive users (run {rep + 1}) | {time.perf_counter() - start:.1f} |", flush=True)
+    con.execute("DROP TABLE block")
+
+
+def count_step(con, log: Path, repeats: int) -> None:
+    source = f"read_parquet('{log}/*.parquet', file_row_number=true)"
+    print("| count per id | ids | parts | seconds |\n|---|---:|---:|---:|")
+    for rep in range(repeats):
+        for column in ("user_id", "item_id"):
+            for parts in (1, 4):
+                start, ids = time.perf_counter(), 0
+                for part in range(parts):
+                    where = f"WHERE hash({column}) % {parts} = {part}" if parts > 1 else ""
+                    (n,), = con.sql(f"SELECT count(*) FROM (SELECT {column}, count(*) AS n, min(file_row_number) "
+                                    f"AS f FROM {source} {where} GROUP BY {column})").fetchall()
+                    ids += n
+                print(f"| {column} (run {rep + 1}) | {ids:,} | {parts} | {time.perf_counter() - start:.1f} |",
+                      flush=True)
+
+
+def main() -> None:
+    import duckdb
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log", type=Path, required=True, help="a folder of Parquet files (--stages generate)")
+    parser.add_argument("--steps", default="sort,count")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory-limit", default="3GB")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="engine-steps-", dir=args.log.parent) as scratch:
+        con = duckdb.connect(str(Path(scratch) / "steps.duckdb"),
+                             config={"memory_limit": args.memory_limit, "temp_directory": str(Path(scratch) / "spill"),
+                                     "preserve_insertion_order": False})
+        for step in args.steps.split(","):
+            {"sort": sort_step, "count": count_step}[step](con, args.log, args.repeats)
+        con.close()
+
+
+if __name__ == "__main__":
+    main()
