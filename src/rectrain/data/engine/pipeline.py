@@ -420,14 +420,16 @@ def _label_counts(engine: Engine, final: Any) -> dict[int, int]:
     return counts
 
 
-#: the most events the final sort takes in one piece: up to here one sort beats writing the events
-#: as blocks first (100M events: one sort 13.4 s; blocks written first 12.3 s, then sorted 9.3 s)
+#: the most events the final sort takes in one piece: beyond it the events are first written as
+#: blocks, a pass of its own (168.9 s at 1B events in `bench/scale.py`'s "write user blocks"), which
+#: a log this size does not need
 SINGLE_SORT_EVENTS = 250_000_000
 
 #: events per sorted block of users beyond SINGLE_SORT_EVENTS: a block small enough to sort in
 #: memory (~24 bytes an event, well inside a 3 GB cap) is cheaper per event than one that spills
-#: (1B events: 4 blocks of 250M sorted in 56 s each; blocks of 25M sort at 100M in 2.1-2.7 s each),
-#: and each block bounds the sort's spill, so the disk stays near the scratch table plus the arrays
+#: (250M events of the 1B log, alternating: one sort 51.9 / 51.7 s, 8 blocks 37.0 / 32.8 s;
+#: `bench/engine_steps.py --steps sort`), and each block bounds the sort's spill, so the disk stays
+#: near the scratch table plus the arrays
 SORT_BLOCK_EVENTS = 32_000_000
 
 
