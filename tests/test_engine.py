@@ -418,15 +418,26 @@ def test_an_engine_failure_or_a_full_disk_is_one_line_naming_the_stage(tmp_path,
 
 @pytest.mark.parametrize("pre,split", [CASES[1], CASES[2], CASES[4]], ids=["loo", "time", "session"])
 def test_per_user_parts_and_sorted_blocks_change_nothing(synthetic, pre, split, monkeypatch):
-    """At a billion events dedup runs per user-hash part and the final sort (with the leave-one-out
-    labels) per block of users; shrunk to a few thousand events here, the arrays are still identical."""
+    """At a billion events dedup and k-core's counts run per hash part of the ids and the final sort
+    (with the leave-one-out labels) per block of users; shrunk to a few thousand events here, the arrays are still identical."""
     from rectrain.data.engine import pipeline
 
     monkeypatch.setattr(pipeline, "EVENTS_PER_PART", 1500)
+    monkeypatch.setattr(pipeline, "BYTES_PER_COUNTED_ID", 2**32 // 40)  # the 4GB default cap: 40 ids per part
     monkeypatch.setattr(pipeline, "SINGLE_SORT_EVENTS", 2000)
     monkeypatch.setattr(pipeline, "SORT_BLOCK_EVENTS", 997)
+    count_parts: list[dict[str, int]] = []
+    real_count = pipeline._count_per_id
+
+    def spied(engine, events, column, n_events, parts_of):
+        counted = real_count(engine, events, column, n_events, parts_of)
+        count_parts.append(dict(parts_of))
+        return counted
+
+    monkeypatch.setattr(pipeline, "_count_per_id", spied)
     assert len(synthetic.interactions) > 4 * 1500
     assert_identical(prepare(synthetic, pre, split), prepare_in_memory(synthetic, pre, split))
+    assert count_parts and all(parts > 1 for parts in count_parts[-1].values())  # the counts ran in parts
 
 
 def test_partition_writes_each_part_once_and_gives_its_disk_back(tmp_path):
@@ -452,6 +463,18 @@ def test_partition_writes_each_part_once_and_gives_its_disk_back(tmp_path):
         assert not parts.folder.exists()
         single = engine.partition(table, table.user * 0, 1)
         assert single.folder is None and single.tables == [table]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("limit,expected", [("3GB", 3e9), ("256MB", 256e6), ("2GiB", 2 * 2**30)])
+def test_the_engine_reads_its_memory_cap_as_duckdb_does(tmp_path, limit, expected):
+    """k-core sizes its count parts by the cap: DuckDB's own reading of it (GB = 10^9, GiB = 2^30)."""
+    from rectrain.data.engine.backends import connect
+
+    engine = connect(EngineConfig(memory_limit=limit, threads=1), tmp_path)
+    try:
+        assert engine.memory_bytes() == pytest.approx(expected, rel=0.05)  # DuckDB reports one decimal
     finally:
         engine.close()
 

@@ -117,6 +117,20 @@ class Engine:
         if name.startswith("rectrain_step_"):
             self.con.drop_table(name, force=True)
 
+    def memory_bytes(self) -> int | None:
+        """DuckDB's memory cap in bytes, as DuckDB itself reads ``memory_limit`` (None on Spark,
+        whose executors size their own work)."""
+        if self.name != "duckdb":
+            return None
+        (text,), = self.con.con.sql("SELECT current_setting('memory_limit')").fetchall()  # e.g. '2.7 GiB'
+        number, _, unit = str(text).partition(" ")
+        scale = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
+        try:
+            return int(float(number) * scale[unit])
+        except (KeyError, ValueError):
+            log.warning("DuckDB's memory_limit reads %r; sizing its work as if it had no cap", text)
+            return None
+
     def reads_local_files(self) -> bool:
         """Whether a file in this machine's scratch folder is readable by the engine: DuckDB and
         Spark in local mode; not a Spark cluster, whose executors run elsewhere."""
