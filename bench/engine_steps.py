@@ -1,11 +1,13 @@
-"""Two choices of the DuckDB pipeline measured side by side, each repeated, on a generated log:
+"""Choices of the DuckDB pipeline measured side by side, each repeated, on a generated log:
 
 * ``sort``: the final sort of 250M events in one piece against 8 blocks of consecutive users
   (~31M events each, what ``SORT_BLOCK_EVENTS`` gives past ``SINGLE_SORT_EVENTS``), streamed out in
   batches of 2^18 rows as the pipeline reads them;
 * ``count``: k-core's count per id (events and first file position) over a table of the log in the
-  database file, in one piece against 2, 4 and 8 parts of the ids' hash for users (20M at 1B
-  events), and against 4 parts for items (1M).
+  database file, in one piece against 2, 3, 4 and 8 parts of the ids' hash for users (20M at 1B
+  events), and against 4 parts for items (1M);
+* ``blocks``: the pass that writes the final sort's 32 blocks (the events joined with both
+  vocabularies, as Parquet per block), snappy against uncompressed, beside the join alone.
 
     python bench/scale.py --events 1000000000 --stages generate --workdir /data/scale --keep
     python bench/engine_steps.py --log /data/scale/log-1000000000 --steps sort,count
@@ -55,7 +57,7 @@ def count_step(con, log: Path, repeats: int) -> None:
                 f"FROM read_parquet('{log}/*.parquet', file_row_number=true)")
     print("| count per id | ids | parts | seconds |\n|---|---:|---:|---:|")
     for rep in range(repeats):
-        for column, variants in (("user_id", (1, 2, 4, 8)), ("item_id", (1, 4))):
+        for column, variants in (("user_id", (1, 2, 3, 4, 8)), ("item_id", (1, 4))):
             for parts in variants:
                 start, ids = time.perf_counter(), 0
                 for part in range(parts):
@@ -68,6 +70,39 @@ def count_step(con, log: Path, repeats: int) -> None:
                       flush=True)
     con.execute("DROP TABLE IF EXISTS counted")
     con.execute("DROP TABLE events")
+
+
+def blocks_step(con, log: Path, repeats: int) -> None:
+    """The pass that writes the final sort's blocks: the events joined with both vocabularies
+    (codes by first appearance) and written as Parquet files per block of 32 (what 1B events get),
+    snappy-compressed (DuckDB's default) against uncompressed; the join alone beside them."""
+    import shutil
+
+    con.execute(f"CREATE OR REPLACE TABLE events AS SELECT user_id AS u, item_id AS i, ts, file_row_number AS o "
+                f"FROM read_parquet('{log}/*.parquet', file_row_number=true)")
+    for column, vocab in (("u", "users"), ("i", "items")):
+        con.execute(f"CREATE OR REPLACE TABLE {vocab} AS SELECT {column}, (row_number() OVER (ORDER BY f) - 1)::INT "
+                    f"AS code FROM (SELECT {column}, min(o) AS f FROM events GROUP BY {column})")
+    (n_users,), = con.sql("SELECT count(*) FROM users").fetchall()
+    joined = ("SELECT users.code AS uc, items.code AS ic, ts, o FROM events JOIN items USING (i) "
+              "JOIN users USING (u)")
+    folder = Path(con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]).parent / "blocks"
+    print("| blocks pass (32 blocks) | seconds | Parquet MB |\n|---|---:|---:|")
+    for rep in range(repeats):
+        start = time.perf_counter()
+        con.sql(f"SELECT count(*), sum(uc), sum(ic) FROM ({joined})").fetchall()
+        print(f"| join only, nothing written (run {rep + 1}) | {time.perf_counter() - start:.1f} | |", flush=True)
+        for compression in ("snappy", "uncompressed"):
+            shutil.rmtree(folder, ignore_errors=True)
+            start = time.perf_counter()
+            con.execute(f"COPY (SELECT *, uc::BIGINT * 32 // {n_users} AS _part FROM ({joined})) TO '{folder}' "
+                        f"(FORMAT parquet, PARTITION_BY (_part), COMPRESSION '{compression}')")
+            seconds = time.perf_counter() - start
+            size = sum(f.stat().st_size for f in folder.rglob("*.parquet")) >> 20
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"| join and write, {compression} (run {rep + 1}) | {seconds:.1f} | {size:,} |", flush=True)
+    for table in ("events", "users", "items"):
+        con.execute(f"DROP TABLE {table}")
 
 
 def main() -> None:
@@ -84,7 +119,7 @@ def main() -> None:
                              config={"memory_limit": args.memory_limit, "temp_directory": str(Path(scratch) / "spill"),
                                      "preserve_insertion_order": False})
         for step in args.steps.split(","):
-            {"sort": sort_step, "count": count_step}[step](con, args.log, args.repeats)
+            {"sort": sort_step, "count": count_step, "blocks": blocks_step}[step](con, args.log, args.repeats)
         con.close()
 
 

@@ -8,6 +8,7 @@ does not grow an ever longer query plan, and how to stream a result out as Arrow
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -131,6 +132,30 @@ class Engine:
             log.warning("DuckDB's memory_limit reads %r; sizing its work as if it had no cap", text)
             return None
 
+    def hash_part(self, value: Any, parts: int) -> Any:
+        """Which of ``parts`` parts a value's hash falls in (0..parts-1), the same value always the
+        same part. On DuckDB its ``hash`` directly: Ibis' ``hash()`` compiles to a cast through BIT
+        that cost 27 ns a row here (200M rows: 5.4 s against 0.9 s), 40 s of a count of 1B events
+        in 3 parts."""
+        if self.name != "duckdb":
+            return (value.hash() % parts).abs()
+        return _duckdb_hash()(value) % parts
+
+    def approx_distinct(self, table: Any, column: str) -> int:
+        """About how many distinct values ``column`` holds (HyperLogLog). A table stored in the
+        scratch database carries an estimate in its statistics (free; it errs high: 24.5M for the
+        20M users of the 1B log); any other expression is scanned once (8.6 s there)."""
+        import re
+
+        if self.name == "duckdb":
+            with contextlib.suppress(Exception):  # an expression, not a stored table: scanned below
+                name = table.get_name().rsplit(".", 1)[-1]
+                (text,), = self.con.con.sql(f'SELECT stats("{column}") FROM "{name}" LIMIT 1').fetchall()
+                found = re.search(r"Approx Unique: (\d+)", str(text))
+                if found:
+                    return int(found.group(1))
+        return int(self.scalar(table[column].approx_nunique()))
+
     def reads_local_files(self) -> bool:
         """Whether a file in this machine's scratch folder is readable by the engine: DuckDB and
         Spark in local mode; not a Spark cluster, whose executors run elsewhere."""
@@ -172,6 +197,19 @@ class Engine:
         if self.name == "duckdb":
             self.con.disconnect()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _duckdb_hash() -> Any:
+    """DuckDB's own ``hash`` (an unsigned 64-bit value) as an Ibis function."""
+    import ibis
+    import ibis.expr.datatypes as dt
+
+    def duckdb_hash(value):  # type: ignore[no-untyped-def]
+        """DuckDB's hash of any value."""
+
+    duckdb_hash.__annotations__ = {"return": dt.UInt64}  # a type, not this module's postponed string
+    return ibis.udf.scalar.builtin(duckdb_hash, name="hash")
 
 
 def prefetched(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:

@@ -91,6 +91,8 @@ def run(engine: Engine, events: Any, pre: PreprocessConfig, split: Any, source: 
                 labelled = _label_time(engine, kept, split)
             labelled = engine.keep(labelled)
             engine.release(kept)
+            if test_events is not None:  # the test log's positions follow the training log's
+                stats["positions"] = int(engine.scalar(labelled[ORDER].max())) + 1
     with stage(engine, "index and write arrays", source):
         if split.kind != "leave_one_out":  # k-core's counts describe the events before the protocol's drops
             _release_all(engine, per_id)
@@ -112,7 +114,7 @@ def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: st
 
     removed: dict[str, int] = {}
     rows_read = int(engine.scalar(events.count()))
-    stats.update(rows_read=rows_read, removed=removed)
+    stats.update(rows_read=rows_read, positions=rows_read, removed=removed)  # positions: every _order is below
     table = events
     n = rows_read
     if pre.min_rating is not None:
@@ -167,7 +169,7 @@ EVENTS_PER_PART = 1_000_000_000
 def _user_parts(engine: Engine, table: Any, n_events: int) -> Parts:
     """``table`` split by a hash of the user: whole users per part, so per-user windows stay exact."""
     parts = max(1, -(-n_events // EVENTS_PER_PART))
-    return engine.partition(table, (table[USER].hash() % parts).abs(), parts)
+    return engine.partition(table, engine.hash_part(table[USER], parts), parts)
 
 
 def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, removed: dict[str, int]
@@ -217,10 +219,10 @@ def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, re
 
 #: engine memory per id a count per id (events, first file position) takes without spilling. A
 #: hash aggregate over more ids than the cap holds moves its rows through the spill: at 1B events
-#: and a 3GB cap, 20M users counted over the dedup step's table took 96.2 / 93.9 s in one count
-#: against 40.8 s in 2 parts of the ids' hash, 50.0 / 52.7 s in 4 and 65.8 s in 8 (each part reads
-#: the column again); with a 6GB cap one count took 34.0 / 34.9 s (`bench/engine_steps.py --steps
-#: count`). So ~10M ids per 3 GB: parts = estimated ids x this / cap
+#: and a 3GB cap, 20M users counted over a table of the log took 96.2 / 93.9 s in one count against
+#: 40.8 s in 2 parts of the ids' hash and 50.0 / 52.7 s in 4 (each part reads the column again);
+#: with a 6GB cap one count took 34.0 / 34.9 s (`bench/engine_steps.py --steps count`). So ~10M
+#: ids per 3 GB: parts = estimated ids x this / cap (the estimate errs high: 24.5M for 20M users)
 BYTES_PER_COUNTED_ID = 300
 
 
@@ -237,14 +239,14 @@ def _count_per_id(engine: Engine, events: Any, column: str, n_events: int, parts
         parts_of[column] = 1
         memory = engine.memory_bytes()  # None on Spark, which spreads a count by itself
         if memory is not None and n_events * BYTES_PER_COUNTED_ID > memory:  # fewer ids than events
-            ids = int(engine.scalar(events[column].approx_nunique()))  # HyperLogLog: one scan, ~2% error
+            ids = engine.approx_distinct(events, column)
             parts_of[column] = max(1, -(-ids * BYTES_PER_COUNTED_ID // memory))
             log.info("k-core counts %s in %d part(s): ~%d ids, memory cap %d MB", column, parts_of[column], ids,
                      memory >> 20)
     parts = parts_of[column]
     if parts == 1:
         return engine.keep(count(events))
-    key = (events[column].hash() % parts).abs()
+    key = engine.hash_part(events[column], parts)
     return engine.keep_in_parts([count(events.filter(key == p)) for p in range(parts)])
 
 
@@ -402,10 +404,11 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
                                         replace=False)).astype(np.int64)
     widest = max(len(user_vocab), len(item_vocab))
     if loo:
-        final = _narrow_codes(table.join(users, USER), TIMESTAMP, ORDER, n=widest)
+        final = _narrow_codes(table.join(users, USER), TIMESTAMP, ORDER, n=widest, rows=stats.pop("positions"))
         counts = _leave_one_out_counts(engine, users)
     else:
-        final = _narrow_codes(table.join(users, USER), TIMESTAMP, LABEL, ORDER, n=widest)
+        final = _narrow_codes(table.join(users, USER), TIMESTAMP, LABEL, ORDER, n=widest,
+                               rows=stats.pop("positions"))
         counts = _label_counts(engine, final)
     popularity = {stage_name: DistinctUsersPerItem(item_vocab.shape[0], pairs_distinct=pairs_distinct)
                   for stage_name in ("valid", "test")}
@@ -425,13 +428,15 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
                         {stage: counter.finish() for stage, counter in popularity.items()})
 
 
-def _narrow_codes(table: Any, *columns: str, n: int) -> Any:
-    """User and item codes as int32 while they fit (``n``: the larger vocabulary), then ``columns``:
-    the final sort's rows (and its spill and blocks) a quarter narrower (100M events: sort and write
-    16.3 -> 14-15 s)."""
+def _narrow_codes(table: Any, *columns: str, n: int, rows: int) -> Any:
+    """User and item codes as int32 while they fit (``n``: the larger vocabulary), then ``columns``,
+    the file position too while it fits (``rows``: every position is below it): the final sort's
+    rows (and its spill and blocks) narrower (100M events: int32 codes took sort and write 16.3 ->
+    14-15 s)."""
     code = "int32" if n < 2**31 else "int64"
+    position = "int32" if rows < 2**31 else "int64"
     return table.select(table[USER_CODE].cast(code).name(USER_CODE), table[ITEM_CODE].cast(code).name(ITEM_CODE),
-                        *columns)
+                        *[table[c].cast(position).name(c) if c == ORDER else table[c] for c in columns])
 
 
 def _leave_one_out_counts(engine: Engine, users: Any) -> dict[int, int]:
