@@ -370,3 +370,23 @@ def test_large_arrays_are_checksummed_per_shard_and_damage_is_named_by_its_rows(
     (warning,) = _warnings(caplog)
     assert "train_item.npy: sha256 mismatch in rows 128..191 (shard 3 of" in warning and "rebuilding" in warning
     _assert_same(data, fresh)
+
+
+def test_the_manifest_takes_each_large_arrays_digests_from_its_writer(tmp_path, monkeypatch):
+    """The split arrays are hashed per shard as they are written: the manifest reads none of them
+    back (23.5 GB at a billion events), and its digests are those of the bytes on disk."""
+    from rectrain.data import cache
+
+    monkeypatch.setattr(cache, "SHARD_ROWS", 64)
+    read_back: list[str] = []  # arrays whose digests the manifest computed by reading the file
+    from_disk = cache._shard_digests
+    monkeypatch.setattr(cache, "_shard_digests", lambda path: read_back.append(path.name) or from_disk(path))
+    cache_dir = tmp_path / "cache"
+    _load(cache_dir)
+    (target,) = [p for p in cache_dir.iterdir() if not p.name.startswith(".")]
+    files = json.loads((target / "manifest.json").read_text())["files"]
+    sharded = {name for name, entry in files.items() if "shards" in entry}
+    assert {"train_user.npy", "train_item.npy", "train_timestamp.npy"} <= sharded
+    assert not [name for name in read_back if name.startswith(("train_", "valid_", "test_"))], read_back
+    for name in sharded:
+        assert files[name]["shards"] == from_disk(target / name), name

@@ -68,7 +68,7 @@ def _manifest_entry(path: Path) -> dict[str, Any]:
         shape, fortran, dtype, _ = _npy_header(path)
         entry.update(shape=list(shape), dtype=dtype.str, fortran_order=fortran)
         if shape and shape[0] > SHARD_ROWS:
-            entry["shards"] = _shard_digests(path)
+            entry["shards"] = _digests_as_written(path, shape[0]) or _shard_digests(path)
     entry["sha256"] = _shards_root(path, entry["shards"]) if "shards" in entry else file_sha256(path)
     return entry
 
@@ -111,6 +111,53 @@ def _shard_digests(path: Path) -> list[dict[str, Any]]:
                 left -= len(block)
             shards.append({"rows": [lo, hi], "sha256": digest.hexdigest()})
     return shards
+
+
+class ShardHasher:
+    """The shard digests of a 1-d array's data, fed by its writer as the bytes go out: the manifest
+    then needs no second read of them (a billion events: 23.5 GB read back from the disk, ~21 s)."""
+
+    def __init__(self, row_bytes: int) -> None:
+        self.row_bytes = int(row_bytes)
+        self._shards: list[dict[str, Any]] = []
+        self._digest, self._rows, self._lo = hashlib.sha256(), 0, 0
+
+    def update(self, data: memoryview) -> None:
+        """The next whole rows of the array, as bytes."""
+        data = data.cast("B")
+        while len(data):
+            take = min(len(data), (SHARD_ROWS - (self._rows - self._lo)) * self.row_bytes)
+            self._digest.update(data[:take])
+            self._rows += take // self.row_bytes
+            data = data[take:]
+            if self._rows - self._lo == SHARD_ROWS:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._shards.append({"rows": [self._lo, self._rows], "sha256": self._digest.hexdigest()})
+        self._digest, self._lo = hashlib.sha256(), self._rows
+
+    def finish(self, path: Path) -> None:
+        """Record the digests for ``path``, now written and closed, for :func:`write_manifest`."""
+        if self._rows > self._lo:
+            self._close_shard()
+        stat = path.stat()
+        _WRITTEN[str(path.resolve())] = (stat.st_size, stat.st_mtime_ns, self._rows, self._shards)
+
+
+#: path -> (size, mtime_ns, rows, shard digests) recorded by a ShardHasher in this process
+_WRITTEN: dict[str, tuple[int, int, int, list[dict[str, Any]]]] = {}
+
+
+def _digests_as_written(path: Path, rows: int) -> list[dict[str, Any]] | None:
+    """The writer's digests of ``path`` if the file is still exactly as it left it (size, mtime and
+    rows), else None: the manifest then reads the file."""
+    recorded = _WRITTEN.pop(str(path.resolve()), None)
+    if recorded is None:
+        return None
+    size, mtime_ns, written_rows, shards = recorded
+    stat = path.stat()
+    return shards if (stat.st_size, stat.st_mtime_ns, written_rows) == (size, mtime_ns, rows) else None
 
 
 def _shards_root(path: Path, shards: list[dict[str, Any]]) -> str:

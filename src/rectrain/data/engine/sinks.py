@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from rectrain.data import cache
 from rectrain.utils.arrays import unique_ints
 
 
@@ -64,6 +65,7 @@ class NpyFileSink:
         self._files: dict[str, tuple[BinaryIO, np.dtype, int]] = {}
         self._filled: dict[str, int] = {}
         self._exact: dict[str, bool] = {}
+        self._hashers: dict[str, cache.ShardHasher] = {}
 
     def open(self, name: str, dtype: Any, length: int, exact: bool = True) -> None:
         """``<name>.npy`` of ``length`` rows (``exact=False``: at most that many)."""
@@ -71,11 +73,16 @@ class NpyFileSink:
         handle = open(self.directory / f"{name}.npy", "wb")
         handle.write(_npy_header(dtype, length))
         self._files[name], self._filled[name], self._exact[name] = (handle, dtype, length), 0, exact
+        if length > cache.SHARD_ROWS:  # checksummed per shard: hashed here, as the bytes go out
+            self._hashers[name] = cache.ShardHasher(dtype.itemsize)
 
     def append(self, name: str, values: np.ndarray) -> None:
         handle, dtype, length = self._files[name]
         _check_room(name, self._filled[name], values.shape[0], length)
-        handle.write(memoryview(np.ascontiguousarray(values, dtype=dtype)).cast("B"))  # no bytes copy
+        data = memoryview(np.ascontiguousarray(values, dtype=dtype)).cast("B")  # no bytes copy
+        handle.write(data)
+        if name in self._hashers:
+            self._hashers[name].update(data)
         self._filled[name] += values.shape[0]
 
     def finish(self) -> dict[str, np.ndarray]:
@@ -85,6 +92,8 @@ class NpyFileSink:
                 handle.seek(0)
                 handle.write(_npy_header(dtype, self._filled[name], size=len(_npy_header(dtype, length))))
             handle.close()
+            if name in self._hashers:
+                self._hashers[name].finish(self.directory / f"{name}.npy")
         return {name: np.load(self.directory / f"{name}.npy", mmap_mode="c", allow_pickle=False)
                 for name in self._files}
 
