@@ -7,10 +7,11 @@
   database file, in one piece against 2, 3, 4 and 8 parts of the ids' hash for users (20M at 1B
   events), and against 4 parts for items (1M);
 * ``blocks``: the pass that writes the final sort's 32 blocks (the events joined with both
-  vocabularies, as Parquet per block), snappy against uncompressed, beside the join alone.
+  vocabularies, as Parquet per block), snappy against uncompressed, beside the join alone;
+* ``hash``: the part of a value by DuckDB's ``hash`` against Ibis' ``hash()`` (no log read).
 
     python bench/scale.py --events 1000000000 --stages generate --workdir /data/scale --keep
-    python bench/engine_steps.py --log /data/scale/log-1000000000 --steps sort,count
+    python bench/engine_steps.py --log /data/scale/log-1000000000 --steps sort,count,blocks,hash
 
 Each step runs on one connection with a 3GB cap (``--memory-limit``) and spill in a temporary
 folder; the two variants alternate, so a slow moment of a shared machine hits both.
@@ -105,12 +106,26 @@ def blocks_step(con, log: Path, repeats: int) -> None:
         con.execute(f"DROP TABLE {table}")
 
 
+def hash_step(con, log: Path, repeats: int) -> None:
+    """A part of 3 by a value's hash over 200M values: DuckDB's ``hash`` as it is, and as Ibis'
+    ``hash()`` compiles it (a cast through BIT to a signed integer)."""
+    variants = {"DuckDB hash(x) % 3": "hash(range) % 3 = 1",
+                "Ibis hash(): abs(CAST(CAST(hash(x) AS BIT) AS BIGINT) % 3)":
+                    "abs(CAST(CAST(hash(range) AS BIT) AS BIGINT) % 3) = 1"}
+    print("| part by hash, 200M values | seconds |\n|---|---:|")
+    for rep in range(repeats):
+        for name, where in variants.items():
+            start = time.perf_counter()
+            con.sql(f"SELECT count(*) FROM range(200000000) WHERE {where}").fetchall()
+            print(f"| {name} (run {rep + 1}) | {time.perf_counter() - start:.1f} |", flush=True)
+
+
 def main() -> None:
     import duckdb
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log", type=Path, required=True, help="a folder of Parquet files (--stages generate)")
-    parser.add_argument("--steps", default="sort,count")
+    parser.add_argument("--steps", default="sort,count,blocks,hash")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory-limit", default="3GB")
     args = parser.parse_args()
@@ -119,7 +134,7 @@ def main() -> None:
                              config={"memory_limit": args.memory_limit, "temp_directory": str(Path(scratch) / "spill"),
                                      "preserve_insertion_order": False})
         for step in args.steps.split(","):
-            {"sort": sort_step, "count": count_step, "blocks": blocks_step}[step](con, args.log, args.repeats)
+            {"sort": sort_step, "count": count_step, "blocks": blocks_step, "hash": hash_step}[step](con, args.log, args.repeats)
         con.close()
 
 

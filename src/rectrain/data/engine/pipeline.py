@@ -219,10 +219,11 @@ def _k_core(engine: Engine, table: Any, min_user: int, min_item: int, n: int, re
 
 #: engine memory per id a count per id (events, first file position) takes without spilling. A
 #: hash aggregate over more ids than the cap holds moves its rows through the spill: at 1B events
-#: and a 3GB cap, 20M users counted over a table of the log took 96.2 / 93.9 s in one count against
-#: 40.8 s in 2 parts of the ids' hash and 50.0 / 52.7 s in 4 (each part reads the column again);
-#: with a 6GB cap one count took 34.0 / 34.9 s (`bench/engine_steps.py --steps count`). So ~10M
-#: ids per 3 GB: parts = estimated ids x this / cap (the estimate errs high: 24.5M for 20M users)
+#: and a 3GB cap, 20M users counted over a table of the log took 112.7 s in one count against 50.6 s
+#: in 2 parts of the ids' hash, 40.5 s in 3, 49.9 s in 4 and 66.8 s in 8 (each part reads the
+#: column again), 1M items 22.3 s in one count and 26.3 s in 4 (`bench/engine_steps.py --steps
+#: count`). So ~10M ids per 3 GB: parts = estimated ids x this / cap, 3 for those users (their
+#: estimate errs high: 24.5M)
 BYTES_PER_COUNTED_ID = 300
 
 
