@@ -15,7 +15,7 @@
     python bench/engine_steps.py --log /data/scale/log-1000000000 --steps sort,count,blocks,hash
 
 Each step runs on one connection with a 3GB cap (``--memory-limit``) and spill in a temporary
-folder; the two variants alternate, so a slow moment of a shared machine hits both.
+folder; the variants alternate, so a slow moment of a shared machine hits each of them.
 """
 from __future__ import annotations
 
@@ -51,12 +51,17 @@ def sort_step(con, log: Path, repeats: int) -> None:
     con.execute("DROP TABLE block")
 
 
+def _events_table(con, log: Path) -> None:
+    """The log as a table in the database file, as the pipeline's steps read the dedup step's result."""
+    con.execute(f"CREATE OR REPLACE TABLE events AS SELECT user_id, item_id, ts, file_row_number AS o "
+                f"FROM read_parquet('{log}/*.parquet', file_row_number=true)")
+
+
 def count_step(con, log: Path, repeats: int) -> None:
     """k-core's count per id over a table in the database file, as the pipeline counts the dedup
     step's result (over the Parquet files themselves a count behaves otherwise: the 20M users of
     the 1B log took 53.8 s whole and 62.9 s in 4 parts there)."""
-    con.execute(f"CREATE OR REPLACE TABLE events AS SELECT user_id, item_id, ts, file_row_number AS o "
-                f"FROM read_parquet('{log}/*.parquet', file_row_number=true)")
+    _events_table(con, log)
     print("| count per id | ids | parts | seconds |\n|---|---:|---:|---:|")
     for rep in range(repeats):
         for column, variants in (("user_id", (1, 2, 3, 4, 8)), ("item_id", (1, 4))):
@@ -80,14 +85,13 @@ def blocks_step(con, log: Path, repeats: int) -> None:
     snappy-compressed (DuckDB's default) against uncompressed; the join alone beside them."""
     import shutil
 
-    con.execute(f"CREATE OR REPLACE TABLE events AS SELECT user_id AS u, item_id AS i, ts, file_row_number AS o "
-                f"FROM read_parquet('{log}/*.parquet', file_row_number=true)")
-    for column, vocab in (("u", "users"), ("i", "items")):
+    _events_table(con, log)
+    for column, vocab in (("user_id", "users"), ("item_id", "items")):
         con.execute(f"CREATE OR REPLACE TABLE {vocab} AS SELECT {column}, (row_number() OVER (ORDER BY f) - 1)::INT "
                     f"AS code FROM (SELECT {column}, min(o) AS f FROM events GROUP BY {column})")
     (n_users,), = con.sql("SELECT count(*) FROM users").fetchall()
-    joined = ("SELECT users.code AS uc, items.code AS ic, ts, o FROM events JOIN items USING (i) "
-              "JOIN users USING (u)")
+    joined = ("SELECT users.code AS uc, items.code AS ic, ts, o FROM events JOIN items USING (item_id) "
+              "JOIN users USING (user_id)")
     folder = Path(con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]).parent / "blocks"
     print("| blocks pass (32 blocks) | seconds | Parquet MB |\n|---|---:|---:|")
     for rep in range(repeats):

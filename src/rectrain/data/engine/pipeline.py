@@ -81,6 +81,7 @@ def run(engine: Engine, events: Any, pre: PreprocessConfig, split: Any, source: 
     stats: dict[str, Any] = {}
     with stage(engine, "filter (threshold, dedup, k-core)", source):
         kept, per_id = filter_events(engine, events, pre, source, stats)
+    positions = stats["rows_read"]  # every file position (_order) is below it
     with stage(engine, f"split ({split.kind})", source):
         if split.kind == "leave_one_out":
             labelled = kept  # labelled per block of users while the arrays are written: no extra copy
@@ -92,13 +93,14 @@ def run(engine: Engine, events: Any, pre: PreprocessConfig, split: Any, source: 
             labelled = engine.keep(labelled)
             engine.release(kept)
             if test_events is not None:  # the test log's positions follow the training log's
-                stats["positions"] = int(engine.scalar(labelled[ORDER].max())) + 1
+                positions = int(engine.scalar(labelled[ORDER].max())) + 1
     with stage(engine, "index and write arrays", source):
         if split.kind != "leave_one_out":  # k-core's counts describe the events before the protocol's drops
             _release_all(engine, per_id)
             per_id = {}
         return _index_and_write(engine, labelled, split, stats, source, allocate,
-                                pairs_distinct=pre.dedup != "none" and split.kind != "session", per_id=per_id)
+                                pairs_distinct=pre.dedup != "none" and split.kind != "session", per_id=per_id,
+                                positions=positions)
 
 
 # --- filtering --------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ def filter_events(engine: Engine, events: Any, pre: PreprocessConfig, source: st
 
     removed: dict[str, int] = {}
     rows_read = int(engine.scalar(events.count()))
-    stats.update(rows_read=rows_read, positions=rows_read, removed=removed)  # positions: every _order is below
+    stats.update(rows_read=rows_read, removed=removed)
     table = events
     n = rows_read
     if pre.min_rating is not None:
@@ -356,13 +358,14 @@ def _fetch_vocab(engine: Engine, vocab: Any, column: str, code: str) -> np.ndarr
 
 
 def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, Any], source: str,
-                     allocate: Allocate, pairs_distinct: bool = False, per_id: dict[str, Any] | None = None
-                     ) -> EngineOutput:
+                     allocate: Allocate, pairs_distinct: bool = False, per_id: dict[str, Any] | None = None,
+                     positions: int = 2**63 - 1) -> EngineOutput:
     """Vocabularies, the drops each protocol needs, then the arrays sorted by (user, time, file order).
 
     ``pairs_distinct``: no (user, item) pair occurs twice (deduplicated, users not re-keyed), so
     distinct users per item is a plain count of the rows. ``per_id``: k-core's counts per user and
     item of exactly ``table``'s events (leave-one-out keeps every event), read instead of recounting.
+    ``positions``: every file position is below it (int32 positions in the final sort while it fits).
     """
     import ibis
 
@@ -405,11 +408,11 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
                                         replace=False)).astype(np.int64)
     widest = max(len(user_vocab), len(item_vocab))
     if loo:
-        final = _narrow_codes(table.join(users, USER), TIMESTAMP, ORDER, n=widest, rows=stats.pop("positions"))
+        final = _narrow_codes(table.join(users, USER), TIMESTAMP, ORDER, n=widest, rows=positions)
         counts = _leave_one_out_counts(engine, users)
     else:
         final = _narrow_codes(table.join(users, USER), TIMESTAMP, LABEL, ORDER, n=widest,
-                               rows=stats.pop("positions"))
+                               rows=positions)
         counts = _label_counts(engine, final)
     popularity = {stage_name: DistinctUsersPerItem(item_vocab.shape[0], pairs_distinct=pairs_distinct)
                   for stage_name in ("valid", "test")}
