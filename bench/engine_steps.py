@@ -9,10 +9,14 @@
 * ``blocks``: the pass that writes the final sort's 32 blocks (the events joined with both
   vocabularies, as Parquet per block), snappy against uncompressed and against DuckDB's
   partitioned writer flushing every 4M rows (default 512k), beside the join alone;
-* ``hash``: the part of a value by DuckDB's ``hash`` against Ibis' ``hash()`` (no log read).
+* ``hash``: the part of a value by DuckDB's ``hash`` against Ibis' ``hash()`` (no log read);
+* ``dedup``: dedup's window (first event per (user, item) by time and file position) over the whole
+  log as scanned, ids and file positions as int64 against int32 (what the scan gives when they fit),
+  each result written to a table as the pipeline keeps it.
 
     python bench/scale.py --events 1000000000 --stages generate --workdir /data/scale --keep
     python bench/engine_steps.py --log /data/scale/log-1000000000 --steps sort,count,blocks,hash
+    python bench/engine_steps.py --log /data/scale/log-1000000000 --steps dedup --repeats 1
 
 Each step runs on one connection with a 3GB cap (``--memory-limit``) and spill in a temporary
 folder; the variants alternate, so a slow moment of a shared machine hits each of them.
@@ -129,6 +133,26 @@ def hash_step(con, log: Path, repeats: int) -> None:
             print(f"| {name} (run {rep + 1}) | {time.perf_counter() - start:.1f} |", flush=True)
 
 
+def dedup_step(con, log: Path, repeats: int) -> None:
+    """The window over the whole log, its rows as wide as the scan gives them: int64 ids and file
+    positions, or int32 (the spill of a billion events: ~32 against ~20 bytes an event)."""
+    scan = f"read_parquet('{log}/*.parquet', file_row_number=true)"
+    variants = {"int64 ids and positions": f"SELECT user_id AS u, item_id AS i, ts, file_row_number AS o FROM {scan}",
+                "int32 ids and positions": f"SELECT user_id::INT AS u, item_id::INT AS i, ts, file_row_number::INT AS o "
+                                           f"FROM {scan}"}
+    print(f"| dedup's window over {log.name} | seconds | events kept |\n|---|---:|---:|")
+    for rep in range(repeats):
+        for name, rows in variants.items():
+            start = time.perf_counter()
+            con.execute(f"CREATE OR REPLACE TABLE kept AS SELECT * FROM ({rows}) "
+                        "QUALIFY row_number() OVER (PARTITION BY u, i ORDER BY ts, o) = 1")
+            seconds = time.perf_counter() - start
+            (kept,), = con.sql("SELECT count(*) FROM kept").fetchall()
+            con.execute("DROP TABLE kept")
+            con.execute("CHECKPOINT")
+            print(f"| {name} (run {rep + 1}) | {seconds:.1f} | {kept:,} |", flush=True)
+
+
 def main() -> None:
     import duckdb
 
@@ -143,7 +167,8 @@ def main() -> None:
                              config={"memory_limit": args.memory_limit, "temp_directory": str(Path(scratch) / "spill"),
                                      "preserve_insertion_order": False})
         for step in args.steps.split(","):
-            {"sort": sort_step, "count": count_step, "blocks": blocks_step, "hash": hash_step}[step](con, args.log, args.repeats)
+            {"sort": sort_step, "count": count_step, "blocks": blocks_step, "hash": hash_step,
+             "dedup": dedup_step}[step](con, args.log, args.repeats)
         con.close()
 
 

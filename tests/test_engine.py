@@ -249,6 +249,72 @@ def test_a_csv_log_on_a_spark_cluster_is_read_in_memory_with_a_warning(tmp_path,
     assert spark("local[2]").reads_local_files() and not spark("yarn").reads_local_files()
 
 
+def _scanned_types(tmp_path, make) -> dict[str, str]:
+    from rectrain.data.engine.backends import connect
+
+    engine = connect(EngineConfig(), tmp_path)
+    try:
+        schema = make(engine).schema()
+        return {name: str(schema[name]) for name in ("user", "item", "_order")}
+    finally:
+        engine.close()
+
+
+def test_ids_and_file_positions_are_scanned_as_int32_while_they_fit_and_the_arrays_do_not_change(tmp_path):
+    """Narrow rows for every pass (dedup's window spills ~20 instead of ~32 bytes an event): an id
+    column is int32 when the files' statistics say every id fits, int64 when one does not or when a
+    writer left no statistics; the prepared arrays are those of the reader either way."""
+    from rectrain.data.engine.scan import from_parquet
+
+    log = tied(generate_synthetic(n_users=150, n_items=120, mean_length=15, seed=8), 600.0)
+    frame = log.interactions.rename(columns={"user": "uid", "item": "sku", "timestamp": "ts"})
+    frame = frame.assign(uid=frame.uid.astype(np.int64), sku=frame.sku.astype(np.int64))
+    columns = {"user": "uid", "item": "sku", "timestamp": "ts"}
+    pre, split = PreprocessConfig(min_user_interactions=3, min_item_interactions=3), SplitConfig("leave_one_out")
+    wide = frame.assign(sku=np.where(frame.sku == frame.sku.iloc[-1], 2**31, frame.sku))  # one item past int32
+    cases = {"fit": (frame, {}, "int32"), "past int32": (wide, {}, "int64"),
+             "no statistics": (frame, {"write_statistics": False}, "int64")}
+    for name, (data, options, item_type) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        data.iloc[:500].to_parquet(folder / "a.parquet", row_group_size=200, **options)
+        data.iloc[500:].to_parquet(folder / "b.parquet", row_group_size=200, **options)
+        types = _scanned_types(tmp_path, lambda engine: from_parquet(engine, folder, columns))
+        assert types == {"user": "int32" if not options else "int64", "item": item_type, "_order": "int32"}, name
+        got = load_or_prepare(InteractionFileSource(str(folder), columns), pre, split, None)
+        reader = read_interactions(folder / "a.parquet", columns)  # the reader of one file, then the other
+        both = pd.concat([reader.interactions, read_interactions(folder / "b.parquet", columns).interactions],
+                         ignore_index=True)
+        assert_identical(got, prepare_in_memory(dataclasses.replace(reader, interactions=both), pre, split))
+        if name == "past int32":
+            assert str(2**31) in set(got.item_vocab.tolist())
+
+
+def test_csv_ids_are_scanned_as_int32_while_every_chunk_fits(tmp_path, monkeypatch):
+    from rectrain.data import readers
+    from rectrain.data.engine.scan import from_chunks
+
+    monkeypatch.setattr(readers, "READ_CHUNK_ROWS", 100)
+    columns = {"user": "u", "item": "i", "timestamp": "t"}
+    items = np.arange(300) % 40
+    items[-1] = -(2**31) - 1  # in the last chunk only: one id below int32
+    path = tmp_path / "events.csv"
+    pd.DataFrame({"u": np.arange(300) % 25, "i": items, "t": 1e9 + np.arange(300)}).to_csv(path, index=False)
+    types = _scanned_types(tmp_path, lambda engine: from_chunks(engine, readers.iter_interactions(path, columns)))
+    assert types == {"user": "int32", "item": "int64", "_order": "int32"}
+
+
+def test_session_logs_whose_integer_ids_differ_in_width_are_joined_as_int64(tmp_path):
+    """Training items fit int32, one test item does not: both logs' items become int64, not text."""
+    train, test = write_sessions(tmp_path / "train.tsv", 5), write_sessions(tmp_path / "test.tsv", 6, 40, start=1.41e9)
+    frame = pd.read_csv(test, sep="\t", dtype=str)
+    frame.loc[frame.index[:3], "ItemId"] = str(2**33)
+    frame.to_csv(test, sep="\t", index=False)
+    pre, split = PreprocessConfig(dedup="none", min_item_interactions=2), SplitConfig("session", valid_fraction=0.2)
+    got = load_or_prepare(SessionFileSource(str(train), str(test)), pre, split, None)
+    assert_identical(got, prepare_in_memory(read_sessions(train), pre, split, read_sessions(test)))
+
+
 def test_session_logs_whose_ids_differ_in_type_are_joined_as_text(tmp_path):
     """Training items all canonical integers (scanned as integers), the test file's not: one type."""
     train, test = write_sessions(tmp_path / "train.tsv", 1), write_sessions(tmp_path / "test.tsv", 2, 40, start=1.41e9)

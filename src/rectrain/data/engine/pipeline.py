@@ -283,7 +283,8 @@ def _label_sessions(engine: Engine, table: Any, pre: PreprocessConfig, split: An
         test_kept, test_counts = filter_events(engine, test_events, _without_item_core(pre), source, {})
         _release_all(engine, test_counts)
         offset = int(engine.scalar(table[ORDER].max())) + 2
-        test_kept = test_kept.mutate(**{ORDER: test_kept[ORDER] + offset}, _test=ibis.literal(True))
+        table = table.mutate(**{ORDER: table[ORDER].cast("int64")})  # positions past both logs' ends
+        test_kept = test_kept.mutate(**{ORDER: test_kept[ORDER].cast("int64") + offset}, _test=ibis.literal(True))
         table, test_kept = _same_id_types(table, test_kept.select(table.columns))
         table = engine.keep(table.union(test_kept))
     use_session = has_session and int(engine.scalar(table[SESSION].isnull().sum())) == 0
@@ -316,12 +317,14 @@ def _label_sessions(engine: Engine, table: Any, pre: PreprocessConfig, split: An
 
 
 def _same_id_types(a: Any, b: Any) -> tuple[Any, Any]:
-    """Two logs with their id columns of one type: a column that is integer in one and text in the
-    other (a streamed CSV's ids become integers only when all of them are canonical) becomes text in
-    both, the same text the integers were read from."""
+    """Two logs with their id columns of one type: integers of two widths (each log's scanned as
+    narrow as its ids fit) become int64; a column that is integer in one and text in the other (a
+    streamed CSV's ids become integers only when all of them are canonical) becomes text in both,
+    the same text the integers were read from."""
     differ = [c for c in (USER, ITEM, SESSION) if c in a.columns and a[c].type() != b[c].type()]
-    return (a.mutate(**{c: a[c].cast("string") for c in differ}) if differ else a,
-            b.mutate(**{c: b[c].cast("string") for c in differ}) if differ else b)
+    common = {c: "int64" if a[c].type().is_integer() and b[c].type().is_integer() else "string" for c in differ}
+    return (a.mutate(**{c: a[c].cast(t) for c, t in common.items()}) if differ else a,
+            b.mutate(**{c: b[c].cast(t) for c, t in common.items()}) if differ else b)
 
 
 def _release_all(engine: Engine, tables: dict[str, Any]) -> None:
