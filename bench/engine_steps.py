@@ -7,12 +7,12 @@
   database file, in one piece against 2, 3, 4 and 8 parts of the ids' hash for users (20M at 1B
   events), and against 4 parts for items (1M);
 * ``blocks``: the pass that writes the final sort's 32 blocks (the events joined with both
-  vocabularies, as Parquet per block), snappy against uncompressed and against DuckDB's
-  partitioned writer flushing every 4M rows (default 512k), beside the join alone;
+  vocabularies) and the sorts of the blocks: DuckDB's partitioned Parquet writer against numpy
+  buckets in raw files per block and column (the pipeline's dense partition), beside the join alone;
 * ``hash``: the part of a value by DuckDB's ``hash`` against Ibis' ``hash()`` (no log read);
 * ``dedup``: dedup's window (first event per (user, item) by time and file position) over the whole
-  log as scanned, ids and file positions as int64 against int32 (what the scan gives when they fit),
-  each result written to a table as the pipeline keeps it.
+  log as scanned, ids and file positions as int64 against int32, and times as int32 too (what the
+  scan gives when they fit), each result written to a table as the pipeline keeps it.
 
     python bench/scale.py --events 1000000000 --stages generate --workdir /data/scale --keep
     python bench/engine_steps.py --log /data/scale/log-1000000000 --steps sort,count,blocks,hash
@@ -56,9 +56,10 @@ def sort_step(con, log: Path, repeats: int) -> None:
 
 
 def _events_table(con, log: Path) -> None:
-    """The log as a table in the database file, as the pipeline's steps read the dedup step's result."""
-    con.execute(f"CREATE OR REPLACE TABLE events AS SELECT user_id, item_id, ts, file_row_number AS o "
-                f"FROM read_parquet('{log}/*.parquet', file_row_number=true)")
+    """The log as a table in the database file, as the pipeline's steps read the dedup step's result:
+    ids, whole-second times and file positions as int32 (what the scan gives a log whose values fit)."""
+    con.execute(f"CREATE OR REPLACE TABLE events AS SELECT user_id::INT AS user_id, item_id::INT AS item_id, "
+                f"ts::INT AS ts, file_row_number::INT AS o FROM read_parquet('{log}/*.parquet', file_row_number=true)")
 
 
 def count_step(con, log: Path, repeats: int) -> None:
@@ -83,11 +84,21 @@ def count_step(con, log: Path, repeats: int) -> None:
     con.execute("DROP TABLE events")
 
 
+def _sorted_blocks(con, blocks: list[str]) -> int:
+    """Each block sorted by (user, time, position) and streamed out, as the pipeline writes the arrays."""
+    return sum(_drain(con, f"SELECT uc, ic, ts FROM {block} ORDER BY uc, ts, o") for block in blocks)
+
+
 def blocks_step(con, log: Path, repeats: int) -> None:
-    """The pass that writes the final sort's blocks: the events joined with both vocabularies
-    (codes by first appearance) and written as Parquet files per block of 32 (what 1B events get),
-    snappy-compressed (DuckDB's default) against uncompressed; the join alone beside them."""
+    """The pass that writes the final sort's blocks (the events joined with both vocabularies, codes
+    by first appearance, into the 32 blocks 1B events get), then the sorts of the blocks: DuckDB's
+    partitioned Parquet writer against numpy bucketing the streamed join into raw files per block
+    and column, each block then scanned in place as an Arrow table over its memory-mapped files
+    (the pipeline's dense partition); the join alone beside them."""
     import shutil
+
+    import numpy as np
+    import pyarrow as pa
 
     _events_table(con, log)
     for column, vocab in (("user_id", "users"), ("item_id", "items")):
@@ -96,25 +107,51 @@ def blocks_step(con, log: Path, repeats: int) -> None:
     (n_users,), = con.sql("SELECT count(*) FROM users").fetchall()
     joined = ("SELECT users.code AS uc, items.code AS ic, ts, o FROM events JOIN items USING (item_id) "
               "JOIN users USING (user_id)")
+    keyed = f"SELECT *, (uc::BIGINT * 32 // {n_users})::INT AS _part FROM ({joined})"
     folder = Path(con.sql("SELECT current_setting('temp_directory')").fetchall()[0][0]).parent / "blocks"
-    print("| blocks pass (32 blocks) | seconds | Parquet MB |\n|---|---:|---:|")
+    columns = ["uc", "ic", "ts", "o"]
+    print("| 32 blocks | write blocks, s | sort blocks, s | MB |\n|---|---:|---:|---:|")
     for rep in range(repeats):
         start = time.perf_counter()
         con.sql(f"SELECT count(*), sum(uc), sum(ic) FROM ({joined})").fetchall()
-        print(f"| join only, nothing written (run {rep + 1}) | {time.perf_counter() - start:.1f} | |", flush=True)
-        for compression, flush in (("snappy", None), ("uncompressed", None), ("snappy", 1 << 22)):
+        print(f"| join only, nothing written (run {rep + 1}) | {time.perf_counter() - start:.1f} | | |", flush=True)
+        for variant in ("DuckDB partitioned Parquet", "numpy buckets, raw files"):
             shutil.rmtree(folder, ignore_errors=True)
-            if flush:  # rows a thread gathers before it hands them to the partitions' writers
-                con.execute(f"SET partitioned_write_flush_threshold = {flush}")
+            folder.mkdir(parents=True)
             start = time.perf_counter()
-            con.execute(f"COPY (SELECT *, uc::BIGINT * 32 // {n_users} AS _part FROM ({joined})) TO '{folder}' "
-                        f"(FORMAT parquet, PARTITION_BY (_part), COMPRESSION '{compression}')")
-            seconds = time.perf_counter() - start
-            con.execute("RESET partitioned_write_flush_threshold")
-            size = sum(f.stat().st_size for f in folder.rglob("*.parquet")) >> 20
+            if variant.startswith("DuckDB"):
+                con.execute(f"COPY ({keyed}) TO '{folder}' (FORMAT parquet, PARTITION_BY (_part))")
+                blocks = [f"read_parquet('{folder}/_part={p}/*.parquet')" for p in range(32)]
+            else:
+                handles = {(p, c): open(folder / f"{p}.{c}", "wb") for p in range(32) for c in columns}
+                dtypes = {}
+                for batch in con.sql(keyed).to_arrow_reader(1 << 20):
+                    part = batch.column(4).to_numpy()
+                    order = np.argsort(part, kind="stable")
+                    bounds = np.r_[0, np.cumsum(np.bincount(part, minlength=32))]
+                    for i, c in enumerate(columns):
+                        values = batch.column(i).to_numpy()[order]
+                        dtypes[c] = values.dtype
+                        for p in np.flatnonzero(np.diff(bounds)):
+                            handles[p, c].write(memoryview(values[bounds[p]:bounds[p + 1]]).cast("B"))
+                for handle in handles.values():
+                    handle.close()
+                blocks = []
+                for p in range(32):
+                    table = pa.table({c: np.memmap(folder / f"{p}.{c}", dtype=dtypes[c], mode="r") for c in columns})
+                    con.register(f"block_{p}", pa.Table.from_batches(table.to_batches(max_chunksize=1 << 17)))
+                    blocks.append(f"block_{p}")
+            written = time.perf_counter() - start
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) >> 20
+            start = time.perf_counter()
+            rows = _sorted_blocks(con, blocks)
+            sorted_seconds = time.perf_counter() - start
+            for block in blocks:
+                if block.startswith("block_"):
+                    con.unregister(block)
             shutil.rmtree(folder, ignore_errors=True)
-            label = compression + (f", flush every {flush:,} rows" if flush else "")
-            print(f"| join and write, {label} (run {rep + 1}) | {seconds:.1f} | {size:,} |", flush=True)
+            print(f"| {variant} (run {rep + 1}) | {written:.1f} | {sorted_seconds:.1f} | {size:,} |", flush=True)
+            assert rows > 0
     for table in ("events", "users", "items"):
         con.execute(f"DROP TABLE {table}")
 
@@ -135,11 +172,13 @@ def hash_step(con, log: Path, repeats: int) -> None:
 
 def dedup_step(con, log: Path, repeats: int) -> None:
     """The window over the whole log, its rows as wide as the scan gives them: int64 ids and file
-    positions, or int32 (the spill of a billion events: ~32 against ~20 bytes an event)."""
+    positions, or int32, times too (the spill of a billion events: ~32, ~20, ~16 bytes an event)."""
     scan = f"read_parquet('{log}/*.parquet', file_row_number=true)"
     variants = {"int64 ids and positions": f"SELECT user_id AS u, item_id AS i, ts, file_row_number AS o FROM {scan}",
                 "int32 ids and positions": f"SELECT user_id::INT AS u, item_id::INT AS i, ts, file_row_number::INT AS o "
-                                           f"FROM {scan}"}
+                                           f"FROM {scan}",
+                "int32 ids, positions and whole-second times":
+                    f"SELECT user_id::INT AS u, item_id::INT AS i, ts::INT AS ts, file_row_number::INT AS o FROM {scan}"}
     print(f"| dedup's window over {log.name} | seconds | events kept |\n|---|---:|---:|")
     for rep in range(repeats):
         for name, rows in variants.items():

@@ -255,7 +255,7 @@ def _scanned_types(tmp_path, make) -> dict[str, str]:
     engine = connect(EngineConfig(), tmp_path)
     try:
         schema = make(engine).schema()
-        return {name: str(schema[name]) for name in ("user", "item", "_order")}
+        return {name: str(schema[name]) for name in ("user", "item", "timestamp", "_order")}
     finally:
         engine.close()
 
@@ -280,7 +280,8 @@ def test_ids_and_file_positions_are_scanned_as_int32_while_they_fit_and_the_arra
         data.iloc[:500].to_parquet(folder / "a.parquet", row_group_size=200, **options)
         data.iloc[500:].to_parquet(folder / "b.parquet", row_group_size=200, **options)
         types = _scanned_types(tmp_path, lambda engine: from_parquet(engine, folder, columns))
-        assert types == {"user": "int32" if not options else "int64", "item": item_type, "_order": "int32"}, name
+        assert types == {"user": "int32" if not options else "int64", "item": item_type, "timestamp": "int32",
+                         "_order": "int32"}, name
         got = load_or_prepare(InteractionFileSource(str(folder), columns), pre, split, None)
         reader = read_interactions(folder / "a.parquet", columns)  # the reader of one file, then the other
         both = pd.concat([reader.interactions, read_interactions(folder / "b.parquet", columns).interactions],
@@ -301,7 +302,36 @@ def test_csv_ids_are_scanned_as_int32_while_every_chunk_fits(tmp_path, monkeypat
     path = tmp_path / "events.csv"
     pd.DataFrame({"u": np.arange(300) % 25, "i": items, "t": 1e9 + np.arange(300)}).to_csv(path, index=False)
     types = _scanned_types(tmp_path, lambda engine: from_chunks(engine, readers.iter_interactions(path, columns)))
-    assert types == {"user": "int32", "item": "int64", "_order": "int32"}
+    assert types == {"user": "int32", "item": "int64", "timestamp": "int32", "_order": "int32"}
+
+
+@pytest.mark.parametrize("times,expected", [("whole", "int32"), ("one fraction", "float64"),
+                                            ("past 2038", "float64"), ("before 1970", "float64")])
+def test_timestamps_are_scanned_as_int32_only_when_all_are_whole_seconds_that_fit(tmp_path, times, expected):
+    """Whole seconds in [0, 2^31) sort and spill as int32; anything else stays float64, and the
+    cache's timestamps are the same float64 values from every source either way."""
+    from rectrain.data.engine.scan import from_parquet, from_raw_log
+
+    log = tied(generate_synthetic(n_users=120, n_items=100, mean_length=12, seed=9), 60.0)
+    seconds = log.interactions["timestamp"].to_numpy().copy()
+    if times == "one fraction":
+        seconds[len(seconds) // 2] += 0.25
+    elif times == "past 2038":
+        seconds += 2**31 - seconds.min()
+    elif times == "before 1970":
+        seconds -= seconds.max() + 1.0
+    log = dataclasses.replace(log, interactions=log.interactions.assign(timestamp=seconds), items=None, users=None)
+    columns = {"user": "user", "item": "item", "timestamp": "timestamp"}
+    path = tmp_path / "events.parquet"
+    log.interactions.to_parquet(path, row_group_size=300)
+    csv = tmp_path / "events.csv"
+    log.interactions.to_csv(csv, index=False)
+    for make in (lambda engine: from_parquet(engine, path, columns), lambda engine: from_raw_log(engine, log)):
+        assert _scanned_types(tmp_path, make)["timestamp"] == expected
+    pre, split = PreprocessConfig(min_user_interactions=3, min_item_interactions=3), SplitConfig("leave_one_out")
+    want = prepare_in_memory(log, pre, split)
+    for source in (InteractionFileSource(str(path), columns), InteractionFileSource(str(csv), columns)):
+        assert_identical(load_or_prepare(source, pre, split, None), want)
 
 
 def test_session_logs_whose_integer_ids_differ_in_width_are_joined_as_int64(tmp_path):
@@ -506,9 +536,11 @@ def test_per_user_parts_and_sorted_blocks_change_nothing(synthetic, pre, split, 
     assert count_parts and all(parts > 1 for parts in count_parts[-1].values())  # the counts ran in parts
 
 
-def test_partition_writes_each_part_once_and_gives_its_disk_back(tmp_path):
-    """The parts of a billion-event table are written once and read alone; an empty part is None;
-    a part read for the last time is removed at once, the rest on close."""
+@pytest.mark.parametrize("dense", [False, True], ids=["parquet", "dense"])
+def test_partition_writes_each_part_once_and_gives_its_disk_back(tmp_path, dense):
+    """The parts of a billion-event table are written once and read alone (Parquet, or raw column
+    files bucketed in numpy when every column is a non-null number); an empty part is None; a part
+    read for the last time is removed at once, the rest on close."""
     import ibis
     import pyarrow as pa
 
@@ -516,17 +548,29 @@ def test_partition_writes_each_part_once_and_gives_its_disk_back(tmp_path):
 
     engine = connect(EngineConfig(memory_limit="256MB", threads=1), tmp_path)
     try:
-        table = engine.register(pa.table({"user": np.arange(10, dtype=np.int64), "value": np.arange(10) * 1.5}))
-        parts = engine.partition(table, table.user % 4 + ibis.ifelse(table.user % 4 == 3, 1, 0), 5)
+        users = np.arange(10, dtype=np.int64)
+        table = engine.register(pa.table({"user": users, "code": users.astype(np.int32) * 3,
+                                          "value": np.arange(10) * 1.5}))
+        real_batches = engine.batches
+        engine.batches = lambda expr, rows=1 << 20: real_batches(expr, rows=3)  # several batches per part
+        parts = engine.partition(table, table.user % 4 + ibis.ifelse(table.user % 4 == 3, 1, 0), 5, dense=dense)
         assert parts.folder is not None and parts.folder.is_dir()
         got = [None if t is None else sorted(t.execute()["user"].tolist()) for t in parts.tables]
         assert got == [[0, 4, 8], [1, 5, 9], [2, 6], None, [3, 7]]
-        assert list(parts.tables[0].columns) == ["user", "value"]
-        assert parts.tables[4].execute().sort_values("user")["value"].tolist() == [4.5, 10.5]
+        assert list(parts.tables[0].columns) == ["user", "code", "value"]
+        assert parts.tables[0].schema() == table.schema()  # each column's type kept
+        last = parts.tables[4].execute().sort_values("user")
+        assert last["value"].tolist() == [4.5, 10.5] and last["code"].tolist() == [9, 21]
+        first, second = ("_part=0", "_part=1") if not dense else ("0.user", "1.user")
         parts.drop(0)
-        assert not (parts.folder / "_part=0").exists() and (parts.folder / "_part=1").exists()
+        assert not (parts.folder / first).exists() and (parts.folder / second).exists()
+        assert parts.tables[0] is None and sorted(parts.tables[1].execute()["user"]) == [1, 5, 9]
         parts.close()
         assert not parts.folder.exists()
+        if dense:  # a null cannot be a raw number: refused, not written as garbage
+            nulls = engine.register(pa.table({"user": pa.array([1, None, 3], type=pa.int64())}))
+            with pytest.raises(ValueError, match="column user holds nulls"):
+                engine.partition(nulls, nulls.user.fill_null(0) % 2, 2, dense=True)
         single = engine.partition(table, table.user * 0, 1)
         assert single.folder is None and single.tables == [table]
     finally:

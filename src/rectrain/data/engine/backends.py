@@ -86,18 +86,23 @@ class Engine:
             self.con.insert(name, part)
         return table
 
-    def partition(self, expr: Any, key: Any, parts: int) -> "Parts":
+    def partition(self, expr: Any, key: Any, parts: int, dense: bool = False) -> "Parts":
         """``expr`` split into ``parts`` tables by the integer expression ``key`` (values 0..parts-1).
 
-        DuckDB: one pass writes a Parquet file set per part into the scratch folder, and each part is
-        then read alone. Filtering the whole result once per part would read it ``parts`` times: at a
-        billion events that is the whole log (tens of GB) from disk again for every part. Spark
-        partitions its own work: the parts are filters.
+        DuckDB: one pass writes each part into the scratch folder, and each part is then read alone.
+        Filtering the whole result once per part would read it ``parts`` times: at a billion events
+        that is the whole log (tens of GB) from disk again for every part. ``dense``: every column is
+        a number that is never null (the final sort's codes, times, labels, positions), so the pass
+        buckets the streamed rows in numpy into one raw file per part and column, which DuckDB then
+        scans in place; else a Parquet file set per part. Spark partitions its own work: the parts
+        are filters.
         """
         if parts == 1:
             return Parts([expr])
         if self.name != "duckdb":
             return Parts([expr.filter(key == p) for p in range(parts)])
+        if dense:
+            return self._partition_columns(expr, key, parts)
         folder = self.workdir / f"rectrain_parts_{next(self._names)}"
         self.con.to_parquet(expr.mutate(_part=key.cast("int64")), folder, partition_by="_part")
         tables = []
@@ -106,6 +111,55 @@ class Engine:
             tables.append(self.con.read_parquet(str(files / "*.parquet"), hive_partitioning=False)
                           .select(*expr.columns) if files.is_dir() else None)
         return Parts(tables, folder)
+
+    def _partition_columns(self, expr: Any, key: Any, parts: int) -> "Parts":
+        """The rows of ``expr`` bucketed by part as they stream out, into ``<part>.<column>`` raw
+        files; each part is an Arrow table over its memory-mapped files, registered with DuckDB.
+
+        At 1B events into 32 parts: 98.4 s against 137.2 s for DuckDB's partitioned Parquet writer,
+        and the parts sort in 86.0 against 82.4 s (`bench/engine_steps.py --steps blocks`)."""
+        import numpy as np
+
+        folder = self.workdir / f"rectrain_parts_{next(self._names)}"
+        folder.mkdir()
+        columns = list(expr.columns)
+        dtypes: dict[str, np.dtype] = {}
+        handles = {(p, c): open(folder / f"{p}.{c}", "wb") for p in range(parts) for c in columns}
+        try:
+            for batch in self.batches(expr.mutate(_part=key.cast("int32")), rows=PARTITION_BATCH_ROWS):
+                part = batch.column(len(columns)).to_numpy()
+                order = np.argsort(part, kind="stable")
+                bounds = np.r_[0, np.cumsum(np.bincount(part, minlength=parts))]
+                filled = np.flatnonzero(np.diff(bounds))
+                for i, column in enumerate(columns):
+                    values = batch.column(i)
+                    if values.null_count:
+                        raise ValueError(f"column {column} holds nulls: not a dense partition")
+                    values = values.to_numpy()[order]
+                    dtypes.setdefault(column, values.dtype)
+                    for p in filled:
+                        handles[p, column].write(memoryview(values[bounds[p]:bounds[p + 1]]).cast("B"))
+        finally:
+            for handle in handles.values():
+                handle.close()
+        tables: list[Any] = []
+        for p in range(parts):
+            if not dtypes or (folder / f"{p}.{columns[0]}").stat().st_size == 0:
+                tables.append(None)
+                continue
+            tables.append(self._register_arrow(_mapped_table(folder, p, columns, dtypes), f"rectrain_part_{p}_"))
+        return Parts(tables, folder, files=lambda p: [folder / f"{p}.{c}" for c in columns],
+                     forget=self._forget)
+
+    def _register_arrow(self, table: Any, prefix: str) -> Any:
+        """A DuckDB view over an Arrow table (scanned in place, no copy)."""
+        name = f"{prefix}{next(self._names)}"
+        self.con.con.register(name, table)
+        return self.con.table(name)
+
+    def _forget(self, table: Any) -> None:
+        with contextlib.suppress(Exception):
+            self.con.con.unregister(table.get_name().rsplit(".", 1)[-1])
 
     def release(self, table: Any) -> None:
         """Free an intermediate result that no later step reads (disk space at a billion events)."""
@@ -250,18 +304,48 @@ def prefetched(batches: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         thread.join()
 
 
+#: rows per batch the dense partition buckets at a time
+PARTITION_BATCH_ROWS = 1 << 20
+
+#: rows per Arrow batch of a memory-mapped part: DuckDB scans an Arrow table batch by batch, its
+#: threads a batch each (a 32M-row block sorted in 7.5 s over 2^17-row batches, 11.7 s as one)
+MAPPED_BATCH_ROWS = 1 << 17
+
+
+def _mapped_table(folder: Path, part: int, columns: list[str], dtypes: dict[str, Any]) -> Any:
+    import numpy as np
+    import pyarrow as pa
+
+    table = pa.table({c: np.memmap(folder / f"{part}.{c}", dtype=dtypes[c], mode="r") for c in columns})
+    return pa.Table.from_batches(table.to_batches(max_chunksize=MAPPED_BATCH_ROWS))
+
+
 class Parts:
     """The parts of :meth:`Engine.partition`: ``tables[p]`` (None for an empty part); a part's files
-    are removed by :meth:`drop` once read for the last time, and all of them by :meth:`close`."""
+    are removed by :meth:`drop` once read for the last time, and all of them by :meth:`close`.
+    ``files``: a part's files (default: its Parquet folder); ``forget``: what lets go of a part's
+    table before its files go."""
 
-    def __init__(self, tables: list[Any], folder: Path | None = None) -> None:
+    def __init__(self, tables: list[Any], folder: Path | None = None, files: Any = None, forget: Any = None) -> None:
         self.tables, self.folder = tables, folder
+        self._files = files or (lambda index: [folder / f"_part={index}"] if folder is not None else [])
+        self._forget = forget
 
     def drop(self, index: int) -> None:
-        if self.folder is not None:
-            shutil.rmtree(self.folder / f"_part={index}", ignore_errors=True)
+        table, self.tables[index] = self.tables[index], None
+        if table is not None and self._forget is not None:
+            self._forget(table)
+        for path in self._files(index):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        for index, table in enumerate(self.tables):
+            if table is not None and self._forget is not None:
+                self._forget(table)
+            self.tables[index] = None
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -285,7 +285,7 @@ def _label_sessions(engine: Engine, table: Any, pre: PreprocessConfig, split: An
         offset = int(engine.scalar(table[ORDER].max())) + 2
         table = table.mutate(**{ORDER: table[ORDER].cast("int64")})  # positions past both logs' ends
         test_kept = test_kept.mutate(**{ORDER: test_kept[ORDER].cast("int64") + offset}, _test=ibis.literal(True))
-        table, test_kept = _same_id_types(table, test_kept.select(table.columns))
+        table, test_kept = _same_types(table, test_kept.select(table.columns))
         table = engine.keep(table.union(test_kept))
     use_session = has_session and int(engine.scalar(table[SESSION].isnull().sum())) == 0
     key = table[SESSION] if use_session else table[USER]
@@ -316,13 +316,14 @@ def _label_sessions(engine: Engine, table: Any, pre: PreprocessConfig, split: An
         "_key", "_code", "_new", "_test")], LABEL)
 
 
-def _same_id_types(a: Any, b: Any) -> tuple[Any, Any]:
-    """Two logs with their id columns of one type: integers of two widths (each log's scanned as
-    narrow as its ids fit) become int64; a column that is integer in one and text in the other (a
-    streamed CSV's ids become integers only when all of them are canonical) becomes text in both,
-    the same text the integers were read from."""
-    differ = [c for c in (USER, ITEM, SESSION) if c in a.columns and a[c].type() != b[c].type()]
-    common = {c: "int64" if a[c].type().is_integer() and b[c].type().is_integer() else "string" for c in differ}
+def _same_types(a: Any, b: Any) -> tuple[Any, Any]:
+    """Two logs with their columns of one type (each log is scanned as narrow as its values fit):
+    integer ids of two widths become int64, timestamps float64; an id column that is integer in one
+    and text in the other (a streamed CSV's ids become integers only when all of them are canonical)
+    becomes text in both, the same text the integers were read from."""
+    differ = [c for c in (USER, ITEM, SESSION, TIMESTAMP) if c in a.columns and a[c].type() != b[c].type()]
+    common = {c: "float64" if c == TIMESTAMP else "int64" if a[c].type().is_integer() and b[c].type().is_integer()
+              else "string" for c in differ}
     return (a.mutate(**{c: a[c].cast(t) for c, t in common.items()}) if differ else a,
             b.mutate(**{c: b[c].cast(t) for c, t in common.items()}) if differ else b)
 
@@ -489,7 +490,7 @@ def _user_blocks(engine: Engine, final: Any, n_users: int, n_events: int) -> Par
     blocks = 1 if n_events <= SINGLE_SORT_EVENTS else -(-n_events // SORT_BLOCK_EVENTS)
     blocks = min(blocks, max(n_users, 1))
     key = final[USER_CODE].cast("int64") * blocks // max(n_users, 1)  # int32 codes would overflow here
-    return engine.partition(final, key, blocks)
+    return engine.partition(final, key, blocks, dense=True)  # codes, times, labels, positions: never null
 
 
 def _write_arrays(engine: Engine, parts: Parts, counts: dict[int, int], cold_items: np.ndarray,
