@@ -127,7 +127,7 @@ def blocks_step(con, log: Path, repeats: int) -> None:
                 dtypes = {}
                 for batch in con.sql(keyed).to_arrow_reader(1 << 20):
                     part = batch.column(4).to_numpy()
-                    order = np.argsort(part, kind="stable")
+                    order = np.argsort(part.astype(np.int16), kind="stable")  # radix sort, as the pipeline
                     bounds = np.r_[0, np.cumsum(np.bincount(part, minlength=32))]
                     for i, c in enumerate(columns):
                         values = batch.column(i).to_numpy()[order]
