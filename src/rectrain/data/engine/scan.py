@@ -241,23 +241,31 @@ def from_parquet(engine: Engine, path: str | Path, columns: Mapping[str, str],
     way: vocabularies are written as text); timestamps: numbers (seconds, or ``ms``) or Parquet
     timestamps (taken as UTC).
     """
-    import ibis
-
     files = parquet_files(path)
     raw = _scan_with_position(engine, files)
     missing = [f"{role} -> '{ref}'" for role, ref in columns.items() if str(ref) not in raw.columns]
     if missing:
         raise DataError(f"column(s) {', '.join(missing)} not in the file; it has: {', '.join(raw.columns)}",
                         path=str(files.paths[0]), key="data.source.columns")
-    selected: dict[str, Any] = {}
-    for role, ref in columns.items():
-        column = raw[str(ref)]
-        if role in (USER, ITEM, SESSION):
-            selected[role] = _id_column(engine, raw, column, role, str(ref), files)
-        elif role == TIMESTAMP:
-            selected[role] = _seconds(engine, raw, column, str(ref), files, timestamp_format)
-        else:
-            selected[role] = _number(engine, raw, column, str(ref), files)
+    checked = {role: _CHECKS[role if role in _CHECKS else RATING](raw[str(ref)], str(ref), files, role,
+                                                                     timestamp_format)
+               for role, ref in columns.items()}
+    # every column's check and the timestamps' range in one pass over the log (a billion events: one
+    # read of the Parquet files, not one per column)
+    value = checked[TIMESTAMP].value if TIMESTAMP in checked else None
+    summary = raw.aggregate(
+        **{f"_bad_{role}": raw[ORDER].min(where=check.bad) for role, check in checked.items()},
+        **({} if value is None else {"_low": value.min(), "_high": value.max(),
+                                     "_fractions": (value % 1.0 != 0.0).sum()})).execute()
+    for role, check in checked.items():
+        row = summary[f"_bad_{role}"].iloc[0]
+        if not pd.isna(row):
+            raise DataError(f"{files.locate(int(row))}: {check.problem}", column=str(columns[role]),
+                            key=f"data.source.columns.{role}")
+    selected = {role: check.value for role, check in checked.items()}
+    if value is not None:
+        low, high, fractions = (summary[c].iloc[0] for c in ("_low", "_high", "_fractions"))
+        selected[TIMESTAMP] = value.cast(seconds_type(float(low), float(high), int(fractions) == 0))
     if USER not in selected:
         selected[USER] = selected[SESSION]
     ordered = {name: selected[name] for name in (USER, ITEM, TIMESTAMP, RATING, SESSION) if name in selected}
@@ -287,12 +295,16 @@ def _scan_with_position(engine: Engine, files: ParquetFiles) -> Any:
     return joined.mutate(**{ORDER: position}).drop("_offset", "_row", "_file")
 
 
-def _first_bad(engine: Engine, raw: Any, bad: Any) -> int | None:
-    found = engine.scalar(raw.filter(bad)[ORDER].min())
-    return None if found is None or (isinstance(found, float) and np.isnan(found)) else int(found)
+@dataclass
+class _Checked:
+    """A column as the pipeline reads it, the rows that are bad, and what is wrong with them."""
+
+    value: Any
+    bad: Any
+    problem: str
 
 
-def _id_column(engine: Engine, raw: Any, column: Any, role: str, ref: str, files: ParquetFiles) -> Any:
+def _id_column(column: Any, ref: str, files: ParquetFiles, role: str, timestamp_format: str | None) -> _Checked:
     dtype = column.type()
     if dtype.is_integer():
         value = column.cast(narrowest_integer(*files.integer_range(ref)))
@@ -306,26 +318,19 @@ def _id_column(engine: Engine, raw: Any, column: Any, role: str, ref: str, files
     else:
         raise DataError(f"cannot use a column of type {dtype} as ids; store ids as strings or integers",
                         path=str(files.paths[0]), column=ref, key=f"data.source.columns.{role}")
-    row = _first_bad(engine, raw, bad)
-    if row is not None:
-        raise DataError(f"{files.locate(row)}: empty, missing or non-integral id; every row needs an id",
-                        column=ref, key=f"data.source.columns.{role}")
-    return value
+    return _Checked(value, bad, "empty, missing or non-integral id; every row needs an id")
 
 
-def _number(engine: Engine, raw: Any, column: Any, ref: str, files: ParquetFiles) -> Any:
+def _number(column: Any, ref: str, files: ParquetFiles, role: str, timestamp_format: str | None) -> _Checked:
     if not column.type().is_numeric():
         raise DataError(f"column of type {column.type()} is not numeric", path=str(files.paths[0]), column=ref,
                         key="data.source.columns.rating")
     value = column.cast("float64")
-    row = _first_bad(engine, raw, value.isnull() | value.isnan())
-    if row is not None:
-        raise DataError(f"{files.locate(row)}: missing value", column=ref, key="data.source.columns.rating")
-    return value
+    return _Checked(value, value.isnull() | value.isnan(), "missing value")
 
 
-def _seconds(engine: Engine, raw: Any, column: Any, ref: str, files: ParquetFiles,
-             timestamp_format: str | None) -> Any:
+def _seconds(column: Any, ref: str, files: ParquetFiles, role: str, timestamp_format: str | None) -> _Checked:
+    """Seconds as float64; :func:`from_parquet` narrows them to int32 once their range is known."""
     dtype = column.type()
     if dtype.is_timestamp():
         value = column.epoch_seconds().cast("float64")  # whole seconds, as the readers give datetimes
@@ -339,12 +344,7 @@ def _seconds(engine: Engine, raw: Any, column: Any, ref: str, files: ParquetFile
     else:
         raise DataError(f"timestamps of type {dtype} in a Parquet log; store numbers (seconds) or Parquet "
                         "timestamps", path=str(files.paths[0]), column=ref, key="data.source.columns.timestamp")
-    bad = value.isnull() | value.isnan()
-    summary = raw.aggregate(_bad=raw[ORDER].min(where=bad), _low=value.min(), _high=value.max(),
-                            _fractions=(value % 1.0 != 0.0).sum()).execute()
-    row = summary["_bad"].iloc[0]
-    if not pd.isna(row):
-        raise DataError(f"{files.locate(int(row))}: missing or invalid timestamp", column=ref,
-                        key="data.source.columns.timestamp")
-    low, high, fractions = (summary[c].iloc[0] for c in ("_low", "_high", "_fractions"))
-    return value.cast(seconds_type(float(low), float(high), int(fractions) == 0))
+    return _Checked(value, value.isnull() | value.isnan(), "missing or invalid timestamp")
+
+
+_CHECKS = {USER: _id_column, ITEM: _id_column, SESSION: _id_column, TIMESTAMP: _seconds, RATING: _number}
