@@ -386,6 +386,17 @@ def test_a_bad_parquet_value_names_file_row_group_and_row(tmp_path):
     with pytest.raises(DataError) as info:
         load_or_prepare(source, PreprocessConfig(), SplitConfig(), tmp_path / "cache")
     assert f"{path}, row group 0, row 101" in str(info.value) and "data.source.columns.timestamp" in str(info.value)
+    # integer ids: a column whose statistics count no null is not read to check; one null is found
+    # whether the writer kept statistics or not
+    ints = frame.assign(user_id=pd.array(np.arange(1000) % 7, dtype="Int64"), item_id=np.arange(1000) % 13,
+                        timestamp=np.arange(1000, dtype=float))
+    ints.to_parquet(path, row_group_size=256)
+    assert load_or_prepare(source, PreprocessConfig(), SplitConfig(), None).stats["rows_read"] == 1000
+    ints.loc[900, "user_id"] = pd.NA
+    for statistics in (True, False):
+        ints.to_parquet(path, row_group_size=256, write_statistics=statistics)
+        with pytest.raises(DataError, match=r"row group 3, row 901.*user_id|user_id.*row group 3, row 901"):
+            load_or_prepare(source, PreprocessConfig(), SplitConfig(), None)
 
 
 def test_the_engine_spills_inside_the_cache_dir_and_leaves_nothing(tmp_path, synthetic, monkeypatch):
