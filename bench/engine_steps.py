@@ -100,6 +100,8 @@ def blocks_step(con, log: Path, repeats: int) -> None:
     import numpy as np
     import pyarrow as pa
 
+    from rectrain.data.engine.backends import prefetched
+
     _events_table(con, log)
     for column, vocab in (("user_id", "users"), ("item_id", "items")):
         con.execute(f"CREATE OR REPLACE TABLE {vocab} AS SELECT {column}, (row_number() OVER (ORDER BY f) - 1)::INT "
@@ -125,7 +127,7 @@ def blocks_step(con, log: Path, repeats: int) -> None:
             else:
                 handles = {(p, c): open(folder / f"{p}.{c}", "wb") for p in range(32) for c in columns}
                 dtypes = {}
-                for batch in con.sql(keyed).to_arrow_reader(1 << 20):
+                for batch in prefetched(con.sql(keyed).to_arrow_reader(1 << 20)):  # as the pipeline streams
                     part = batch.column(4).to_numpy()
                     order = np.argsort(part.astype(np.int16), kind="stable")  # radix sort, as the pipeline
                     bounds = np.r_[0, np.cumsum(np.bincount(part, minlength=32))]
