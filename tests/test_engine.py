@@ -547,6 +547,31 @@ def test_per_user_parts_and_sorted_blocks_change_nothing(synthetic, pre, split, 
     assert count_parts and all(parts > 1 for parts in count_parts[-1].values())  # the counts ran in parts
 
 
+@pytest.mark.parametrize("spread", [1, 10_000], ids=["dense ids: codes looked up in numpy", "sparse ids: joined"])
+def test_blocks_of_integer_user_ids_get_their_codes_by_lookup_or_join_alike(tmp_path, spread, monkeypatch):
+    """Past SINGLE_SORT_EVENTS the blocks give int32 user ids in a dense range their codes from a
+    table indexed by id, and other ids theirs from the engine's join: the arrays are identical."""
+    from rectrain.data.engine import pipeline
+
+    log = tied(generate_synthetic(n_users=150, n_items=100, mean_length=15, seed=12), 600.0)
+    frame = log.interactions.assign(user=log.interactions.user.astype(np.int64) * spread + 7,
+                                    item=log.interactions.item.astype(np.int64))
+    path = tmp_path / "events.parquet"
+    frame.to_parquet(path, row_group_size=400)
+    columns = {"user": "user", "item": "item", "timestamp": "timestamp"}
+    monkeypatch.setattr(pipeline, "SINGLE_SORT_EVENTS", 1000)
+    monkeypatch.setattr(pipeline, "SORT_BLOCK_EVENTS", 311)
+    lookups = []
+    real = pipeline._user_code_lookup
+    monkeypatch.setattr(pipeline, "_user_code_lookup", lambda *a: lookups.append(real(*a)) or lookups[-1])
+    reader = read_interactions(path, columns)
+    for pre, split in ((PreprocessConfig(min_user_interactions=3, min_item_interactions=3),
+                        SplitConfig("leave_one_out")), (PreprocessConfig(), SplitConfig("time"))):
+        got = load_or_prepare(InteractionFileSource(str(path), columns), pre, split, None)
+        assert_identical(got, prepare_in_memory(reader, pre, split))
+    assert len(lookups) == 2 and all((found is not None) == (spread == 1) for found in lookups)
+
+
 @pytest.mark.parametrize("dense", [False, True], ids=["parquet", "dense"])
 def test_partition_writes_each_part_once_and_gives_its_disk_back(tmp_path, dense):
     """The parts of a billion-event table are written once and read alone (Parquet, or raw column

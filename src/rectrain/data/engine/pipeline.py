@@ -411,18 +411,16 @@ def _index_and_write(engine: Engine, table: Any, split: Any, stats: dict[str, An
         cold_items = np.sort(rng.choice(n_items, size=int(round(n_items * split.cold_item_fraction)),
                                         replace=False)).astype(np.int64)
     widest = max(len(user_vocab), len(item_vocab))
-    if loo:
-        final = _narrow_codes(table.join(users, USER), TIMESTAMP, ORDER, n=widest, rows=positions)
-        counts = _leave_one_out_counts(engine, users)
-    else:
-        final = _narrow_codes(table.join(users, USER), TIMESTAMP, LABEL, ORDER, n=widest,
-                               rows=positions)
-        counts = _label_counts(engine, final)
+    carried = (TIMESTAMP, ORDER) if loo else (TIMESTAMP, LABEL, ORDER)
+    final = _narrow_codes(table.join(users, USER), *carried, n=widest, rows=positions)
+    # the same rows with each user's id where the code goes: the blocks may look codes up in numpy
+    with_ids = _narrow_codes(table.mutate(**{USER_CODE: table[USER]}), *carried, n=widest, rows=positions)
+    counts = _leave_one_out_counts(engine, users) if loo else _label_counts(engine, final)
     popularity = {stage_name: DistinctUsersPerItem(item_vocab.shape[0], pairs_distinct=pairs_distinct)
                   for stage_name in ("valid", "test")}
     with stage(engine, "sort and write arrays", source):
         with stage(engine, "write user blocks", source):  # one block (no pass) up to SINGLE_SORT_EVENTS
-            blocks = _user_blocks(engine, final, user_vocab.shape[0], sum(counts.values()))
+            blocks = _user_blocks(engine, final, user_vocab.shape[0], sum(counts.values()), by_id=(with_ids, users))
         with blocks:
             arrays, stats_cold = _write_arrays(engine, blocks, counts, cold_items, allocate, loo, popularity)
     if split.cold_item_fraction > 0:
@@ -484,13 +482,56 @@ SORT_BLOCK_EVENTS = 32_000_000
 WRITE_BATCH_ROWS = 1 << 18
 
 
-def _user_blocks(engine: Engine, final: Any, n_users: int, n_events: int) -> Parts:
+def _user_blocks(engine: Engine, final: Any, n_users: int, n_events: int, by_id: tuple[Any, Any] | None = None
+                 ) -> Parts:
     """``final`` split into blocks of consecutive user codes (whole users per block, blocks in code
-    order): one block up to SINGLE_SORT_EVENTS events, else blocks of about SORT_BLOCK_EVENTS."""
+    order): one block up to SINGLE_SORT_EVENTS events, else blocks of about SORT_BLOCK_EVENTS.
+
+    ``by_id``: (``final``'s columns with the user id in place of its code, the user vocabulary). Integer user
+    ids in a dense range are given their codes in numpy as the events stream out (one gather from
+    a table indexed by id) instead of DuckDB's join with the vocabulary, a hash table of every user.
+    """
     blocks = 1 if n_events <= SINGLE_SORT_EVENTS else -(-n_events // SORT_BLOCK_EVENTS)
     blocks = min(blocks, max(n_users, 1))
-    key = final[USER_CODE].cast("int64") * blocks // max(n_users, 1)  # int32 codes would overflow here
-    return engine.partition(final, key, blocks, dense=True)  # codes, times, labels, positions: never null
+    lookup = _user_code_lookup(engine, by_id[1], final) if by_id is not None and blocks > 1 else None
+    if lookup is None:
+        key = final[USER_CODE].cast("int64") * blocks // max(n_users, 1)  # int32 codes would overflow here
+        return engine.partition(final, key, blocks, dense=True)  # codes, times, labels, positions: never null
+    low, codes_by_id = lookup
+    columns = list(final.columns)
+
+    def split(batch: Any) -> tuple[dict[str, Any], np.ndarray]:
+        offset = batch.column(0).to_numpy().astype(np.int64) - low
+        codes = codes_by_id[offset] if not offset.size or offset.min() >= 0 else np.full(1, -1)
+        if codes.size and codes.min() < 0:  # not one of the vocabulary's ids: cannot happen, never silent
+            raise RuntimeError("an event's user has no code in the user vocabulary")
+        stored = {USER_CODE: codes, **{c: batch.column(i) for i, c in enumerate(columns) if i}}
+        return stored, (codes.astype(np.int64) * blocks // max(n_users, 1)).astype(np.int32)
+
+    return engine.partition_batches(by_id[0], split, blocks)
+
+
+#: a table from user id to code serves the blocks when the ids span at most this many times their
+#: number (plus 2^20): at most a few hundred MB for the 20M users of a billion events
+LOOKUP_SPAN_PER_ID = 2
+
+
+def _user_code_lookup(engine: Engine, users: Any, final: Any) -> tuple[int, np.ndarray] | None:
+    """(lowest id, code per id - lowest; -1 for no user) for int32 user ids in a dense range on
+    DuckDB; None otherwise (text ids, sparse ids, Spark: the join it is)."""
+    if engine.name != "duckdb" or not users[USER].type().is_int32():  # ids scanned as int32: they fit
+        return None
+    pairs = [(batch.column(0).to_numpy(), batch.column(1).to_numpy())
+             for batch in engine.batches(users.select(USER, USER_CODE))]
+    if not pairs:
+        return None
+    ids, codes = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+    low, high = int(ids.min()), int(ids.max())
+    if high - low + 1 > LOOKUP_SPAN_PER_ID * ids.size + 2**20:
+        return None
+    table = np.full(high - low + 1, -1, dtype=final.schema()[USER_CODE].to_numpy())
+    table[ids.astype(np.int64) - low] = codes
+    return low, table
 
 
 def _write_arrays(engine: Engine, parts: Parts, counts: dict[int, int], cold_items: np.ndarray,
