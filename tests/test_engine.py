@@ -501,10 +501,10 @@ def test_an_engine_failure_or_a_full_disk_is_one_line_naming_the_stage(tmp_path,
     from rectrain.data.engine import sinks
     from rectrain.data.engine.pipeline import EngineFailure
 
-    def full(self, name, values):
+    def full(handle, hasher, data):  # on the sink's writer thread: raised by a later append or finish
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sinks.NpyFileSink, "append", full)
+    monkeypatch.setattr(sinks.NpyFileSink, "_write", staticmethod(full))
     cache = tmp_path / "cache"
     with pytest.raises(EngineFailure) as info:
         load_or_prepare(_InMemory(synthetic), PreprocessConfig(), SplitConfig(), cache)
@@ -685,6 +685,30 @@ def test_popularity_of_distinct_pairs_is_a_row_count():
     assert fast.finish().tolist() == slow.finish().tolist() == [2, 1, 3, 0]
 
 
+def test_popularity_counted_over_many_batches_matches_a_count_of_the_whole():
+    """The counter holds batches until they outnumber the catalog (one bincount per n_items rows):
+    counts taken at that threshold, past it and at the end add up to the count of everything."""
+    from rectrain.data.engine.sinks import DistinctUsersPerItem
+
+    rng = np.random.default_rng(7)
+    n_items, n_users = 50, 400
+    user = np.sort(rng.integers(0, n_users, 3000))
+    item = rng.integers(0, n_items, 3000)  # repeats within a user: a pair counts once
+    expected = np.zeros(n_items, dtype=np.int64)
+    np.add.at(expected, np.unique(user * n_items + item) % n_items, 1)
+    counter = DistinctUsersPerItem(n_items)
+    bounds = np.flatnonzero(np.r_[True, user[1:] != user[:-1], True])  # batches of whole users
+    cuts = bounds[::7]
+    for lo, hi in zip(cuts, np.r_[cuts[1:], user.size]):
+        counter.add(user[lo:hi], item[lo:hi])
+    assert counter.finish().tolist() == expected.tolist()
+    first = np.unique(user * n_items + item, return_index=True)[1]  # each pair's first row: distinct
+    distinct = DistinctUsersPerItem(n_items, pairs_distinct=True)
+    for chunk in np.array_split(np.sort(first), 13):
+        distinct.add(user[chunk], item[chunk])
+    assert distinct.finish().tolist() == expected.tolist()
+
+
 def test_prefetched_batches_keep_order_raise_the_engines_error_and_stop_with_the_caller():
     import threading
 
@@ -735,6 +759,53 @@ def test_an_array_opened_with_an_upper_bound_ends_at_the_rows_it_got(tmp_path, k
         wrong.append("bounded", np.arange(3))
     with pytest.raises(RuntimeError, match=r"not filled to their counted length: \{'exact': \(2, 3\)\}"):
         wrong.finish()
+
+
+def test_the_file_sinks_writer_thread_keeps_each_files_order_and_raises_its_errors(tmp_path, monkeypatch):
+    """Appends are written by a thread, a bounded number behind the caller: interleaved appends to
+    several files land in order, and a failed write is raised by the caller's next append."""
+    import errno
+    import threading
+    import time
+
+    from rectrain.data.engine import sinks
+
+    monkeypatch.setattr(sinks, "WRITES_IN_FLIGHT", 3)
+    real_write = sinks.NpyFileSink._write
+
+    def slow(handle, hasher, data):  # the disk behind the caller: the queue fills and append waits
+        time.sleep(0.002)
+        real_write(handle, hasher, data)
+
+    monkeypatch.setattr(sinks.NpyFileSink, "_write", staticmethod(slow))
+    rng = np.random.default_rng(3)
+    chunks = {"a": [rng.integers(0, 1000, rng.integers(0, 50)) for _ in range(60)],
+              "b": [rng.random(rng.integers(1, 50)) for _ in range(60)]}
+    sink = sinks.NpyFileSink(tmp_path)
+    sink.open("a", np.int64, sum(c.size for c in chunks["a"]))
+    sink.open("b", np.float64, sum(c.size for c in chunks["b"]))
+    for a, b in zip(chunks["a"], chunks["b"]):
+        sink.append("a", a)
+        sink.append("b", b)
+    arrays = sink.finish()
+    assert np.array_equal(arrays["a"], np.concatenate(chunks["a"]))
+    assert np.array_equal(arrays["b"], np.concatenate(chunks["b"]))
+    sink.close()
+
+    def full(handle, hasher, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sinks.NpyFileSink, "_write", staticmethod(full))
+    (tmp_path / "full").mkdir()
+    failing = sinks.NpyFileSink(tmp_path / "full")
+    failing.open("a", np.int64, 10)
+    failing.append("a", np.arange(5))  # queued: its error comes with the next call
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(sinks.WRITES_IN_FLIGHT + 1):
+            time.sleep(0.01)
+            failing.append("a", np.arange(1))
+    failing.close()
+    assert not any(t.name.startswith("rectrain-npy-writer") for t in threading.enumerate())
 
 
 def test_user_blocks_of_int32_codes_do_not_overflow(tmp_path):

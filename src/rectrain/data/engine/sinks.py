@@ -4,6 +4,8 @@ The engine streams each split's rows in order, so every array is filled front to
 written with plain appends (header first, length known from a count), not through a writable
 memory map: dirty mapped pages would count against the process's resident memory, appended bytes
 go through the page cache and do not. The finished files are opened memory-mapped (copy-on-write).
+The writes and their checksums run on a thread of their own, so the disk's pace (the kernel
+throttles a writer once gigabytes are dirty) overlaps the work that produces the next rows.
 
 An array opened with ``exact=False`` has only an upper bound (training without its cold items,
 which the stream drops as it goes): it ends at the rows it received, and a file's header is
@@ -11,8 +13,10 @@ rewritten in place with that length.
 """
 from __future__ import annotations
 
+import collections
 import io
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -57,8 +61,18 @@ class MemorySink:
         return {name: array[:self._filled[name]] for name, array in self._arrays.items()}
 
 
+#: appends queued to the writer thread before ``append`` waits for the oldest: the memory of the
+#: rows in flight (a few batches of the sorted stream, ~2 MB an array each)
+WRITES_IN_FLIGHT = 32
+
+
 class NpyFileSink:
-    """One ``<name>.npy`` per array in ``directory``, appended to; memory-mapped once finished."""
+    """One ``<name>.npy`` per array in ``directory``, appended to; memory-mapped once finished.
+
+    Appends are written (and hashed: both release the GIL) by one thread in the order they came,
+    up to WRITES_IN_FLIGHT behind the caller; a write's error (a full disk) is raised by the next
+    ``append`` or by ``finish``. The rows given to ``append`` must not be changed afterwards.
+    """
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
@@ -66,6 +80,8 @@ class NpyFileSink:
         self._filled: dict[str, int] = {}
         self._exact: dict[str, bool] = {}
         self._hashers: dict[str, cache.ShardHasher] = {}
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="rectrain-npy-writer")
+        self._in_flight: collections.deque[Future] = collections.deque()
 
     def open(self, name: str, dtype: Any, length: int, exact: bool = True) -> None:
         """``<name>.npy`` of ``length`` rows (``exact=False``: at most that many)."""
@@ -80,12 +96,24 @@ class NpyFileSink:
         handle, dtype, length = self._files[name]
         _check_room(name, self._filled[name], values.shape[0], length)
         data = memoryview(np.ascontiguousarray(values, dtype=dtype)).cast("B")  # no bytes copy
-        handle.write(data)
-        if name in self._hashers:
-            self._hashers[name].update(data)
+        while self._in_flight and (len(self._in_flight) >= WRITES_IN_FLIGHT or self._in_flight[0].done()):
+            self._in_flight.popleft().result()  # a failed write raises here, in the caller's thread
+        self._in_flight.append(self._writer.submit(self._write, handle, self._hashers.get(name), data))
         self._filled[name] += values.shape[0]
 
+    @staticmethod
+    def _write(handle: BinaryIO, hasher: cache.ShardHasher | None, data: memoryview) -> None:
+        handle.write(data)
+        if hasher is not None:
+            hasher.update(data)
+
+    def _drain(self) -> None:
+        """Wait for every queued write; the first error raised."""
+        while self._in_flight:
+            self._in_flight.popleft().result()
+
     def finish(self) -> dict[str, np.ndarray]:
+        self._drain()
         _check_filled(self._filled, {n: f[2] for n, f in self._files.items()}, self._exact)
         for name, (handle, dtype, length) in self._files.items():
             if self._filled[name] != length:  # an upper bound: the header says the rows it got
@@ -98,6 +126,12 @@ class NpyFileSink:
                 for name in self._files}
 
     def close(self) -> None:
+        """Stop the writer (its queued writes done or failed) and close every file; after an error
+        too, so nothing writes into a directory being removed."""
+        for pending in self._in_flight:
+            pending.cancel()
+        self._writer.shutdown(wait=True)
+        self._in_flight.clear()
         for handle, _, _ in self._files.values():
             handle.close()
 
@@ -131,14 +165,29 @@ class DistinctUsersPerItem:
         #: no (user, item) pair repeats (a deduplicated log): each row is one user of its item
         self.pairs_distinct = bool(pairs_distinct)
         self.counts = np.zeros(self.n_items, dtype=np.int64)
+        self._pending: list[np.ndarray] = []  # items of distinct (user, item) pairs not yet counted
+        self._pending_rows = 0
 
     def add(self, user: np.ndarray, item: np.ndarray) -> None:
         """The rows of some users, all of each user's rows in this one call."""
         if self.pairs_distinct:
-            self.counts += np.bincount(item, minlength=self.n_items)
+            distinct_items = np.asarray(item)
         elif user.size:
-            pairs = unique_ints(user.astype(np.int64) * self.n_items + item)
-            self.counts += np.bincount(pairs % self.n_items, minlength=self.n_items)
+            distinct_items = unique_ints(user.astype(np.int64) * self.n_items + item) % self.n_items
+        else:
+            return
+        self._pending.append(distinct_items)
+        self._pending_rows += distinct_items.size
+        if self._pending_rows >= self.n_items:  # a bincount costs n_items, so it waits for as many rows
+            self._count_pending()
+
+    def _count_pending(self) -> None:
+        """One bincount of the rows held: per batch, a 1M-item catalog made it 1,524 passes over a
+        1M-row array at 100M events (2.7 s), growing with events x items instead of events."""
+        if self._pending:
+            self.counts += np.bincount(np.concatenate(self._pending), minlength=self.n_items)
+        self._pending, self._pending_rows = [], 0
 
     def finish(self) -> np.ndarray:
+        self._count_pending()
         return self.counts
