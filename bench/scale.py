@@ -532,7 +532,7 @@ def print_growth(results: dict[str, dict[str, dict]]) -> None:
                 cells.append("")
                 continue
             growth = growth_per_10x(ta, tb, int(a), int(b))
-            cells.append(f"{growth:.1f}x" + (" (over 12x)" if growth > GROWTH_BOUND_PER_10X else ""))
+            cells.append(f"{growth:.1f}x" + (f" (over {GROWTH_BOUND_PER_10X:g}x)" if growth > GROWTH_BOUND_PER_10X else ""))
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

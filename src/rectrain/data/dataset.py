@@ -24,13 +24,12 @@ import pandas as pd
 from rectrain.data import cache
 from rectrain.data.batching import user_shards
 from rectrain.data.engine import EngineConfig, run_prepare
-from rectrain.data.engine.sinks import MemorySink, NpyFileSink
+from rectrain.data.engine.sinks import DistinctUsersPerItem, MemorySink, NpyFileSink
 from rectrain.data.preprocess import PreprocessConfig
 from rectrain.data.schema import ITEM, SESSION, TIMESTAMP, USER, RawLog
 from rectrain.errors import ConfigError, DataError
 from rectrain.data.queries import LazyQueries, RankingQueries, concat_ranges
 from rectrain.utils.io import atomic_dir, remove_stale_temporaries, stable_hash
-from rectrain.utils.arrays import unique_ints
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +157,12 @@ class PreparedData:
         parts = self._history_parts(stage)
         if stage in self.popularity:
             return np.asarray(self.popularity[stage], dtype=np.int64)
-        counts = np.zeros(self.n_items, dtype=np.int64)
+        counter = DistinctUsersPerItem(self.n_items)  # the pipeline's own counter, fed a block of users at a time
         for lo, hi in _user_blocks(parts[0].user, self.n_users):
-            pairs = []
-            for part in parts:
-                a, b = np.searchsorted(part.user, [lo, hi])
-                pairs.append(part.user[a:b] * self.n_items + part.item[a:b])
-            counts += np.bincount(unique_ints(np.concatenate(pairs)) % self.n_items, minlength=self.n_items)
+            bounds = [np.searchsorted(part.user, [lo, hi]) for part in parts]
+            counter.add(np.concatenate([part.user[a:b] for part, (a, b) in zip(parts, bounds)]),
+                        np.concatenate([part.item[a:b] for part, (a, b) in zip(parts, bounds)]))
+        counts = counter.finish()
         self.popularity = {**self.popularity, stage: counts}  # a new dict: copies made by replace() keep theirs
         return counts
 
